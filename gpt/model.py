@@ -1,0 +1,292 @@
+"""GPT-2, built only from `kernels` ops so that one setting swaps every hot path's backend.
+
+The module tree and parameter names are nanoGPT's (and so GPT-2's, up to Conv1D's
+transposed weights), so its checkpoints load as they are. Differences from nanoGPT:
+- every hot path goes through `kernels` (`config.backend` picks torch / triton / cuda / auto);
+- the residual add before each block's second LayerNorm is fused with it (`add_layer_norm`);
+- the loss fuses the lm_head with cross-entropy (`linear_cross_entropy`), so training never
+  holds the full (B*T, vocab) logits;
+- a KV cache makes generation cost one token's work per step instead of the whole prefix.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+import kernels
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in the Linears and LayerNorms, as GPT-2
+    backend: str = "torch"  # kernels backend for every op: torch | triton | cuda | auto
+
+    def __post_init__(self):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.backend not in kernels.BACKENDS + (kernels.AUTO,):
+            raise ValueError(f"unknown backend {self.backend!r}; choose one of "
+                             f"{kernels.BACKENDS + (kernels.AUTO,)}")
+
+    @classmethod
+    def from_dict(cls, args: dict) -> "GPTConfig":
+        """Build from a checkpoint's model_args, ignoring keys this config does not have."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in args.items() if k in known})
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's cannot drop only the bias)."""
+
+    def __init__(self, ndim: int, bias: bool, backend: str):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+        self.backend = backend
+
+    def forward(self, x):
+        return kernels.layer_norm(x, self.weight, self.bias, 1e-5, backend=self.backend)
+
+    def add_forward(self, x, residual):
+        """(x + residual, LayerNorm(x + residual)) in one fused pass."""
+        return kernels.add_layer_norm(x, residual, self.weight, self.bias, 1e-5,
+                                      backend=self.backend)
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, per layer, for incremental decoding.
+
+    Buffers of block_size positions are allocated on first use, in the dtype the
+    attention sees (the autocast dtype under autocast)."""
+
+    def __init__(self, config: GPTConfig, batch_size: int):
+        self.shape = (batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.length = 0  # number of positions cached (the same in every layer)
+
+    def append(self, layer: int, k, v):
+        """Store k, v (B, H, t, D) after the cached positions; return all keys and values."""
+        if layer == len(self.keys):
+            self.keys.append(k.new_empty(self.shape))
+            self.values.append(v.new_empty(self.shape))
+        end = self.length + k.shape[2]
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.backend = config.backend
+
+    def forward(self, x, kv_cache: KVCache | None = None, layer: int = 0):
+        B, T, C = x.shape
+        # (B, T, 3, H, D) -> three (B, H, T, D) views: strided, no transposed copies.
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        if kv_cache is not None:
+            k, v = kv_cache.append(layer, k, v)
+        y = kernels.causal_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                     backend=self.backend)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+        self.backend = config.backend
+
+    def forward(self, x):
+        y = kernels.mlp_gelu(x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight,
+                             self.c_proj.bias, backend=self.backend)
+        return self.dropout(y)
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, config.bias, config.backend)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, config.bias, config.backend)
+        self.mlp = MLP(config)
+
+    def forward(self, x, kv_cache: KVCache | None = None, layer: int = 0):
+        x, h = self.ln_2.add_forward(self.attn(self.ln_1(x), kv_cache, layer), x)
+        return x + self.mlp(h)
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, config.bias, config.backend),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2
+        self.apply(self._init_weights)
+        # GPT-2's scaled init of the projections that write into the residual stream.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; by default without the position embeddings (the token embedding
+        is shared with the lm_head, so it stays in), as GPT-2 reports it."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def hidden_states(self, idx, kv_cache: KVCache | None = None):
+        """The final-LayerNorm output (B, T, C) for token ids idx (B, T)."""
+        if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"idx must be a (batch, seq) tensor of token ids, got "
+                             f"{idx.dtype} of shape {tuple(idx.shape)}")
+        start = kv_cache.length if kv_cache is not None else 0
+        T = idx.shape[1]
+        if start + T > self.config.block_size:
+            raise ValueError(f"cannot forward {start + T} positions, block_size is "
+                             f"{self.config.block_size}")
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, kv_cache, layer)
+        if kv_cache is not None:
+            kv_cache.length += T
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, targets=None, kv_cache: KVCache | None = None):
+        """Returns (logits, loss).
+
+        With targets: loss is the mean cross-entropy (targets of -1 ignored) and logits is
+        None, since the lm_head is fused with the loss and the logits never exist whole.
+        Without: logits of the last position only (B, 1, V), as generation needs.
+        """
+        x = self.hidden_states(idx, kv_cache)
+        if targets is not None:
+            loss = kernels.linear_cross_entropy(x, self.lm_head.weight, targets, ignore_index=-1,
+                                                backend=self.config.backend)
+            return None, loss
+        return self.lm_head(x[:, [-1], :]), None
+
+    def logits(self, idx):
+        """Logits of every position (B, T, V)."""
+        return self.lm_head(self.hidden_states(idx))
+
+    def crop_block_size(self, block_size: int) -> None:
+        """Shrink the context length (e.g. to fine-tune GPT-2 with a shorter block)."""
+        if not 0 < block_size <= self.config.block_size:
+            raise ValueError(f"block_size must be in (0, {self.config.block_size}], got {block_size}")
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+
+    # ------------------------------------------------------------------ optimization
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW with decoupled weight decay on the matrices (>= 2-D) only, never on biases,
+        LayerNorm gains or (since it is tied) the embedding counted twice."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        fused = device_type == "cuda"
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token: 6 N for the matmuls' forward and backward plus
+        6 L C T for attention's (PaLM appendix B, with T the sequence length)."""
+        T = seq_len or self.config.block_size
+        cfg = self.config
+        return 6 * self.get_num_params() + 6 * cfg.n_layer * cfg.n_embd * T
+
+    def estimate_mfu(self, tokens_per_second: float, peak_flops: float, seq_len: int | None = None):
+        """Model FLOPs utilization: achieved training FLOP/s over the device's peak."""
+        return self.flops_per_token(seq_len) * tokens_per_second / peak_flops
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 use_kv_cache: bool = True, generator: torch.Generator | None = None):
+        """Sample max_new_tokens tokens after the prompt idx (B, T); returns (B, T + new).
+
+        With the KV cache each step feeds only the newest token. Once the context is longer
+        than block_size the window slides and every position's embedding changes, so the
+        cache is refilled from the window: the tokens are the same with and without it.
+        """
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        if top_k is not None and top_k <= 0:
+            raise ValueError(f"top_k must be a positive int or None, got {top_k}")
+        block = self.config.block_size
+        cache = KVCache(self.config, idx.shape[0]) if use_kv_cache else None
+        for _ in range(max_new_tokens):
+            if cache is not None and 0 < cache.length < block:
+                logits, _ = self(idx[:, -1:], kv_cache=cache)  # only the newest token
+            else:  # no cache, an empty one, or a full one: (re)fill from the window
+                if cache is not None:
+                    cache.length = 0
+                logits, _ = self(idx[:, -block:], kv_cache=cache)
+            logits = logits[:, -1, :] / temperature
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            probs = F.softmax(logits.float(), dim=-1)
+            idx = torch.cat([idx, torch.multinomial(probs, 1, generator=generator)], dim=1)
+        return idx
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_checkpoint(cls, path, map_location="cpu", **overrides) -> "GPT":
+        """Load a checkpoint of ours or nanoGPT's ckpt.pt: {'model_args', 'model', ...}."""
+        from gpt.checkpoint import load_model
+        return load_model(path, map_location=map_location, **overrides)
+
+    @classmethod
+    def from_pretrained(cls, path, **overrides) -> "GPT":
+        """Load GPT-2 weights from a local Hugging Face directory or .safetensors file."""
+        from gpt.checkpoint import load_hf_gpt2
+        return load_hf_gpt2(path, **overrides)
+
+    def model_args(self) -> dict:
+        return asdict(self.config)

@@ -1,0 +1,18 @@
+"""Kernels for the hot paths of a GPT, each with `torch`, `triton` and `cuda` backends.
+
+    import kernels
+    kernels.available_backends()            # which backends run here, and why not
+    y = kernels.layer_norm(x, w, b, backend="triton")
+    kernels.set_default_backend("auto")     # fastest available per op and device
+"""
+from kernels.backends import (AUTO, BACKENDS, BackendStatus, BackendUnavailableError,
+                              available_backends, get_default_backend, set_default_backend)
+from kernels.ops import (OPS, add_layer_norm, causal_attention, cross_entropy, layer_norm,
+                         linear_cross_entropy, mlp_gelu)
+
+__all__ = [
+    "AUTO", "BACKENDS", "OPS", "BackendStatus", "BackendUnavailableError",
+    "available_backends", "get_default_backend", "set_default_backend",
+    "add_layer_norm", "causal_attention", "cross_entropy", "layer_norm",
+    "linear_cross_entropy", "mlp_gelu",
+]

@@ -1,0 +1,83 @@
+"""Reference implementation of every op: the specification the kernels are tested against.
+
+Each function writes its op's math out with elementary tensor operations (no fused
+PyTorch built-ins), so that it reads as the definition, is differentiable by autograd
+(and `gradcheck`-able in fp64), and is independent of the `torch` backend, which uses
+PyTorch's fused built-ins. Statistics and reductions run in fp32 whatever the input
+dtype; outputs come back in the input dtype (losses in fp32).
+
+Shapes (C = channels, V = vocabulary, D = head dim):
+- layer_norm(x[..., C], weight[C], bias[C] | None)                      -> [..., C]
+- add_layer_norm(x[..., C], residual[..., C], weight, bias)             -> (x + residual, its layer_norm)
+- mlp_gelu(x[..., C], w_fc[H, C], b_fc[H], w_proj[C, H], b_proj[C])     -> [..., C]
+  (nn.Linear weight layout; GPT-2's tanh-approximated GELU between the two linears)
+- causal_attention(q[B, h, Tq, D], k[B, h, Tk, D], v[B, h, Tk, D])      -> [B, h, Tq, D]
+  (Tk >= Tq; the causal mask is aligned to the bottom-right corner, so query i
+   sees keys 0 .. i + Tk - Tq, which is what decoding with a KV cache needs)
+- cross_entropy(logits[..., V], targets[...])                           -> scalar or [...]
+- linear_cross_entropy(x[..., C], weight[V, C], targets[...], bias[V])  -> cross_entropy(x @ weight.T + bias)
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def layer_norm(x, weight, bias=None, eps=1e-5):
+    xf = x.float()
+    mean = xf.mean(dim=-1, keepdim=True)
+    var = (xf - mean).square().mean(dim=-1, keepdim=True)  # biased, as nn.LayerNorm
+    y = (xf - mean) * torch.rsqrt(var + eps) * weight.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def add_layer_norm(x, residual, weight, bias=None, eps=1e-5):
+    summed = x + residual
+    return summed, layer_norm(summed, weight, bias, eps)
+
+
+def gelu_tanh(x):
+    """GPT-2's GELU: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+def mlp_gelu(x, w_fc, b_fc, w_proj, b_proj):
+    hidden = F.linear(x, w_fc, b_fc)
+    return F.linear(gelu_tanh(hidden.float()).to(hidden.dtype), w_proj, b_proj)
+
+
+def causal_mask(t_q, t_k, device):
+    """True where query i may attend key j: j <= i + (t_k - t_q) (bottom-right aligned)."""
+    return torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril(diagonal=t_k - t_q)
+
+
+def causal_attention(q, k, v, scale=None, dropout_p=0.0):
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q.float() @ k.float().transpose(-2, -1)) * scale
+    scores = scores.masked_fill(~causal_mask(q.shape[-2], k.shape[-2], q.device), float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p)
+    return (probs @ v.float()).to(q.dtype)
+
+
+def cross_entropy(logits, targets, ignore_index=-100, reduction="mean"):
+    """-log softmax(logits)[target] per row; rows whose target is ignore_index count 0."""
+    logits = logits.reshape(-1, logits.shape[-1]).float()
+    flat_targets = targets.reshape(-1)
+    keep = flat_targets != ignore_index
+    picked = logits.gather(1, torch.where(keep, flat_targets, 0).unsqueeze(1)).squeeze(1)
+    losses = torch.where(keep, torch.logsumexp(logits, dim=-1) - picked, 0.0)
+    if reduction == "none":
+        return losses.view(targets.shape)
+    if reduction == "sum":
+        return losses.sum()
+    return losses.sum() / keep.sum()  # NaN when every target is ignored, as in torch
+
+
+def linear_cross_entropy(x, weight, targets, bias=None, ignore_index=-100, reduction="mean"):
+    return cross_entropy(F.linear(x, weight, bias), targets, ignore_index, reduction)

@@ -15,17 +15,19 @@ import torch
 from gpt.model import GPT, GPTConfig
 
 _COMPILED_PREFIX = "_orig_mod."  # what torch.compile adds to every state-dict key
+_MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")
 _HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 def clean_state_dict(state: dict) -> dict:
-    """Strip torch.compile's and DDP's key prefixes."""
+    """Strip torch.compile's and DDP's key prefixes, and drop the causal-mask buffers
+    (`attn.bias`, `attn.masked_bias`) that older nanoGPT and GPT-2 checkpoints carry."""
     out = {}
     for key, value in state.items():
         for prefix in (_COMPILED_PREFIX, "module."):
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-        out[key] = value
+            key = key.removeprefix(prefix)
+        if not key.endswith(_MASK_BUFFERS):
+            out[key] = value
     return out
 
 
@@ -98,7 +100,8 @@ def load_hf_gpt2(path, **overrides) -> GPT:
     args = dict(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
                 block_size=hf["n_positions"], vocab_size=hf["vocab_size"], bias=True, dropout=0.0)
     model = GPT(GPTConfig(**{**args, **overrides}))
-    weights = {k.removeprefix("transformer."): v for k, v in _read_hf_weights(path).items()}
+    weights = {k.removeprefix("transformer."): v
+               for k, v in clean_state_dict(_read_hf_weights(path)).items()}
     state = model.state_dict()
     for key in state:
         if key == "lm_head.weight":

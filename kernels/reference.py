@@ -25,13 +25,18 @@ import torch
 import torch.nn.functional as F
 
 
+def _wide(t):
+    """t in fp32, or fp64 if it already is (so fp64 gradcheck stays fp64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def layer_norm(x, weight, bias=None, eps=1e-5):
-    xf = x.float()
+    xf = _wide(x)
     mean = xf.mean(dim=-1, keepdim=True)
     var = (xf - mean).square().mean(dim=-1, keepdim=True)  # biased, as nn.LayerNorm
-    y = (xf - mean) * torch.rsqrt(var + eps) * weight.float()
+    y = (xf - mean) * torch.rsqrt(var + eps) * _wide(weight)
     if bias is not None:
-        y = y + bias.float()
+        y = y + _wide(bias)
     return y.to(x.dtype)
 
 
@@ -47,7 +52,7 @@ def gelu_tanh(x):
 
 def mlp_gelu(x, w_fc, b_fc, w_proj, b_proj):
     hidden = F.linear(x, w_fc, b_fc)
-    return F.linear(gelu_tanh(hidden.float()).to(hidden.dtype), w_proj, b_proj)
+    return F.linear(gelu_tanh(_wide(hidden)).to(hidden.dtype), w_proj, b_proj)
 
 
 def causal_mask(t_q, t_k, device):
@@ -57,17 +62,17 @@ def causal_mask(t_q, t_k, device):
 
 def causal_attention(q, k, v, scale=None, dropout_p=0.0):
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = (q.float() @ k.float().transpose(-2, -1)) * scale
+    scores = (_wide(q) @ _wide(k).transpose(-2, -1)) * scale
     scores = scores.masked_fill(~causal_mask(q.shape[-2], k.shape[-2], q.device), float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
-    return (probs @ v.float()).to(q.dtype)
+    return (probs @ _wide(v)).to(q.dtype)
 
 
 def cross_entropy(logits, targets, ignore_index=-100, reduction="mean"):
     """-log softmax(logits)[target] per row; rows whose target is ignore_index count 0."""
-    logits = logits.reshape(-1, logits.shape[-1]).float()
+    logits = _wide(logits.reshape(-1, logits.shape[-1]))
     flat_targets = targets.reshape(-1)
     keep = flat_targets != ignore_index
     picked = logits.gather(1, torch.where(keep, flat_targets, 0).unsqueeze(1)).squeeze(1)

@@ -1,0 +1,145 @@
+"""The GPT model: shapes, GPT-2's init and parameter count, checkpoints (ours, nanoGPT's,
+Hugging Face's), the KV cache, and clear errors."""
+import math
+
+import pytest
+import torch
+
+from gpt.checkpoint import save_checkpoint
+from gpt.model import GPT, GPTConfig
+from tolerance import assert_close
+
+TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50, dropout=0.0)
+
+
+def tiny_model(**overrides):
+    return GPT(GPTConfig(**{**TINY, **overrides})).eval()
+
+
+def test_forward_shapes_and_every_parameter_gets_a_gradient():
+    model = tiny_model()
+    idx = torch.randint(0, 50, (3, 16))
+    logits, loss = model(idx)
+    assert logits.shape == (3, 1, 50) and loss is None
+    assert model.logits(idx).shape == (3, 16, 50)
+    logits, loss = model(idx, torch.randint(0, 50, (3, 16)))
+    assert logits is None and loss.shape == () and loss.dtype == torch.float32
+    assert abs(loss.item() - math.log(50)) < 0.5  # near-uniform predictions at init
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_loss_is_cross_entropy_of_the_logits_with_minus_one_ignored():
+    model = tiny_model()
+    idx, targets = torch.randint(0, 50, (2, 16)), torch.randint(0, 50, (2, 16))
+    targets[0, :5] = -1
+    _, loss = model(idx, targets)
+    expected = torch.nn.functional.cross_entropy(model.logits(idx).view(-1, 50), targets.view(-1),
+                                                 ignore_index=-1)
+    assert_close(loss, expected)
+
+
+def test_gpt2_124m_parameter_count_and_init():
+    with torch.device("meta"):
+        model = GPT(GPTConfig(vocab_size=50257))
+    assert model.get_num_params() == 123_653_376  # nanoGPT: "number of parameters: 123.65M"
+    assert model.get_num_params(non_embedding=False) == 124_439_808  # GPT-2 small, tied lm_head
+    assert model.lm_head.weight is model.transformer.wte.weight
+    small = GPT(GPTConfig(**{**TINY, "n_layer": 8, "n_embd": 256, "n_head": 4}))
+    c_proj = small.transformer.h[0].mlp.c_proj.weight
+    c_fc = small.transformer.h[0].mlp.c_fc.weight
+    assert abs(c_proj.std().item() - 0.02 / math.sqrt(16)) < 0.001
+    assert abs(c_fc.std().item() - 0.02) < 0.001
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("n_embd", 31, "divisible by n_head"), ("n_layer", 0, "positive int"),
+    ("dropout", 1.0, "dropout"), ("backend", "tpu", "unknown backend"),
+])
+def test_bad_config_is_a_clear_error(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        GPTConfig(**{**TINY, field: value})
+
+
+def test_bad_inputs_are_clear_errors():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="block_size is 16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(ValueError, match="token ids"):
+        model(torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(torch.zeros(1, 1, dtype=torch.long), 2, temperature=0.0)
+
+
+@pytest.mark.parametrize("prompt_len, new_tokens", [(1, 10), (5, 30)])  # 30 > block_size: window slides
+def test_kv_cache_generates_the_same_tokens(prompt_len, new_tokens):
+    model = tiny_model()
+    prompt = torch.randint(0, 50, (2, prompt_len))
+    with_cache = model.generate(prompt, new_tokens, top_k=10,
+                                generator=torch.Generator().manual_seed(7))
+    without = model.generate(prompt, new_tokens, top_k=10, use_kv_cache=False,
+                             generator=torch.Generator().manual_seed(7))
+    assert with_cache.shape == (2, prompt_len + new_tokens)
+    assert torch.equal(with_cache, without)
+
+
+def test_our_checkpoint_round_trip_with_backend_override(tmp_path):
+    model = tiny_model()
+    save_checkpoint(tmp_path / "ckpt.pt", model, iter_num=3)
+    loaded = GPT.from_checkpoint(tmp_path, backend="auto").eval()
+    assert loaded.config.backend == "auto"
+    idx = torch.randint(0, 50, (1, 16))
+    torch.testing.assert_close(loaded.logits(idx), model.logits(idx))
+
+
+def test_loads_nanogpt_compiled_checkpoint(tmp_path):
+    model = tiny_model()
+    state = {"_orig_mod." + k: v for k, v in model.state_dict().items()}
+    state["_orig_mod.transformer.h.0.attn.bias"] = torch.ones(1, 1, 16, 16).tril()  # old nanoGPT buffer
+    model_args = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=True, vocab_size=50,
+                      dropout=0.0)  # exactly nanoGPT's keys
+    torch.save({"model": state, "model_args": model_args, "iter_num": 5, "best_val_loss": 1.0,
+                "config": {}}, tmp_path / "ckpt.pt")
+    loaded = GPT.from_checkpoint(tmp_path / "ckpt.pt").eval()
+    idx = torch.randint(0, 50, (2, 16))
+    torch.testing.assert_close(loaded.logits(idx), model.logits(idx))
+
+
+def test_missing_or_foreign_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        GPT.from_checkpoint(tmp_path / "nope.pt")
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a GPT checkpoint"):
+        GPT.from_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(FileNotFoundError, match="no Hugging Face GPT-2"):
+        GPT.from_pretrained(tmp_path / "missing")
+
+
+def _save_hf_gpt2(path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=32, vocab_size=97,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(3)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    hf.save_pretrained(path, safe_serialization=True)
+    return hf
+
+
+def test_hugging_face_gpt2_logits_match(tmp_path):
+    hf = _save_hf_gpt2(tmp_path / "hf")
+    idx = torch.randint(0, 97, (2, 32))
+    expected = hf(idx).logits
+    for source in (tmp_path / "hf", tmp_path / "hf" / "model.safetensors"):
+        model = GPT.from_pretrained(source).eval()
+        assert model.config.vocab_size == 97 and model.config.block_size == 32
+        assert_close(model.logits(idx), expected, factor=5)
+
+
+def test_crop_block_size():
+    model = tiny_model()
+    model.crop_block_size(8)
+    assert model.transformer.wpe.weight.shape == (8, 32)
+    assert model(torch.zeros(1, 8, dtype=torch.long))[0].shape == (1, 1, 50)
+    with pytest.raises(ValueError, match="block_size must be"):
+        model.crop_block_size(9)

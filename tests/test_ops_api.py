@@ -1,0 +1,112 @@
+"""The op API: backend registry and availability, dispatch, and clear errors on bad input."""
+import pytest
+import torch
+
+import kernels
+from kernels import backends
+
+
+def test_available_backends_reports_every_backend_with_a_reason():
+    status = kernels.available_backends()
+    assert list(status) == list(kernels.BACKENDS)
+    assert status["torch"].available
+    for s in status.values():
+        assert isinstance(s, kernels.BackendStatus) and s.reason
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="describes a machine without a GPU")
+def test_cuda_backend_unavailable_without_gpu_says_why():
+    status = kernels.available_backends()["cuda"]
+    assert not status.available
+    x, w = torch.randn(2, 8), torch.ones(8)
+    with pytest.raises(kernels.BackendUnavailableError, match="'cuda' is not available"):
+        kernels.layer_norm(x, w, None, backend="cuda")
+
+
+def test_unknown_backend_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown backend 'tpu'"):
+        kernels.layer_norm(torch.randn(2, 4), torch.ones(4), backend="tpu")
+    with pytest.raises(ValueError, match="unknown backend"):
+        kernels.set_default_backend("tpu")
+
+
+def test_auto_on_cpu_tensors_picks_torch_never_the_interpreter():
+    assert backends.resolve_name("layer_norm", "auto", torch.device("cpu")) == "torch"
+
+
+def test_default_backend_is_used_when_none_is_given(monkeypatch):
+    monkeypatch.setattr(backends, "_default_backend", "torch")
+    assert kernels.get_default_backend() == "torch"
+    kernels.set_default_backend("auto")
+    assert kernels.get_default_backend() == "auto"
+    assert backends.resolve_name("cross_entropy", None, torch.device("cpu")) == "torch"
+
+
+def test_backend_without_the_op_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(backends, "_implements", lambda name, op: False)
+    with pytest.raises(kernels.BackendUnavailableError, match="does not implement 'layer_norm'"):
+        backends.resolve_name("layer_norm", "torch", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: kernels.layer_norm(torch.randn(2, 4), torch.ones(5)), ValueError, r"weight must have shape \(4,\)"),
+    (lambda: kernels.layer_norm(torch.ones(2, 4, dtype=torch.long), torch.ones(4)), TypeError, "x must be a floating"),
+    (lambda: kernels.layer_norm(torch.randn(2, 4), torch.ones(4), eps=0.0), ValueError, "eps must be positive"),
+    (lambda: kernels.layer_norm(torch.randn(2, 4).tolist(), torch.ones(4)), TypeError, "x must be a torch.Tensor"),
+    (lambda: kernels.add_layer_norm(torch.randn(2, 4), torch.randn(2, 3), torch.ones(4)), ValueError,
+     r"residual must have shape \(2, 4\)"),
+    (lambda: kernels.mlp_gelu(torch.randn(2, 4), torch.randn(16, 5), None, torch.randn(4, 16), None),
+     ValueError, r"w_fc must have shape \(hidden, 4\)"),
+    (lambda: kernels.mlp_gelu(torch.randn(2, 4), torch.randn(16, 4), None, torch.randn(16, 4), None),
+     ValueError, r"w_proj must have shape \(4, 16\)"),
+    (lambda: kernels.causal_attention(torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.randn(2, 3, 4)),
+     ValueError, "q must be 4-D"),
+    (lambda: kernels.causal_attention(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)),
+     ValueError, "shorter than q"),
+    (lambda: kernels.causal_attention(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 4)),
+     ValueError, "k and v must have shape"),
+    (lambda: kernels.causal_attention(torch.randn(1, 1, 2, 8), torch.randn(1, 1, 2, 8),
+                                      torch.randn(1, 1, 2, 8, dtype=torch.float64)), TypeError, "share a dtype"),
+    (lambda: kernels.causal_attention(*[torch.randn(1, 1, 2, 8)] * 3, dropout_p=1.0), ValueError, "dropout_p"),
+    (lambda: kernels.cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 2.0])), TypeError, "int64 or int32"),
+    (lambda: kernels.cross_entropy(torch.randn(3, 5), torch.tensor([0, 1])), ValueError, r"targets must have shape \(3,\)"),
+    (lambda: kernels.cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 5])), ValueError, r"out of range \[0, 5\)"),
+    (lambda: kernels.cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 2]), reduction="avg"), ValueError, "reduction"),
+    (lambda: kernels.linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 3), torch.tensor([0, 1, 2])),
+     ValueError, r"weight must have shape \(vocab, 4\)"),
+])
+def test_bad_input_gets_a_clear_error(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_mixed_devices_is_a_clear_error():
+    x = torch.randn(2, 4)
+    w = torch.ones(4, device="meta")
+    with pytest.raises(ValueError, match="same device"):
+        kernels.layer_norm(x, w)
+
+
+def test_ignore_index_targets_are_not_out_of_range():
+    loss = kernels.cross_entropy(torch.randn(3, 5), torch.tensor([0, -100, 4]))
+    assert torch.isfinite(loss)
+
+
+def test_matmul_ops_follow_autocast():
+    x, w_fc, w_proj = torch.randn(2, 8), torch.randn(32, 8), torch.randn(8, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = kernels.mlp_gelu(x, w_fc, None, w_proj, None)
+        attn = kernels.causal_attention(*[torch.randn(1, 1, 3, 8)] * 3)
+    assert y.dtype == torch.bfloat16 and attn.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), kernels.mlp_gelu(x, w_fc, None, w_proj, None), atol=0.1, rtol=0.05)
+
+
+def test_attention_with_dropout_falls_back_to_torch_with_one_warning(monkeypatch, recwarn):
+    from kernels import ops
+    monkeypatch.setattr(ops, "resolve_name", lambda op, backend, device: "triton")
+    monkeypatch.setattr(ops, "_warned_attention_fallback", set())
+    q = torch.randn(1, 1, 4, 8)
+    for _ in range(3):
+        kernels.causal_attention(q, q, q, dropout_p=0.5)
+    messages = [str(w.message) for w in recwarn.list if "attention dropout" in str(w.message)]
+    assert len(messages) == 1 and "'torch' backend" in messages[0]

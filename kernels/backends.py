@@ -16,7 +16,6 @@ The process-wide default is ``"torch"``; change it with `set_default_backend` or
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 from dataclasses import dataclass
@@ -83,12 +82,18 @@ def _probe_cuda() -> BackendStatus:
 
 _PROBES = {"torch": _probe_torch, "triton": _probe_triton, "cuda": _probe_cuda}
 
+# Probe results and imported backend modules, filled on first use. Plain dicts rather than
+# lru_cache: torch.compile traces a lookup in a filled dict, not a cached call (see `prepare`).
+_STATUS: dict[str, BackendStatus] = {}
+_LOADED: dict[str, ModuleType] = {}
 
-@functools.lru_cache(maxsize=None)
+
 def backend_status(name: str) -> BackendStatus:
-    if name not in _PROBES:
-        raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS + (AUTO,)}")
-    return _PROBES[name]()
+    if name not in _STATUS:
+        if name not in _PROBES:
+            raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS + (AUTO,)}")
+        _STATUS[name] = _PROBES[name]()
+    return _STATUS[name]
 
 
 def available_backends() -> dict[str, BackendStatus]:
@@ -96,9 +101,19 @@ def available_backends() -> dict[str, BackendStatus]:
     return {name: backend_status(name) for name in BACKENDS}
 
 
-@functools.lru_cache(maxsize=None)
 def _module(name: str) -> ModuleType:
-    return importlib.import_module(_MODULES[name])
+    if name not in _LOADED:
+        _LOADED[name] = importlib.import_module(_MODULES[name])
+    return _LOADED[name]
+
+
+def prepare(backend: str | None) -> None:
+    """Probe and import what `backend` may dispatch to, ahead of time: torch.compile cannot
+    trace an import, so a model calls this when it is built, before it is compiled."""
+    name = _check_name(backend or get_default_backend())
+    for candidate in (_AUTO_PREFERENCE if name == AUTO else (name, "torch")):
+        if backend_status(candidate).available:
+            _module(candidate)
 
 
 _default_backend = os.environ.get("KERNELS_BACKEND", "torch")

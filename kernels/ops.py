@@ -61,7 +61,8 @@ def _check_targets(targets: torch.Tensor, leading: tuple[int, ...], vocab: int,
                          f"got {tuple(targets.shape)}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if targets.device.type == "cpu" and targets.numel():  # free to check without a device sync
+    # On the CPU the range check costs no device sync; a compiled graph cannot branch on data.
+    if targets.device.type == "cpu" and targets.numel() and not torch.compiler.is_compiling():
         bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
         if bad.any():
             raise ValueError(f"targets out of range [0, {vocab}): "

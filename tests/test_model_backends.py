@@ -38,3 +38,19 @@ def test_model_matches_torch_backend(backend, dtype):
     assert_close(loss, ref_loss, dtype, factor)
     for name, grad in ref_grads.items():
         assert_close(grads[name], grad, dtype, factor * 5)  # gradients pass through every layer
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_model_compiles_as_one_graph(backend):
+    """Every op is a registered custom op (or plain torch), so the whole model traces with
+    fullgraph=True: no graph break at a kernel call. aot_eager keeps it quick on the CPU."""
+    if not kernels.available_backends()[backend].available:
+        pytest.skip(f"{backend} unavailable")
+    model = GPT(GPTConfig(**TINY, backend=backend)).to(DEVICE)
+    idx = torch.randint(0, 70, (2, 16), device=DEVICE)
+    _, eager_loss = model(idx, idx)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    _, loss = compiled(idx, idx)
+    loss.backward()
+    assert_close(loss, eager_loss)
+    assert all(p.grad is not None for p in model.parameters())

@@ -1,0 +1,582 @@
+"""Fused causal attention in Triton: the FlashAttention-2 forward and backward.
+
+Shapes: q, k, v, o are (B, H, T, D) with any strides on B, H, T and a unit stride on D
+(the model passes strided views of its (B, T, 3, H, D) qkv projection, read in place).
+The T x T attention matrix is never stored, in either direction.
+
+Forward (one program per block of BLOCK_M queries of one (batch, head)):
+    for each block of BLOCK_N keys at or below the diagonal, with s = q k^T * scale:
+        m_new = max(m, rowmax(s));  p = exp(s - m_new)
+        l = l * exp(m - m_new) + rowsum(p);  acc = acc * exp(m - m_new) + p v
+    o = acc / l,  lse = m + log(l)   (saved: the backward recomputes p = exp(s - lse))
+  Everything runs in base 2: exp(x) = exp2(x * log2(e)), so log2(e) is folded into the
+  scale once and the inner loop uses the cheaper exp2. Key blocks entirely below the
+  diagonal need no mask and run in their own loop; only the diagonal block is masked,
+  and blocks above it are never visited.
+
+Backward, with P = exp(S - lse), dP = dO V^T:
+    dV = P^T dO
+    dS = P * (dP - Delta),  Delta_i = rowsum(dO_i * O_i) - dlse_i
+    dQ = scale * dS K,  dK = scale * dS^T Q
+  Delta_i = sum_j P_ij dP_ij is the softmax Jacobian's correction term; FlashAttention-2
+  gets it from O and dO alone (one pass, `_attn_bwd_preprocess_kernel`) instead of from
+  P. A gradient of the log-sum-exp itself enters through the same term: d lse_i / d s_ij
+  = P_ij, so it simply subtracts from Delta_i. Then two kernels recompute P tile by tile:
+  one program per key block accumulates dK and dV over the query blocks at or below it,
+  one program per query block accumulates dQ over the key blocks at or below it. Each
+  output tile has a single owner: no atomics, no T x T buffer.
+
+All matmuls accumulate in fp32 and the softmax statistics are fp32. 16-bit inputs feed
+the tensor cores; fp32 inputs use exact IEEE fp32 products (not TF32), so the fp32 path
+is the accurate one and matches an fp64 reference closely.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.backends import triton_interpreter_enabled
+from kernels.triton.aot import AotSpec
+
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) == exp2(x * LOG2E)
+LN2 = tl.constexpr(0.6931471805599453)    # ln(2):   log(x) == log2(x) * LN2
+MAX_HEAD_DIM = 128
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ----------------------------------------------------------------------------- tile helpers
+
+# The Triton interpreter (3.6-3.8) stores bf16 as raw uint16 bits and its tl.dot multiplies
+# those bits as integers. Under it, bf16 operands are widened to fp32 first: the same
+# products (bf16 x bf16 is exact in fp32) that the tensor cores accumulate in fp32.
+_INTERPRETED_BF16_DOT_FIX = tl.constexpr(triton_interpreter_enabled())
+
+
+@triton.jit
+def _dot(a, b):
+    """a @ b accumulated in fp32: tensor cores for 16-bit inputs, exact IEEE fp32 for fp32
+    inputs (tl.dot would otherwise round fp32 operands to TF32, ~1e-3 relative error)."""
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, input_precision="ieee")
+    elif _INTERPRETED_BF16_DOT_FIX and a.dtype == tl.bfloat16:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _tile_mask(rows, offs_d, T, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Valid elements of a (rows, BLOCK_D) tile: rows below T, columns below HEAD_DIM (the
+    tile is padded to the power of two BLOCK_D >= 16 that tl.arange and tl.dot need)."""
+    mask = rows[:, None] < T
+    if HEAD_DIM != BLOCK_D:
+        mask = mask & (offs_d[None, :] < HEAD_DIM)
+    return mask
+
+
+@triton.jit
+def _load_tile(base, rows, stride_t, offs_d, T, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               CHECK_ROWS: tl.constexpr):
+    """Rows `rows` of a (T, HEAD_DIM) matrix with row stride stride_t and unit column
+    stride, zero-filled outside it. CHECK_ROWS=False promises every row is below T, which
+    lets the loads in the bulk of the causal loops go unmasked."""
+    ptrs = base + rows[:, None] * stride_t + offs_d[None, :]
+    if CHECK_ROWS:
+        return tl.load(ptrs, mask=_tile_mask(rows, offs_d, T, HEAD_DIM, BLOCK_D), other=0.0)
+    elif HEAD_DIM != BLOCK_D:
+        return tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def _store_tile(base, tile, rows, stride_t, offs_d, T, HEAD_DIM: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    ptrs = base + rows[:, None] * stride_t + offs_d[None, :]
+    tl.store(ptrs, tile.to(base.dtype.element_ty),
+             mask=_tile_mask(rows, offs_d, T, HEAD_DIM, BLOCK_D))
+
+
+@triton.jit
+def _head_offset(stride_b, stride_h, batch, head):
+    """Offset of one (batch, head) slice, in int64: B * H * T * D can exceed 2**31."""
+    return batch.to(tl.int64) * stride_b + head.to(tl.int64) * stride_h
+
+
+# ----------------------------------------------------------------------------- forward
+
+@triton.jit
+def _attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, rows, offs_n, offs_d,
+                    key_lo, key_hi, T, qk_scale_log2, HEAD_DIM: tl.constexpr,
+                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DIAGONAL: tl.constexpr):
+    """Fold keys [key_lo, key_hi) into the running (acc, m_i, l_i) of the online softmax.
+    Off the diagonal every key precedes every query row and lies below T: no masks."""
+    for start_n in range(key_lo, key_hi, BLOCK_N):
+        cols = start_n + offs_n
+        k = _load_tile(k_base, cols, stride_kt, offs_d, T, HEAD_DIM, BLOCK_D, DIAGONAL)
+        v = _load_tile(v_base, cols, stride_vt, offs_d, T, HEAD_DIM, BLOCK_D, DIAGONAL)
+        s = _dot(q, tl.trans(k)) * qk_scale_log2          # log2-domain scores, fp32
+        if DIAGONAL:  # key j is visible to row i iff j <= i (which also keeps j below T)
+            s = tl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
+        # Every row sees key 0 of its first block, so m_new is finite and no -inf - -inf.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)                 # rescales the old partial sums
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, O, LSE,
+                     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
+                     H, T, qk_scale_log2,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Grid (query blocks, B * H). The last query blocks visit the most keys: launch them
+    # first so the short ones fill the tail of the wave.
+    start_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    batch, head = bh // H, bh % H
+    q_base = Q + _head_offset(stride_qb, stride_qh, batch, head)
+    k_base = K + _head_offset(stride_kb, stride_kh, batch, head)
+    v_base = V + _head_offset(stride_vb, stride_vh, batch, head)
+
+    rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(q_base, rows, stride_qt, offs_d, T, HEAD_DIM, BLOCK_D, True)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    diag_lo = start_m * BLOCK_M  # BLOCK_N divides BLOCK_M, so key blocks align with it
+    acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, rows,
+                                    offs_n, offs_d, 0, diag_lo, T, qk_scale_log2,
+                                    HEAD_DIM, BLOCK_D, BLOCK_N, False)
+    acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, rows,
+                                    offs_n, offs_d, diag_lo, tl.minimum(diag_lo + BLOCK_M, T), T,
+                                    qk_scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, True)
+
+    o_base = O + _head_offset(stride_ob, stride_oh, batch, head)
+    _store_tile(o_base, acc / l_i[:, None], rows, stride_ot, offs_d, T, HEAD_DIM, BLOCK_D)
+    lse = (m_i + tl.math.log2(l_i)) * LN2  # natural log, as torch.logsumexp
+    tl.store(LSE + bh.to(tl.int64) * T + rows, lse, mask=rows < T)
+
+
+# ----------------------------------------------------------------------------- backward
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(O, DO, DLSE, DELTA,
+                                stride_ob, stride_oh, stride_ot, stride_dob, stride_doh,
+                                stride_dot, H, T,
+                                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                                BLOCK_M: tl.constexpr):
+    """Delta_i = rowsum(dO_i * O_i) - dlse_i, in fp32 (see the module docstring)."""
+    bh = tl.program_id(1)
+    batch, head = bh // H, bh % H
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_tile(O + _head_offset(stride_ob, stride_oh, batch, head), rows, stride_ot, offs_d,
+                   T, HEAD_DIM, BLOCK_D, True)
+    do = _load_tile(DO + _head_offset(stride_dob, stride_doh, batch, head), rows, stride_dot,
+                    offs_d, T, HEAD_DIM, BLOCK_D, True)
+    row_offset = bh.to(tl.int64) * T + rows
+    dlse = tl.load(DLSE + row_offset, mask=rows < T, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1) - dlse
+    tl.store(DELTA + row_offset, delta, mask=rows < T)
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
+                         stride_dot, cols, offs_m, offs_d, query_lo, query_hi, T, qk_scale_log2,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                         DIAGONAL: tl.constexpr):
+    """Accumulate into one key block's dK, dV the query rows [query_lo, query_hi), working
+    on transposed tiles (keys x queries) so P^T and dS^T come out ready for the dots."""
+    for start_m in range(query_lo, query_hi, BLOCK_M):
+        rows = start_m + offs_m
+        # Rows past T load q = dO = 0 and lse = +inf, so their p = 0: they add nothing.
+        q = _load_tile(q_base, rows, stride_qt, offs_d, T, HEAD_DIM, BLOCK_D, True)
+        do = _load_tile(do_base, rows, stride_dot, offs_d, T, HEAD_DIM, BLOCK_D, True)
+        lse_log2 = tl.load(lse_base + rows, mask=rows < T, other=float("inf")) * LOG2E
+        delta = tl.load(delta_base + rows, mask=rows < T, other=0.0)
+        p_t = tl.math.exp2(_dot(k, tl.trans(q)) * qk_scale_log2 - lse_log2[None, :])
+        if DIAGONAL:
+            p_t = tl.where(rows[None, :] >= cols[:, None], p_t, 0.0)
+        dv += _dot(p_t.to(do.dtype), do)
+        dp_t = _dot(v, tl.trans(do))
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += _dot(ds_t.to(q.dtype), q)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
+                          stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                          stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
+                          stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
+                          H, T, qk_scale_log2, scale,
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Grid (key blocks, B * H); key block 0 is seen by every query: the heaviest go first.
+    start_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    batch, head = bh // H, bh % H
+    q_base = Q + _head_offset(stride_qb, stride_qh, batch, head)
+    do_base = DO + _head_offset(stride_dob, stride_doh, batch, head)
+    lse_base = LSE + bh.to(tl.int64) * T
+    delta_base = DELTA + bh.to(tl.int64) * T
+
+    cols = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_tile(K + _head_offset(stride_kb, stride_kh, batch, head), cols, stride_kt, offs_d,
+                   T, HEAD_DIM, BLOCK_D, True)
+    v = _load_tile(V + _head_offset(stride_vb, stride_vh, batch, head), cols, stride_vt, offs_d,
+                   T, HEAD_DIM, BLOCK_D, True)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+
+    # The queries of this key block's own rows see part of it (BLOCK_M divides BLOCK_N);
+    # every later query sees all of it.
+    diag_lo = start_n * BLOCK_N
+    diag_hi = tl.minimum(diag_lo + BLOCK_N, T)
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
+                                  stride_dot, cols, offs_m, offs_d, diag_lo, diag_hi, T,
+                                  qk_scale_log2, HEAD_DIM, BLOCK_D, BLOCK_M, True)
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
+                                  stride_dot, cols, offs_m, offs_d, diag_hi, T, T,
+                                  qk_scale_log2, HEAD_DIM, BLOCK_D, BLOCK_M, False)
+
+    _store_tile(DK + _head_offset(stride_dkb, stride_dkh, batch, head), dk * scale, cols,
+                stride_dkt, offs_d, T, HEAD_DIM, BLOCK_D)
+    _store_tile(DV + _head_offset(stride_dvb, stride_dvh, batch, head), dv, cols, stride_dvt,
+                offs_d, T, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _attn_bwd_dq_inner(dq, q, do, lse_log2, delta, k_base, v_base, stride_kt, stride_vt, rows,
+                       offs_n, offs_d, key_lo, key_hi, T, qk_scale_log2,
+                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                       DIAGONAL: tl.constexpr):
+    """Accumulate into one query block's dQ the keys [key_lo, key_hi)."""
+    for start_n in range(key_lo, key_hi, BLOCK_N):
+        cols = start_n + offs_n
+        k = _load_tile(k_base, cols, stride_kt, offs_d, T, HEAD_DIM, BLOCK_D, DIAGONAL)
+        v = _load_tile(v_base, cols, stride_vt, offs_d, T, HEAD_DIM, BLOCK_D, DIAGONAL)
+        p = tl.math.exp2(_dot(q, tl.trans(k)) * qk_scale_log2 - lse_log2[:, None])
+        if DIAGONAL:
+            p = tl.where(cols[None, :] <= rows[:, None], p, 0.0)
+        ds = p * (_dot(do, tl.trans(v)) - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
+                        stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                        stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
+                        stride_dqb, stride_dqh, stride_dqt,
+                        H, T, qk_scale_log2, scale,
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    start_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest query blocks first
+    bh = tl.program_id(1)
+    batch, head = bh // H, bh % H
+    k_base = K + _head_offset(stride_kb, stride_kh, batch, head)
+    v_base = V + _head_offset(stride_vb, stride_vh, batch, head)
+
+    rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(Q + _head_offset(stride_qb, stride_qh, batch, head), rows, stride_qt, offs_d,
+                   T, HEAD_DIM, BLOCK_D, True)
+    do = _load_tile(DO + _head_offset(stride_dob, stride_doh, batch, head), rows, stride_dot,
+                    offs_d, T, HEAD_DIM, BLOCK_D, True)
+    row_offset = bh.to(tl.int64) * T + rows
+    # Rows past T get lse = +inf, hence p = 0 (they are not stored either).
+    lse_log2 = tl.load(LSE + row_offset, mask=rows < T, other=float("inf")) * LOG2E
+    delta = tl.load(DELTA + row_offset, mask=rows < T, other=0.0)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    diag_lo = start_m * BLOCK_M  # BLOCK_N divides BLOCK_M
+    dq = _attn_bwd_dq_inner(dq, q, do, lse_log2, delta, k_base, v_base, stride_kt, stride_vt,
+                            rows, offs_n, offs_d, 0, diag_lo, T, qk_scale_log2,
+                            HEAD_DIM, BLOCK_D, BLOCK_N, False)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse_log2, delta, k_base, v_base, stride_kt, stride_vt,
+                            rows, offs_n, offs_d, diag_lo, tl.minimum(diag_lo + BLOCK_M, T), T,
+                            qk_scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, True)
+    _store_tile(DQ + _head_offset(stride_dqb, stride_dqh, batch, head), dq * scale, rows,
+                stride_dqt, offs_d, T, HEAD_DIM, BLOCK_D)
+
+
+# ----------------------------------------------------------------------------- tiles
+
+# Autotune candidates, (BLOCK_M, BLOCK_N, num_warps, num_stages), per kernel, per operand
+# width and per padded head dim (16 uses the 32 list). BLOCK_M counts queries and
+# BLOCK_N keys in every kernel; the causal split needs BLOCK_N | BLOCK_M in the forward
+# and dQ kernels and BLOCK_M | BLOCK_N in the dK/dV kernel. Every candidate compiles for
+# both sm_80 and sm_90 without register spills (checked by the AOT compile of AOT_SPECS),
+# and the autotuner picks per GPU, sequence length, head dim and dtype. The 16-bit tiles
+# follow FlashAttention-2: wide query tiles for the forward and dQ, wide key tiles for
+# dK/dV (each program keeps its own K/V or Q/dO tile in registers and streams the other),
+# 3-4 pipeline stages to hide the loads behind the tensor cores, 8 warps where a 128-row
+# fp32 accumulator would not fit 4 warps' registers. fp32 runs exact IEEE products on the
+# FMA units, whose operand layout needs many registers: one small tile each, 1 stage.
+AUTOTUNE_TILES = {
+    "fwd": {
+        ("16bit", 32): [(128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3)],
+        ("16bit", 64): [(128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3)],
+        ("16bit", 128): [(128, 32, 8, 3), (64, 64, 4, 3)],
+        ("fp32", 32): [(64, 32, 8, 1)],
+        ("fp32", 64): [(64, 32, 8, 1)],
+        ("fp32", 128): [(32, 32, 8, 1)],
+    },
+    "dkdv": {
+        ("16bit", 32): [(32, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3)],
+        ("16bit", 64): [(32, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3)],
+        ("16bit", 128): [(32, 64, 8, 3), (32, 64, 4, 2)],
+        ("fp32", 32): [(32, 32, 8, 1)],
+        ("fp32", 64): [(32, 32, 8, 1)],
+        ("fp32", 128): [(16, 16, 4, 1)],
+    },
+    "dq": {
+        ("16bit", 32): [(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3)],
+        ("16bit", 64): [(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3)],
+        ("16bit", 128): [(128, 32, 8, 3), (64, 64, 8, 3)],
+        ("fp32", 32): [(64, 32, 8, 1)],
+        ("fp32", 64): [(64, 32, 8, 1)],
+        ("fp32", 128): [(32, 16, 4, 1)],
+    },
+}
+# Delta is a memory-bound row reduction: one fixed tile.
+PREPROCESS_BLOCK_M, PREPROCESS_WARPS = 64, 4
+# Under the Triton interpreter (CPU tests): one small tile per kernel, BLOCK_M != BLOCK_N
+# so the diagonal split over several sub-blocks is exercised too.
+INTERPRETER_TILES = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
+_KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
+
+
+def _block_d(head_dim: int) -> int:
+    """Head dims are padded to a power of two >= 16 (tl.arange and tl.dot need both)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _tile_group(dtype: torch.dtype, block_d: int) -> tuple[str, int]:
+    return ("fp32" if dtype == torch.float32 else "16bit", max(32, block_d))
+
+
+def _config(block_m, block_n, num_warps, num_stages) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n},
+                         num_warps=num_warps, num_stages=num_stages)
+
+
+@functools.lru_cache(maxsize=None)
+def _autotuned(kernel: str, group: tuple[str, int]):
+    """The kernel wrapped in an autotuner over its candidates for this dtype/head-dim group,
+    re-tuned per sequence length (the key; dtypes are always part of triton's key)."""
+    configs = [_config(*tile) for tile in AUTOTUNE_TILES[kernel][group]]
+    return triton.autotune(configs=configs, key=["T", "HEAD_DIM"])(_KERNELS[kernel])
+
+
+def _launch(kernel: str, tiled_dim: str, T: int, num_heads_total: int, dtype: torch.dtype,
+            block_d: int, *args, **constexprs) -> None:
+    """Run `kernel` on a grid of (T / tile[tiled_dim], B * H) programs: autotuned on a
+    GPU, with the fixed interpreter tile on the CPU (no timing to tune on there)."""
+    if triton_interpreter_enabled():
+        block_m, block_n = INTERPRETER_TILES[kernel]
+        grid = (triton.cdiv(T, block_m if tiled_dim == "BLOCK_M" else block_n), num_heads_total)
+        _KERNELS[kernel][grid](*args, **constexprs, BLOCK_M=block_m, BLOCK_N=block_n,
+                               num_warps=4, num_stages=1)
+        return
+    grid = lambda meta: (triton.cdiv(T, meta[tiled_dim]), num_heads_total)  # noqa: E731
+    _autotuned(kernel, _tile_group(dtype, block_d))[grid](*args, **constexprs)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def _unit_stride_d(t: torch.Tensor) -> torch.Tensor:
+    """The kernels read (B, H, T) through strides but need consecutive elements along D."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _empty_bhtd(like: torch.Tensor) -> torch.Tensor:
+    """A (B, H, T, D) tensor stored as (B, T, H, D): the model's transpose(1, 2).reshape
+    back to (B, T, C) after attention is then a free view, not a copy."""
+    b, h, t, d = like.shape
+    return like.new_empty((b, t, h, d)).transpose(1, 2)
+
+
+def _bht_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _forward(q, k, v, scale: float):
+    q, k, v = (_unit_stride_d(t) for t in (q, k, v))
+    b, h, t, d = q.shape
+    o = _empty_bhtd(q)
+    lse = q.new_empty((b, h, t), dtype=torch.float32)
+    block_d = _block_d(d)
+    _launch("fwd", "BLOCK_M", t, b * h, q.dtype, block_d,
+            q, k, v, o, lse, *_bht_strides(q), *_bht_strides(k), *_bht_strides(v),
+            *_bht_strides(o), h, t, scale * LOG2E.value, HEAD_DIM=d, BLOCK_D=block_d)
+    return o, lse
+
+
+def _backward(do, q, k, v, o, lse, dlse, scale: float):
+    do, q, k, v, o = (_unit_stride_d(t) for t in (do, q, k, v, o))
+    b, h, t, d = q.shape
+    block_d = _block_d(d)
+    delta = torch.empty_like(lse)
+    dlse = dlse.to(torch.float32).contiguous()  # often an expanded zero: make it addressable
+    grid = (triton.cdiv(t, PREPROCESS_BLOCK_M), b * h)
+    _attn_bwd_preprocess_kernel[grid](o, do, dlse, delta, *_bht_strides(o), *_bht_strides(do),
+                                      h, t, HEAD_DIM=d, BLOCK_D=block_d,
+                                      BLOCK_M=PREPROCESS_BLOCK_M, num_warps=PREPROCESS_WARPS,
+                                      num_stages=1)
+    dq, dk, dv = _empty_bhtd(q), _empty_bhtd(k), _empty_bhtd(v)
+    _launch("dkdv", "BLOCK_N", t, b * h, q.dtype, block_d,
+            q, k, v, do, dk, dv, lse, delta, *_bht_strides(q), *_bht_strides(k),
+            *_bht_strides(v), *_bht_strides(do), *_bht_strides(dk), *_bht_strides(dv),
+            h, t, scale * LOG2E.value, scale, HEAD_DIM=d, BLOCK_D=block_d)
+    _launch("dq", "BLOCK_M", t, b * h, q.dtype, block_d,
+            q, k, v, do, dq, lse, delta, *_bht_strides(q), *_bht_strides(k), *_bht_strides(v),
+            *_bht_strides(do), *_bht_strides(dq), h, t, scale * LOG2E.value, scale,
+            HEAD_DIM=d, BLOCK_D=block_d)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------- torch ops
+# Custom ops, so torch.compile treats each launch as one opaque node (with the fake impls
+# giving it output shapes and strides) instead of tracing into Triton's Python launcher.
+
+@torch.library.custom_op("gptk::triton_attention_fwd", mutates_args=())
+def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, scale)
+
+
+@_attention_fwd_op.register_fake
+def _(q, k, v, scale):
+    b, h, t, _ = q.shape
+    return _empty_bhtd(q), q.new_empty((b, h, t), dtype=torch.float32)
+
+
+@torch.library.custom_op("gptk::triton_attention_bwd", mutates_args=())
+def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      o: torch.Tensor, lse: torch.Tensor, dlse: torch.Tensor,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(do, q, k, v, o, lse, dlse, scale)
+
+
+@_attention_bwd_op.register_fake
+def _(do, q, k, v, o, lse, dlse, scale):
+    return _empty_bhtd(q), _empty_bhtd(k), _empty_bhtd(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)  # O(T) memory: no probabilities are kept
+    ctx.scale = scale
+
+
+def _attention_fwd_backward(ctx, do, dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd_op(do, q, k, v, o, lse, dlse, ctx.scale)
+    return dq, dk, dv, None
+
+
+_attention_fwd_op.register_autograd(_attention_fwd_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- entry points
+
+def _check_inputs(q, k, v) -> None:
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"triton causal_attention supports {SUPPORTED_DTYPES}, got {q.dtype}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must all have one (B, H, T, D) shape, got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"triton causal_attention supports head dims up to {MAX_HEAD_DIM}, "
+                         f"got {q.shape[-1]}")
+
+
+def attention_forward(q, k, v, scale=None):
+    """Causal attention on (B, H, T, D) returning (o, lse): o as `causal_attention`, lse the
+    fp32 (B, H, T) natural log-sum-exp of each query's scaled scores (differentiable)."""
+    _check_inputs(q, k, v)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return _attention_fwd_op(q, k, v, scale)
+
+
+def causal_attention(q, k, v, scale=None, dropout_p=0.0):
+    """The backend's entry point (`kernels.ops.causal_attention` routes dropout and KV-cache
+    calls elsewhere; these checks guard direct callers)."""
+    if dropout_p != 0.0:
+        raise ValueError(f"triton causal_attention has no attention dropout, got "
+                         f"dropout_p={dropout_p}; use the 'torch' backend")
+    if k.shape[-2] != q.shape[-2]:
+        raise ValueError(f"triton causal_attention needs as many keys as queries, got "
+                         f"{k.shape[-2]} keys for {q.shape[-2]} queries; use the 'torch' backend")
+    return attention_forward(q, k, v, scale)[0]
+
+
+# ----------------------------------------------------------------------------- AOT specs
+
+AOT_HEAD_DIMS = (32, 64, 128)
+_AOT_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+_STATS_POINTERS = ("LSE", "DELTA", "DLSE")  # always fp32, whatever the operands' dtype
+_SCALARS = {"H": "i32", "T": "i32", "qk_scale_log2": "fp32", "scale": "fp32"}
+
+
+def _aot_signature(fn, data_type: str, constexprs: dict) -> dict[str, str]:
+    def type_of(name: str) -> str:
+        if name in constexprs:
+            return "constexpr"
+        if name in _STATS_POINTERS:
+            return "*fp32"
+        if name.startswith("stride_"):
+            return "i32"
+        if name in _SCALARS:
+            return _SCALARS[name]
+        return f"*{data_type}"  # Q, K, V, O and their gradients
+    return {name: type_of(name) for name in fn.arg_names}
+
+
+def _aot_specs() -> list[AotSpec]:
+    """Every (kernel, tile, dtype, head dim) the launchers can run at GPT-2 shapes."""
+    specs = []
+    for dtype, type_name in _AOT_DTYPES.items():
+        for head_dim in AOT_HEAD_DIMS:
+            dims = {"HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim)}
+            for kernel, fn in _KERNELS.items():
+                for block_m, block_n, warps, stages in \
+                        AUTOTUNE_TILES[kernel][_tile_group(dtype, dims["BLOCK_D"])]:
+                    constexprs = {**dims, "BLOCK_M": block_m, "BLOCK_N": block_n}
+                    specs.append(AotSpec(
+                        f"attention_{kernel}[{type_name},D={head_dim},BLOCK_M={block_m},"
+                        f"BLOCK_N={block_n},warps={warps},stages={stages}]",
+                        fn, _aot_signature(fn, type_name, constexprs), constexprs, warps, stages))
+            constexprs = {**dims, "BLOCK_M": PREPROCESS_BLOCK_M}
+            specs.append(AotSpec(
+                f"attention_bwd_preprocess[{type_name},D={head_dim},BLOCK_M={PREPROCESS_BLOCK_M}]",
+                _attn_bwd_preprocess_kernel,
+                _aot_signature(_attn_bwd_preprocess_kernel, type_name, constexprs), constexprs,
+                PREPROCESS_WARPS, 1))
+    return specs
+
+
+AOT_SPECS = _aot_specs()

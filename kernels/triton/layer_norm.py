@@ -1,0 +1,325 @@
+"""LayerNorm in Triton, plain and fused with the residual add before it (llm.c's fused
+residual + layernorm), forward and backward.
+
+Forward, per row of C values (statistics in fp32 whatever the input dtype):
+    s    = x + residual                 (the fused variant only; stored, it is the new
+                                         residual stream, rounded to its dtype first so
+                                         that y normalizes exactly the s it returns)
+    mean = sum(s) / C,  rstd = 1 / sqrt(sum((s - mean)^2) / C + eps)
+    y    = (s - mean) * rstd * w + b
+  mean and rstd (fp32, one each per row) are saved for the backward.
+
+Backward, with xhat = (s - mean) * rstd and g = w * dy:
+    dW = sum_rows dy * xhat,  dB = sum_rows dy
+    ds = rstd * (g - xhat * mean(xhat * g) - mean(g))    (+ the gradient flowing into the
+                                                          returned s, in the fused variant)
+  The two means come from differentiating through mean and rstd: every input of the row
+  moves both statistics, so the row's gradient is projected off the directions of the
+  constant vector and of xhat. In the fused variant dx = dresidual = ds.
+
+Layout: rows are the flattened leading dims with a unit column stride (any row stride).
+Each program works on tiles of BLOCK_M rows x BLOCK_N = next_pow2(C) columns, so narrow
+rows still give every thread several elements to load. dW/dB are reduced deterministically:
+each backward program walks its own contiguous range of row tiles, accumulates its partial
+sums in registers and writes them as one row of a (programs, C) fp32 buffer, which one
+`sum(0)` reduces afterwards. No atomics: the same inputs always give the same bits.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.backends import triton_interpreter_enabled
+from kernels.triton.aot import AotSpec
+
+TILE_ELEMENTS = 4096      # elements per tile: BLOCK_M = TILE_ELEMENTS // BLOCK_N rows
+MAX_BLOCK_N = 16384       # a whole row lives in registers; wider rows would spill
+BWD_PROGRAMS_PER_SM = 4   # backward programs per SM: the partial-sum buffer's row count
+INTERPRETER_BWD_PROGRAMS = 2
+
+
+@triton.jit
+def _layer_norm_fwd_kernel(
+    X, R, S, Y, W, B, Mean, Rstd,
+    stride_x, stride_r, stride_s, stride_y,
+    n_rows, n_cols, eps,
+    HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    row_mask = rows < n_rows
+    col_mask = cols < n_cols
+    mask = row_mask[:, None] & col_mask[None, :]
+    rows64 = rows.to(tl.int64)[:, None]  # row * stride can pass 2**31 on big activations
+
+    x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(R + rows64 * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        s = (x + r).to(S.dtype.element_ty)
+        tl.store(S + rows64 * stride_s + cols[None, :], s, mask=mask)
+        x = s.to(tl.float32)
+
+    mean = tl.sum(x, axis=1) / n_cols
+    centered = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = tl.rsqrt(tl.sum(centered * centered, axis=1) / n_cols + eps)
+    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+    y = centered * rstd[:, None] * w[None, :]
+    if HAS_BIAS:
+        y += tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + rows64 * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Mean + rows, mean, mask=row_mask)
+    tl.store(Rstd + rows, rstd, mask=row_mask)
+
+
+@triton.jit
+def _layer_norm_bwd_kernel(
+    DY, DS, X, W, Mean, Rstd, DX, PartialDW, PartialDB,
+    stride_dy, stride_ds, stride_x, stride_dx,
+    n_rows, n_cols, tiles_per_program,
+    HAS_DS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    col_mask = cols < n_cols
+    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    db = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for i in range(tiles_per_program):
+        rows = (pid * tiles_per_program + i) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = rows < n_rows
+        mask = row_mask[:, None] & col_mask[None, :]
+        rows64 = rows.to(tl.int64)[:, None]
+        x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
+        rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
+
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        g = w[None, :] * dy  # zero outside the row: dy was loaded as 0 there
+        mean_xhat_g = tl.sum(xhat * g, axis=1) / n_cols
+        mean_g = tl.sum(g, axis=1) / n_cols
+        dx = (g - xhat * mean_xhat_g[:, None] - mean_g[:, None]) * rstd[:, None]
+        if HAS_DS:
+            dx += tl.load(DS + rows64 * stride_ds + cols[None, :], mask=mask,
+                          other=0.0).to(tl.float32)
+        tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+
+        dw += tl.sum(dy * xhat, axis=0)
+        db += tl.sum(dy, axis=0)
+    tl.store(PartialDW + pid * n_cols + cols, dw, mask=col_mask)
+    tl.store(PartialDB + pid * n_cols + cols, db, mask=col_mask)
+
+
+# ----------------------------------------------------------------------------- launch configs
+
+def launch_config(n_cols: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) for rows of n_cols: whole rows, ~TILE_ELEMENTS per tile."""
+    block_n = triton.next_power_of_2(n_cols)
+    if block_n > MAX_BLOCK_N:
+        raise ValueError(f"the Triton layer_norm keeps a row in registers and supports up to "
+                         f"{MAX_BLOCK_N} channels, got {n_cols}; use the 'torch' backend")
+    num_warps = 4 if block_n <= 1024 else 8 if block_n <= 4096 else 16
+    return max(1, TILE_ELEMENTS // block_n), block_n, num_warps
+
+
+@functools.lru_cache(maxsize=None)
+def _bwd_max_programs(device: torch.device) -> int:
+    if triton_interpreter_enabled() or device.type != "cuda":
+        return INTERPRETER_BWD_PROGRAMS  # each program is a Python loop: keep them few
+    return torch.cuda.get_device_properties(device).multi_processor_count * BWD_PROGRAMS_PER_SM
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t as (rows, C) with a unit column stride, copying only when no such view exists."""
+    t2d = t.reshape(-1, t.shape[-1])
+    return t2d if t2d.stride(-1) == 1 else t2d.contiguous()
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def _forward(x, residual, weight, bias, eps, summed_dtype):
+    n_rows, n_cols = x.shape
+    block_m, block_n, num_warps = launch_config(n_cols)
+    summed = torch.empty((n_rows, n_cols), dtype=summed_dtype, device=x.device) \
+        if residual is not None else None
+    y = torch.empty((n_rows, n_cols), dtype=summed_dtype, device=x.device)
+    mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    if n_rows:
+        _layer_norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
+            x, residual, summed, y, weight, bias, mean, rstd,
+            x.stride(0), 0 if residual is None else residual.stride(0),
+            0 if summed is None else summed.stride(0), y.stride(0),
+            n_rows, n_cols, eps,
+            HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=1)
+    return summed, y, mean, rstd
+
+
+@torch.library.custom_op("gptk::triton_layer_norm_fwd", mutates_args=())
+def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                   eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, mean, rstd) for rows x (n_rows, C) with a unit column stride."""
+    _, y, mean, rstd = _forward(x, None, weight, bias, eps, x.dtype)
+    return y, mean, rstd
+
+
+@layer_norm_fwd.register_fake
+def _(x, weight, bias, eps):
+    n_rows = x.shape[0]
+    return (x.new_empty(x.shape), x.new_empty(n_rows, dtype=torch.float32),
+            x.new_empty(n_rows, dtype=torch.float32))
+
+
+@torch.library.custom_op("gptk::triton_add_layer_norm_fwd", mutates_args=())
+def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       bias: Optional[torch.Tensor], eps: float
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(s = x + residual, y = layer_norm(s), mean, rstd) for rows x, residual (n_rows, C);
+    s and y in the dtype torch gives x + residual."""
+    return _forward(x, residual, weight, bias, eps, torch.promote_types(x.dtype, residual.dtype))
+
+
+@add_layer_norm_fwd.register_fake
+def _(x, residual, weight, bias, eps):
+    dtype = torch.promote_types(x.dtype, residual.dtype)
+    n_rows = x.shape[0]
+    return (x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape, dtype=dtype),
+            x.new_empty(n_rows, dtype=torch.float32), x.new_empty(n_rows, dtype=torch.float32))
+
+
+@torch.library.custom_op("gptk::triton_layer_norm_bwd", mutates_args=())
+def layer_norm_bwd(dy: torch.Tensor, dsummed: Optional[torch.Tensor], x: torch.Tensor,
+                   weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias) of layer_norm at rows x given dy, plus dsummed added into dx
+    (the gradient reaching the fused variant's returned sum). dbias is in weight's dtype."""
+    n_rows, n_cols = x.shape
+    dy, dsummed = _rows(dy), None if dsummed is None else _rows(dsummed)
+    block_m, block_n, num_warps = launch_config(n_cols)
+    n_tiles = triton.cdiv(n_rows, block_m)
+    tiles_per_program = triton.cdiv(n_tiles, max(1, min(n_tiles, _bwd_max_programs(x.device))))
+    n_programs = triton.cdiv(n_tiles, tiles_per_program)
+    dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    partial_dw = torch.zeros((n_programs, n_cols), dtype=torch.float32, device=x.device)
+    partial_db = torch.zeros((n_programs, n_cols), dtype=torch.float32, device=x.device)
+    if n_rows:
+        _layer_norm_bwd_kernel[(n_programs,)](
+            dy, dsummed, x, weight, mean, rstd, dx, partial_dw, partial_db,
+            dy.stride(0), 0 if dsummed is None else dsummed.stride(0), x.stride(0), dx.stride(0),
+            n_rows, n_cols, tiles_per_program,
+            HAS_DS=dsummed is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+            num_warps=num_warps, num_stages=1)
+    return dx, partial_dw.sum(0).to(weight.dtype), partial_db.sum(0).to(weight.dtype)
+
+
+@layer_norm_bwd.register_fake
+def _(dy, dsummed, x, weight, mean, rstd):
+    n_cols = x.shape[1]
+    return x.new_empty(x.shape), weight.new_empty(n_cols), weight.new_empty(n_cols)
+
+
+# ----------------------------------------------------------------------------- autograd
+
+def _layer_norm_setup(ctx, inputs, output):
+    x, weight, bias, _eps = inputs
+    _y, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _layer_norm_backward(ctx, dy, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    dx, dweight, dbias = layer_norm_bwd(dy, None, x, weight, mean, rstd)
+    return dx, dweight, None if ctx.bias_dtype is None else dbias.to(ctx.bias_dtype), None
+
+
+layer_norm_fwd.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup)
+
+
+def _add_layer_norm_setup(ctx, inputs, output):
+    x, residual, weight, bias, _eps = inputs
+    summed, _y, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(summed, weight, mean, rstd)
+    ctx.input_dtypes = (x.dtype, residual.dtype)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _add_layer_norm_backward(ctx, dsummed, dy, _dmean, _drstd):
+    summed, weight, mean, rstd = ctx.saved_tensors
+    # Autograd materializes the gradient of an unused output as zeros, so both are tensors.
+    dsum, dweight, dbias = layer_norm_bwd(dy, dsummed, summed, weight, mean, rstd)
+    x_dtype, residual_dtype = ctx.input_dtypes
+    # d(x + residual)/dx = d(x + residual)/dresidual = identity: both get dsum.
+    return (dsum.to(x_dtype), dsum.to(residual_dtype), dweight,
+            None if ctx.bias_dtype is None else dbias.to(ctx.bias_dtype), None)
+
+
+add_layer_norm_fwd.register_autograd(_add_layer_norm_backward, setup_context=_add_layer_norm_setup)
+
+
+# ----------------------------------------------------------------------------- public ops
+
+def layer_norm(x, weight, bias=None, eps=1e-5):
+    y, _mean, _rstd = layer_norm_fwd(_rows(x), weight, bias, eps)
+    return y.view(x.shape)
+
+
+def add_layer_norm(x, residual, weight, bias=None, eps=1e-5):
+    summed, y, _mean, _rstd = add_layer_norm_fwd(_rows(x), _rows(residual), weight, bias, eps)
+    return summed.view(x.shape), y.view(x.shape)
+
+
+# ----------------------------------------------------------------------------- AOT specs
+
+GPT2_CHANNELS = (768, 1024, 1280, 1600)   # small, medium, large, xl
+# (x, residual, summed/y, weight) dtypes: fp32 training, a bf16 model, and autocast (bf16
+# branch output added to the fp32 residual stream, fp32 LayerNorm weights).
+_DTYPE_COMBOS = (("fp32", "fp32", "fp32", "fp32"), ("bf16", "bf16", "bf16", "bf16"),
+                 ("bf16", "fp32", "fp32", "fp32"))
+
+
+def _aot_specs() -> list[AotSpec]:
+    specs = []
+    for block_m, block_n, num_warps in sorted({launch_config(c) for c in GPT2_CHANNELS}):
+        blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n}
+        for x_t, r_t, s_t, w_t in _DTYPE_COMBOS:
+            for has_residual in (False, True):
+                if not has_residual and x_t != s_t:
+                    continue  # without a residual, x is what gets normalized
+                signature = {"X": f"*{x_t}", "R": f"*{r_t}", "S": f"*{s_t}", "Y": f"*{s_t}",
+                             "W": f"*{w_t}", "B": f"*{w_t}", "Mean": "*fp32", "Rstd": "*fp32",
+                             "stride_x": "i32", "stride_r": "i32", "stride_s": "i32",
+                             "stride_y": "i32", "n_rows": "i32", "n_cols": "i32", "eps": "fp32",
+                             "HAS_RESIDUAL": "constexpr", "HAS_BIAS": "constexpr",
+                             "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
+                specs.append(AotSpec(
+                    f"layer_norm_fwd[x={x_t},r={r_t},w={w_t},residual={has_residual},"
+                    f"BLOCK_M={block_m},BLOCK_N={block_n}]", _layer_norm_fwd_kernel, signature,
+                    {"HAS_RESIDUAL": has_residual, "HAS_BIAS": True, **blocks},
+                    num_warps=num_warps, num_stages=1))
+        # The backward sees the normalized tensor s (its dtype) and the weight.
+        for s_t, w_t in sorted({(s_t, w_t) for _, _, s_t, w_t in _DTYPE_COMBOS}):
+            for has_ds in (False, True):
+                signature = {"DY": f"*{s_t}", "DS": f"*{s_t}", "X": f"*{s_t}", "W": f"*{w_t}",
+                             "Mean": "*fp32", "Rstd": "*fp32", "DX": f"*{s_t}",
+                             "PartialDW": "*fp32", "PartialDB": "*fp32",
+                             "stride_dy": "i32", "stride_ds": "i32", "stride_x": "i32",
+                             "stride_dx": "i32", "n_rows": "i32", "n_cols": "i32",
+                             "tiles_per_program": "i32", "HAS_DS": "constexpr",
+                             "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
+                specs.append(AotSpec(
+                    f"layer_norm_bwd[x={s_t},w={w_t},ds={has_ds},"
+                    f"BLOCK_M={block_m},BLOCK_N={block_n}]", _layer_norm_bwd_kernel, signature,
+                    {"HAS_DS": has_ds, **blocks}, num_warps=num_warps, num_stages=1))
+    return specs
+
+
+AOT_SPECS = _aot_specs()

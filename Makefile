@@ -26,5 +26,15 @@ train: install
 test: install
 	$(PY) -m pytest -q
 
+# The CPU-sized benchmark suite (kernels, end-to-end, design sweep; < 10 min on 2 cores).
+# `make bench BENCH_ARGS=--gpu-suite` runs the full GPU suite instead.
+bench: install
+	$(PY) -m bench all $(BENCH_ARGS)
+
+# The GPU runbook: offline install with the machine's Python, the whole test suite and the
+# GPU benchmarks, all into bench/results/<gpu>-<date>/ (see bench/gpu_check.py).
+gpu-check:
+	$(PYTHON) bench/gpu_check.py $(GPU_CHECK_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info

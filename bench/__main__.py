@@ -1,0 +1,74 @@
+"""Command line of the benchmark suite.
+
+    python -m bench kernels|e2e|sweep|all [--gpu-suite] [--ops ...] [--backends ...]
+    python -m bench render bench/results/<device>/kernels.json [...]
+
+Without --gpu-suite: the CPU-sized suite on the CPU (fp32, small GPT-2 shapes, a few
+minutes), with the Triton kernels checked under the interpreter but not timed. With it:
+the full suite on the GPU (fp32/bf16/fp16, GPT-2 124M..1.5B shapes, GPT-2 models).
+Results go to bench/results/<device-slug>/<suite>.{json,md,png} and a summary.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+SUITE_NAMES = ("kernels", "e2e", "sweep")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=SUITE_NAMES + ("all", "render"))
+    parser.add_argument("files", nargs="*", type=Path, help="render: results JSON files")
+    parser.add_argument("--gpu-suite", action="store_true",
+                        help="the full GPU suite (needs a CUDA GPU); default: the CPU suite")
+    parser.add_argument("--ops", nargs="+", help="kernel ops to run (default: every op)")
+    parser.add_argument("--backends", nargs="+",
+                        help="backends to run (default: every available one)")
+    parser.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16", "fp16"),
+                        help="kernel dtypes, the first one the headline (default: fp32 on "
+                             "the CPU; bf16 fp16 fp32 on the GPU)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="skip the torch.compile baseline (slow to compile on a small CPU)")
+    parser.add_argument("--steps", type=int, help="sweep: training steps per config "
+                                                  "(default: 30 on the CPU, 300 on the GPU)")
+    parser.add_argument("--out-dir", type=Path,
+                        help="where results go (default: bench/results/<device-slug>)")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="prepared char-level corpus (default: data/default-char)")
+    args = parser.parse_args(argv)
+    if args.command == "render" and not args.files:
+        parser.error("render needs at least one results JSON file")
+    if args.command != "render" and args.files:
+        parser.error(f"{args.command} takes no file arguments")
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "render":
+        from bench.output import render_files
+        for path in render_files(args.files):
+            print(path)
+        return 0
+    if not args.gpu_suite:
+        # Before anything imports triton: the CPU suite checks the Triton kernels under
+        # the interpreter (never timing them).
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from bench.runner import run_suites
+    start = time.perf_counter()
+    written = run_suites(args, SUITE_NAMES if args.command == "all" else (args.command,))
+    for path in written:
+        print(path)
+    print(f"done in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

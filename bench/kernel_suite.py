@@ -1,0 +1,174 @@
+"""Kernel benchmarks: every op x implementation x shape x dtype, checked then timed.
+
+Implementations of an op are the registry's backends that run it here, plus baselines:
+``torch.compile`` of the `torch` backend (at the headline shape and dtype only: each
+compile takes seconds to minutes) and the problem's own extras (attention's eager math).
+Under the Triton interpreter (a CPU without a GPU) the `triton` backend is checked for
+correctness at a tiny shape and never timed: interpreted numpy is not a GPU kernel.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from kernels.backends import BackendUnavailableError, resolve, triton_interpreter_enabled
+
+from bench import correctness, timing
+from bench.peaks import Peak, percent_of_peak
+from bench.problems import DTYPE_NAMES, Problem, Shape, problem, rate, work
+from bench.results import CHECK_ONLY, FAILED, OK
+
+COMPILE = "torch.compile"
+
+
+@dataclass(frozen=True)
+class Impl:
+    name: str
+    make: Callable[[], Callable]  # builds the callable (lazily: torch.compile resets state)
+    timed: bool
+
+
+@dataclass(frozen=True)
+class Case:
+    problem: Problem
+    shape: Shape
+    dtype: torch.dtype
+    impls: tuple[Impl, ...]
+
+
+def _compiled_torch_backend(op: str, device: torch.device) -> Callable:
+    # A fresh dynamo state per case: the recompile limit (8 per function) would otherwise
+    # silently fall back to eager after a few shapes and dtypes.
+    torch._dynamo.reset()
+    return torch.compile(resolve(op, "torch", device), dynamic=False)
+
+
+def backend_impls(op: str, backends: list[str], device: torch.device) -> list[Impl]:
+    """The registry's backends that are available and implement `op` on `device`."""
+    impls = []
+    for name in backends:
+        try:
+            fn = resolve(op, name, device)
+        except BackendUnavailableError:
+            continue
+        interpreted = name == "triton" and device.type != "cuda" and triton_interpreter_enabled()
+        impls.append(Impl(name, lambda fn=fn: fn, timed=not interpreted))
+    return impls
+
+
+def plan(ops: list[str], backends: list[str], dtypes: list[torch.dtype], device: torch.device,
+         use_compile: bool) -> list[Case]:
+    """Every case to run. The first dtype is the headline one (torch.compile runs there)."""
+    cases = []
+    for op in ops:
+        prob = problem(op)
+        impls = backend_impls(op, backends, device)
+        timed = [i for i in impls if i.timed]
+        timed += [Impl(name, lambda fn=fn: fn, timed=True) for name, fn in prob.baselines.items()]
+        interpreted = [i for i in impls if not i.timed]
+        shapes = prob.gpu_shapes if device.type == "cuda" else prob.cpu_shapes
+        for dtype in dtypes:
+            for shape in shapes:
+                extra = []
+                if use_compile and shape.headline and dtype == dtypes[0]:
+                    extra = [Impl(COMPILE, lambda op=op: _compiled_torch_backend(op, device),
+                                  timed=True)]
+                cases.append(Case(prob, shape, dtype, tuple(timed + extra)))
+            if interpreted:
+                cases.append(Case(prob, prob.interpreter_shape, dtype, tuple(interpreted)))
+    return cases
+
+
+def _row(case: Case, impl: Impl, status: str, check: correctness.CheckResult | None) -> dict:
+    amount = work(case.problem, case.shape, case.dtype)
+    return {
+        "op": case.problem.op, "impl": impl.name, "dtype": DTYPE_NAMES[case.dtype],
+        "shape": dict(case.shape.dims), "shape_label": case.shape.label,
+        "bound": case.problem.bound, "unit": case.problem.unit,
+        "work_fwd": amount.fwd, "work_fwd_bwd": amount.fwd_bwd,
+        "status": status,
+        "error": check.message if check else None,
+        "max_error": check.max_error if check else None,
+        "fwd": None, "fwd_bwd": None,
+        "fwd_rate": None, "fwd_bwd_rate": None,
+        "fwd_pct_peak": None, "fwd_bwd_pct_peak": None,
+        "fwd_mem_mb": None, "fwd_bwd_mem_mb": None,
+    }
+
+
+def _peak_rate(case: Case, peak: Peak | None) -> float | None:
+    """The device's peak in the row's unit (GB/s or TFLOP/s)."""
+    if peak is None:
+        return None
+    if case.problem.bound == "memory":
+        return peak.bandwidth / 1e9
+    flops = peak.flops_for(DTYPE_NAMES[case.dtype])
+    return None if flops is None else flops / 1e12
+
+
+def _time_into(row: dict, case: Case, fn: Callable, inputs, expected, device: torch.device,
+               peak: Peak | None, quick: bool) -> None:
+    def forward():
+        with torch.no_grad():
+            return fn(*inputs.args)
+
+    def forward_backward():
+        return correctness.forward_backward(fn, inputs, expected.upstream)
+
+    peak_rate = _peak_rate(case, peak)
+    for key, call, amount in (("fwd", forward, row["work_fwd"]),
+                              ("fwd_bwd", forward_backward, row["work_fwd_bwd"])):
+        measured = timing.time_call(call, device, quick=quick)
+        row[key] = measured.to_json()
+        row[f"{key}_rate"] = rate(case.problem, amount, measured.median_ms)
+        row[f"{key}_pct_peak"] = percent_of_peak(row[f"{key}_rate"], peak_rate)
+        row[f"{key}_mem_mb"] = timing.peak_memory_mb(call, device)
+
+
+def run_case(case: Case, device: torch.device, peak: Peak | None, quick: bool) -> list[dict]:
+    """Check then time every implementation of one (op, shape, dtype)."""
+    generator = torch.Generator(device).manual_seed(0)
+    inputs = case.problem.make_inputs(case.shape.dims, case.dtype, device, generator)
+    expected = correctness.reference_result(case.problem.reference, inputs, generator)
+    rows = []
+    for impl in case.impls:
+        try:
+            fn = impl.make()
+        except Exception as exc:  # e.g. torch.compile unusable here
+            row = _row(case, impl, FAILED, correctness.CheckResult.failure(
+                correctness.describe_error(exc)))
+            rows.append(row)
+            continue
+        check = correctness.check(fn, inputs, expected, case.dtype)
+        if not check.passed:
+            rows.append(_row(case, impl, FAILED, check))
+            continue
+        if not impl.timed:
+            rows.append(_row(case, impl, CHECK_ONLY, check))
+            continue
+        row = _row(case, impl, OK, check)
+        try:
+            _time_into(row, case, fn, inputs, expected, device, peak, quick)
+        except Exception as exc:  # e.g. out of memory at a large shape: report, carry on
+            row = _row(case, impl, FAILED, correctness.CheckResult.failure(
+                "while timing: " + correctness.describe_error(exc)))
+        rows.append(row)
+    return rows
+
+
+def run(ops: list[str], backends: list[str], dtypes: list[torch.dtype], device: torch.device,
+        peak: Peak | None, use_compile: bool, quick: bool) -> list[dict]:
+    cases = plan(ops, backends, dtypes, device, use_compile)
+    rows = []
+    with tqdm(cases, desc="kernels", unit="case") as progress:
+        for case in progress:
+            progress.set_postfix_str(f"{case.problem.op} {case.shape.label} "
+                                     f"{DTYPE_NAMES[case.dtype]}")
+            rows += run_case(case, device, peak, quick)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # the next case's reference may need the memory
+    return rows
+

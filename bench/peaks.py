@@ -1,0 +1,112 @@
+"""The device's peak memory bandwidth and matmul throughput, the denominators of "% of peak".
+
+GPUs come from a table of vendor datasheet figures (dense, no sparsity). A CPU has no
+datasheet we can trust across machines, so its peaks are measured at the start of a run:
+bandwidth with a STREAM-like copy, FLOP/s with a large fp32 matmul ("measured matmul
+peak" — what a good BLAS reaches here, an upper bound for any kernel we write).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+TB = 1e12
+
+
+@dataclass(frozen=True)
+class Peak:
+    device: str
+    bandwidth: float                 # bytes/s
+    flops: dict[str, float]          # dtype name ("fp32", "bf16", "fp16") -> FLOP/s
+    source: str                      # where the numbers come from
+
+    def flops_for(self, dtype: str) -> float | None:
+        return self.flops.get(dtype)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+# Datasheet figures. fp32 is the plain (non-tensor-core) rate: torch's default matmul
+# precision is "highest", so fp32 matmuls do not use TF32 tensor cores.
+# Matched by substring of torch.cuda.get_device_name(), most specific first.
+GPU_PEAKS: tuple[tuple[str, Peak], ...] = (
+    ("H200", Peak("NVIDIA H200", 4.8 * TB,
+                  {"fp32": 66.9 * TB, "bf16": 989.4 * TB, "fp16": 989.4 * TB}, "datasheet")),
+    ("H100 PCIe", Peak("NVIDIA H100 PCIe", 2.0 * TB,
+                       {"fp32": 51.2 * TB, "bf16": 756.0 * TB, "fp16": 756.0 * TB}, "datasheet")),
+    ("H100", Peak("NVIDIA H100 SXM", 3.35 * TB,
+                  {"fp32": 66.9 * TB, "bf16": 989.4 * TB, "fp16": 989.4 * TB}, "datasheet")),
+    ("A100-SXM4-40GB", Peak("NVIDIA A100 SXM 40GB", 1.555 * TB,
+                            {"fp32": 19.5 * TB, "bf16": 312.0 * TB, "fp16": 312.0 * TB},
+                            "datasheet")),
+    ("A100-PCIE-40GB", Peak("NVIDIA A100 PCIe 40GB", 1.555 * TB,
+                            {"fp32": 19.5 * TB, "bf16": 312.0 * TB, "fp16": 312.0 * TB},
+                            "datasheet")),
+    ("A100", Peak("NVIDIA A100 80GB", 2.039 * TB,
+                  {"fp32": 19.5 * TB, "bf16": 312.0 * TB, "fp16": 312.0 * TB}, "datasheet")),
+)
+
+
+def gpu_peak(device_name: str) -> Peak | None:
+    """The datasheet peak of a GPU by its name, or None when it is not in the table."""
+    for key, peak in GPU_PEAKS:
+        if key in device_name:
+            return peak
+    return None
+
+
+def measure_cpu_bandwidth(n_bytes: int = 256 * 2**20, repeats: int = 5) -> float:
+    """STREAM "copy": bytes read + written per second for dst[:] = src, best of `repeats`
+    (best, not median, as STREAM reports: the peak is what the memory system can do)."""
+    src = torch.ones(n_bytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # first touch: fault the pages in outside the timed region
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() * 4 / best
+
+
+def measure_cpu_matmul_flops(n: int = 2048, repeats: int = 3) -> float:
+    """FLOP/s of an n x n x n fp32 matmul (2 n^3 FLOPs), best of `repeats`."""
+    a = torch.randn(n, n)
+    b = torch.randn(n, n)
+    a @ b  # warm-up: BLAS thread pool and packing buffers
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def cpu_peak(cpu_name: str) -> Peak:
+    """Measured peaks of this CPU (takes about a second). Low-precision rows use the fp32
+    rate: CPUs without AMX run bf16/fp16 matmuls no faster than fp32."""
+    flops = measure_cpu_matmul_flops()
+    return Peak(cpu_name, measure_cpu_bandwidth(), {"fp32": flops, "bf16": flops, "fp16": flops},
+                "measured: STREAM-like copy, fp32 matmul peak")
+
+
+def best_of(first: Peak, second: Peak) -> Peak:
+    """The higher of two measurements of the same device, number by number."""
+    flops = {k: max(first.flops[k], second.flops.get(k, 0.0)) for k in first.flops}
+    return Peak(first.device, max(first.bandwidth, second.bandwidth), flops, first.source)
+
+
+def device_peak(device: torch.device, cpu_name: str) -> Peak | None:
+    if device.type == "cuda":
+        return gpu_peak(torch.cuda.get_device_name(device))
+    return cpu_peak(cpu_name)
+
+
+def percent_of_peak(rate: float | None, peak: float | None) -> float | None:
+    """rate / peak in percent; None when either is unknown (never a made-up number)."""
+    if rate is None or not peak:
+        return None
+    return 100.0 * rate / peak

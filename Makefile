@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 
 # The venv is (re)built when the packaging changes. torch is installed first so the
 # extension build (setup.py) can see it without build isolation.
-$(STAMP): pyproject.toml setup.py
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "setuptools>=69" wheel
 	$(PY) -m pip install -q "torch>=2.11" "ninja>=1.11"

@@ -96,6 +96,11 @@ def backend_status(name: str) -> BackendStatus:
     return _STATUS[name]
 
 
+def forget_status(name: str) -> None:
+    """Probe `name` again on next use (after something changed, e.g. a JIT build)."""
+    _STATUS.pop(name, None)
+
+
 def available_backends() -> dict[str, BackendStatus]:
     """Every backend with whether it can run here and, if not, why."""
     return {name: backend_status(name) for name in BACKENDS}

@@ -1,0 +1,308 @@
+"""The `cuda` backend's Python side, without a GPU: how the extension is found and built
+(toolkit discovery through nvcc wrapper scripts, arch flags, the clean skip), why the backend
+is unavailable, and the torch.library ops' fake implementations and autograd wiring (run on
+meta tensors, which need no device). The kernels themselves are checked against the
+reference on a GPU in test_cuda_kernels.py."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kernels
+import kernels.cuda as cuda_backend
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPORTED = {"layer_norm_forward", "add_layer_norm_forward", "layer_norm_backward",
+            "bias_gelu_forward", "bias_gelu_backward", "cross_entropy_forward",
+            "cross_entropy_backward", "cross_entropy_forward_backward_", "attention_forward",
+            "attention_backward"}
+
+
+@pytest.fixture
+def build():
+    return cuda_backend.load_build_config()
+
+
+@pytest.fixture
+def fresh_loader():
+    """Forget the loaded extension around a test."""
+    cuda_backend._load.cache_clear()
+    yield
+    cuda_backend._load.cache_clear()
+
+
+def fake_toolkit(root: Path, top: Path) -> Path:
+    """A CUDA toolkit layout whose nvcc answers a dry run the way the real one does."""
+    (root / "bin").mkdir(parents=True)
+    (root / "include").mkdir()
+    (root / "include" / "cuda_runtime.h").write_text("")
+    nvcc = root / "bin" / "nvcc"
+    nvcc.write_text(f'#!/bin/sh\necho "#$ _HERE_={top}/bin"\necho "#$ TOP={top}/bin/.."\n')
+    nvcc.chmod(0o755)
+    return nvcc
+
+
+# ----------------------------------------------------------------------------- toolkit
+
+def test_wrapper_script_resolves_to_the_toolkit_it_runs(build, tmp_path):
+    root = tmp_path / "cuda-13.0"
+    real_nvcc = fake_toolkit(root, root)
+    wrapper = tmp_path / "wrappers" / "bin" / "nvcc"  # like /usr/local/bin/nvcc
+    wrapper.parent.mkdir(parents=True)
+    wrapper.write_text(f'#!/bin/sh\nexec {real_nvcc} "$@"\n')
+    wrapper.chmod(0o755)
+    assert not build.is_toolkit_root(wrapper.parent.parent)  # what dirname(dirname()) gives
+    assert build.toolkit_root_of(wrapper) == root.resolve()
+    assert build.find_cuda_home({"PATH": str(wrapper.parent)}) == root.resolve()
+
+
+def test_symlinked_nvcc_resolves_to_its_toolkit(build, tmp_path):
+    root = tmp_path / "cuda"
+    real_nvcc = fake_toolkit(root, tmp_path / "elsewhere")  # the dry run is not needed
+    link = tmp_path / "usr" / "bin" / "nvcc"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(real_nvcc)
+    assert build.toolkit_root_of(link) == root.resolve()
+
+
+def test_cuda_home_variable_wins_and_must_be_a_toolkit(build, tmp_path):
+    root = tmp_path / "cuda"
+    fake_toolkit(root, root)
+    assert build.find_cuda_home({"CUDA_HOME": str(root), "PATH": ""}) == root
+    assert build.find_cuda_home({"CUDA_HOME": str(tmp_path / "missing"), "PATH": ""}) is None
+
+
+def test_no_toolkit_anywhere_gives_none_and_a_skip_reason(build, tmp_path, monkeypatch):
+    monkeypatch.setattr(build, "DEFAULT_CUDA_HOME", tmp_path / "no-cuda")
+    environ = {"PATH": str(tmp_path)}
+    assert build.find_cuda_home(environ) is None
+    if torch.version.cuda is not None:
+        assert "no CUDA toolkit found" in build.skip_reason(environ)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on PATH")
+def test_this_machines_nvcc_resolves_to_a_real_toolkit(build):
+    root = build.find_cuda_home({"PATH": os.environ["PATH"]})
+    assert root is not None and build.is_toolkit_root(root)
+    assert build.nvcc_release(root) is not None
+
+
+def test_gencode_flags(build):
+    assert build.gencode_flags("8.0;9.0+PTX") == [
+        "-gencode=arch=compute_80,code=sm_80",
+        "-gencode=arch=compute_90,code=sm_90",
+        "-gencode=arch=compute_90,code=compute_90",
+    ]
+    assert build.gencode_flags("9.0a, 10.0") == ["-gencode=arch=compute_90a,code=sm_90a",
+                                                 "-gencode=arch=compute_100,code=sm_100"]
+    with pytest.raises(ValueError, match="cannot parse CUDA arch 'sm_90'"):
+        build.gencode_flags("sm_90")
+
+
+def test_arch_list_defaults_to_sm80_and_sm90(build):
+    flags = build.nvcc_flags({})
+    assert "-gencode=arch=compute_80,code=sm_80" in flags
+    assert "-gencode=arch=compute_90,code=sm_90" in flags
+    assert build.nvcc_flags({"TORCH_CUDA_ARCH_LIST": "8.6"})[-1] == "-gencode=arch=compute_86,code=sm_86"
+
+
+def test_skip_reasons(build, monkeypatch):
+    assert "GPTK_NO_CUDA_EXT=1" in build.skip_reason({"GPTK_NO_CUDA_EXT": "1"})
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert "CPU-only build" in build.skip_reason({})
+
+
+def test_every_source_exists(build):
+    for path in build.source_paths():
+        assert Path(path).is_file(), path
+
+
+def test_skip_record_names_agree(build):
+    assert cuda_backend.SKIP_RECORD.name == build.SKIP_RECORD
+
+
+# ----------------------------------------------------------------------------- setup.py
+
+def test_setup_py_skips_the_extension_cleanly(tmp_path):
+    """With the build switched off, setup.py says why in one line, records it next to where
+    the extension would go, and still configures the package."""
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    (tmp_path / "csrc").mkdir()
+    shutil.copy(ROOT / "csrc" / "build.py", tmp_path / "csrc" / "build.py")
+    (tmp_path / "kernels").mkdir()
+    env = dict(os.environ, GPTK_NO_CUDA_EXT="1")
+    run = subprocess.run([sys.executable, "setup.py", "--name"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    skip_lines = [line for line in run.stdout.splitlines() if "not building" in line]
+    assert skip_lines == ["gpt-kernels: not building the CUDA extension kernels._C: "
+                          "GPTK_NO_CUDA_EXT=1 is set"]
+    assert "gpt-kernels" in run.stdout
+    record = tmp_path / "kernels" / "_C_build_skipped.txt"
+    assert record.read_text().strip() == "GPTK_NO_CUDA_EXT=1 is set"
+
+
+# ----------------------------------------------------------------------------- availability
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="describes a machine without a GPU")
+def test_unavailable_without_gpu_says_why():
+    reason = cuda_backend.unavailable_reason()
+    if cuda_backend.extension_path() is None:
+        assert "is not built" in reason
+    else:
+        assert reason == "no CUDA GPU is visible to torch (torch.cuda.is_available() is False)"
+    status = kernels.available_backends()["cuda"]
+    assert not status.available and status.reason == reason
+
+
+def test_reason_when_the_extension_is_missing(fresh_loader, monkeypatch, tmp_path):
+    monkeypatch.setattr(cuda_backend, "EXTENSION", "kernels._C_not_there")
+    monkeypatch.setattr(cuda_backend, "SKIP_RECORD", tmp_path / "_C_build_skipped.txt")
+    reason = cuda_backend.unavailable_reason()
+    assert "kernels._C_not_there is not built" in reason and "pip install" in reason
+    cuda_backend._load.cache_clear()
+    cuda_backend.SKIP_RECORD.write_text("torch 2.14.1+cpu is a CPU-only build\n")
+    assert cuda_backend.unavailable_reason() == (
+        "the CUDA extension kernels._C_not_there is not built "
+        "(setup.py skipped it: torch 2.14.1+cpu is a CPU-only build)")
+    assert cuda_backend.extension_path() is None
+    with pytest.raises(kernels.BackendUnavailableError, match="CPU-only build"):
+        cuda_backend._ext()
+
+
+@pytest.mark.parametrize("op", kernels.OPS)
+def test_ops_on_cpu_tensors_raise_backend_unavailable(op):
+    x = torch.randn(2, 4, 8)
+    w = torch.ones(8)
+    targets = torch.zeros(2, 4, dtype=torch.long)
+    q = torch.randn(2, 2, 4, 8)
+    calls = {
+        "layer_norm": lambda: kernels.layer_norm(x, w, None, backend="cuda"),
+        "add_layer_norm": lambda: kernels.add_layer_norm(x, x, w, None, backend="cuda"),
+        "mlp_gelu": lambda: kernels.mlp_gelu(x, torch.ones(16, 8), None, torch.ones(8, 16), None,
+                                             backend="cuda"),
+        "causal_attention": lambda: kernels.causal_attention(q, q, q, backend="cuda"),
+        "cross_entropy": lambda: kernels.cross_entropy(x, targets, backend="cuda"),
+        "linear_cross_entropy": lambda: kernels.linear_cross_entropy(x, torch.ones(5, 8), targets,
+                                                                     backend="cuda"),
+    }
+    with pytest.raises(kernels.BackendUnavailableError, match="'cuda'"):
+        calls[op]()
+
+
+# ----------------------------------------------------------------------------- the built module
+
+def test_built_extension_exports_every_kernel(build):
+    reason = build.skip_reason()
+    if reason is not None:
+        pytest.skip(f"the extension is not built here: {reason}")
+    path = cuda_backend.extension_path()
+    assert path is not None and path.is_file(), \
+        "a CUDA torch and nvcc are present, so `pip install` should have built kernels._C"
+    extension = cuda_backend._ext()  # importing a CUDA extension needs no GPU
+    assert EXPORTED <= set(dir(extension))
+
+
+def test_kernels_reject_cpu_tensors_with_clear_errors():
+    if cuda_backend.extension_path() is None:
+        pytest.skip("the extension is not built here")
+    ext = cuda_backend._ext()
+    x = torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match="x must be a CUDA tensor, got a tensor on cpu"):
+        ext.layer_norm_forward(x, torch.ones(8), None, 1e-5)
+    with pytest.raises(RuntimeError, match="q must be a CUDA tensor"):
+        ext.attention_forward(torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8),
+                              torch.randn(1, 1, 4, 8), 1.0)
+    with pytest.raises(RuntimeError, match="logits must be a CUDA tensor"):
+        ext.cross_entropy_forward(x, torch.zeros(4, dtype=torch.long), -100)
+    with pytest.raises(RuntimeError, match="pre must be a CUDA tensor"):
+        ext.bias_gelu_forward(x, None)
+
+
+# ----------------------------------------------------------------------------- meta tensors
+
+def _fake_grads(fn, *inputs):
+    """Run fn on meta copies of `inputs` (shapes only, no device: the ops' fake impls serve as
+    their meta kernels) and backpropagate from its outputs, which exercises each forward op's
+    fake impl, its registered autograd formula and the backward ops' fake impls. Returns fn's
+    output and, per floating input, (shape, dtype, grad shape, grad dtype)."""
+    leaves = [t.to("meta").requires_grad_(t.is_floating_point()) for t in inputs]
+    out = fn(*leaves)
+    outs = out if isinstance(out, tuple) else (out,)
+    sum(o.float().sum() for o in outs).backward()
+    return out, [(t.shape, t.dtype, t.grad.shape, t.grad.dtype) for t in leaves
+                 if t.is_floating_point()]
+
+
+def _assert_grads_match(grads):
+    assert grads
+    for shape, dtype, grad_shape, grad_dtype in grads:
+        assert (grad_shape, grad_dtype) == (shape, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_meta_layer_norms(dtype):
+    x = torch.empty(3, 5, 96, dtype=dtype)
+    w, b = torch.empty(96), torch.empty(96)  # fp32 parameters with bf16 activations
+    y, grads = _fake_grads(cuda_backend.layer_norm, x, w, b)
+    assert y.shape == x.shape and y.dtype == dtype
+    _assert_grads_match(grads)
+    (s, y), grads = _fake_grads(lambda a, r, w: cuda_backend.add_layer_norm(a, r, w, None), x, x, w)
+    assert s.shape == y.shape == x.shape
+    _assert_grads_match(grads)
+
+
+def test_meta_mlp_and_attention():
+    x = torch.empty(2, 7, 32, dtype=torch.bfloat16)
+    weights = [torch.empty(128, 32, dtype=torch.bfloat16), torch.empty(128, dtype=torch.bfloat16),
+               torch.empty(32, 128, dtype=torch.bfloat16), torch.empty(32, dtype=torch.bfloat16)]
+    y, grads = _fake_grads(cuda_backend.mlp_gelu, x, *weights)
+    assert y.shape == x.shape
+    _assert_grads_match(grads)
+
+    def attention(qkv):  # the model's strided views of one (B, T, 3, H, D) projection
+        q, k, v = qkv.view(2, 7, 3, 4, 16).permute(2, 0, 3, 1, 4)
+        return cuda_backend.causal_attention(q, k, v)
+
+    out, grads = _fake_grads(attention, torch.empty(2, 7, 3 * 64, dtype=torch.bfloat16))
+    assert out.shape == (2, 4, 7, 16)
+    assert out.transpose(1, 2).is_contiguous()  # stored (B, T, H, D)
+    _assert_grads_match(grads)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_meta_cross_entropies(reduction):
+    logits = torch.empty(2, 5, 11)
+    targets = torch.zeros(2, 5, dtype=torch.long)
+    loss, grads = _fake_grads(lambda z, t: cuda_backend.cross_entropy(z, t, -1, reduction),
+                              logits, targets)
+    assert loss.shape == ((2, 5) if reduction == "none" else ()) and loss.dtype == torch.float32
+    _assert_grads_match(grads)
+    x = torch.empty(2, 5, 8, dtype=torch.bfloat16)
+    w, b = torch.empty(11, 8, dtype=torch.bfloat16), torch.empty(11, dtype=torch.bfloat16)
+    loss, grads = _fake_grads(
+        lambda x, w, b, t: cuda_backend.linear_cross_entropy(x, w, t, b, -1, reduction),
+        x, w, b, targets)
+    assert loss.shape == ((2, 5) if reduction == "none" else ()) and loss.dtype == torch.float32
+    _assert_grads_match(grads)
+
+
+def test_linear_cross_entropy_in_several_chunks_on_meta_tensors(monkeypatch):
+    monkeypatch.setattr(cuda_backend, "LOGITS_CHUNK_BYTES", 3 * 11 * 4)  # 3 rows per chunk
+    assert cuda_backend._chunk_rows(10, 11, 4) == 3
+    x, w = torch.empty(10, 8), torch.empty(11, 8)
+    targets = torch.zeros(10, dtype=torch.long)
+    _, grads = _fake_grads(lambda x, w, t: cuda_backend.linear_cross_entropy(x, w, t), x, w, targets)
+    _assert_grads_match(grads)
+
+
+def test_mixed_dtypes_are_refused_with_a_clear_error():
+    x = torch.empty(4, 8, device="meta", dtype=torch.bfloat16)
+    w = torch.empty(16, 8, device="meta")
+    with pytest.raises(TypeError, match="one dtype.*autocast"):
+        cuda_backend.mlp_gelu(x, w, None, torch.empty(8, 16, device="meta"), None)

@@ -1,0 +1,201 @@
+"""gpt.train: nanoGPT's command line, the training loop, checkpoints and exact resume."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt import train
+from gpt.checkpoint import load_checkpoint_file
+from gpt.configurator import ConfigError, configure
+from gpt.train import TrainConfig, get_lr
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
+TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind\n" * 40
+# A tiny model and run; the tests add what they are about.
+TINY = ["--device=cpu", "--compile=False", "--dtype=float32", "--backend=torch", "--n_layer=2",
+        "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=8", "--eval_iters=2",
+        "--log_interval=1", "--warmup_iters=2", "--progress=False", "--bias=True"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy machine OpenMP's
+    threads wait for each other at every op: one thread keeps these runs fast."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "input.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def run(tmp_path, text_file, out: str, *overrides: str) -> list[dict]:
+    """Train in this process; returns the metrics log's entries."""
+    train.main([*TINY, f"--input={text_file}", f"--data_dir={tmp_path / 'data'}",
+                f"--out_dir={tmp_path / out}", *overrides])
+    lines = (tmp_path / out / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def train_losses(entries: list[dict]) -> dict[int, float]:
+    return {e["iter"]: e["loss"] for e in entries if e["event"] == "train"}
+
+
+# ----------------------------------------------------------------------------- command line
+
+def test_parses_nanogpt_command_line():
+    argv = [str(CONFIG_DIR / "train_shakespeare_char.py"), "--device=cpu", "--compile=False",
+            "--eval_iters=20", "--log_interval=1", "--block_size=64", "--batch_size=12",
+            "--n_layer=4", "--n_head=4", "--n_embd=128", "--max_iters=2000",
+            "--lr_decay_iters=2000", "--dropout=0.0"]
+    config = configure(TrainConfig(), argv, verbose=False)
+    # from the config file (nanoGPT's values) ...
+    assert config.out_dir == "out-shakespeare-char" and config.dataset == "shakespeare_char"
+    assert (config.eval_interval, config.learning_rate, config.min_lr, config.beta2,
+            config.warmup_iters) == (250, 1e-3, 1e-4, 0.99, 100)
+    assert config.always_save_checkpoint is False and config.gradient_accumulation_steps == 1
+    # ... then the overrides, later ones winning
+    assert (config.device, config.compile, config.eval_iters, config.log_interval) == \
+        ("cpu", False, 20, 1)
+    assert (config.block_size, config.batch_size, config.n_layer, config.n_head,
+            config.n_embd) == (64, 12, 4, 4, 128)
+    assert (config.max_iters, config.lr_decay_iters, config.dropout) == (2000, 2000, 0.0)
+
+
+def test_shipped_configs_hold_nanogpt_values_and_parse():
+    shakespeare = str(CONFIG_DIR / "train_shakespeare_char.py")
+    config = configure(TrainConfig(), [shakespeare], verbose=False)
+    assert (config.batch_size, config.block_size, config.n_layer, config.n_head, config.n_embd,
+            config.dropout, config.max_iters, config.lr_decay_iters, config.log_interval,
+            config.eval_iters) == (64, 256, 6, 6, 384, 0.2, 5000, 5000, 10, 200)
+    default = configure(TrainConfig(), [str(CONFIG_DIR / "train_default.py")], verbose=False)
+    assert default.dataset == "default" and default.out_dir == "out-default"
+    if not torch.cuda.is_available():
+        assert (default.device, default.backend, default.dtype) == ("cpu", "torch", "float32")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--bogus=1"], "unknown config key 'bogus'"),
+    (["--batch_size=twelve"], "batch_size must be of type int"),
+    (["--batch_size=1.5"], "batch_size must be of type int"),
+    (["--compile=false"], "compile must be of type bool"),
+    (["--learning_rate=True"], "learning_rate must be of type float"),
+    (["--max_iters"], "expected --key=value"),
+    (["no_such_config.py"], "config file 'no_such_config.py' not found"),
+])
+def test_bad_command_lines_are_clear_errors(argv, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        configure(TrainConfig(), argv, verbose=False)
+
+
+def test_config_file_rules(tmp_path):
+    good = tmp_path / "good.py"
+    good.write_text("import math\ndef _half(x):\n    return x // 2\n"
+                    "n_embd = 256\nn_head = _half(16)\nblock_size = 2 * n_embd\ndropout = 0\n")
+    config = configure(TrainConfig(), [str(good), "--n_embd=64"], verbose=False)
+    assert (config.n_embd, config.n_head, config.block_size, config.dropout) == (64, 8, 512, 0.0)
+    bad = tmp_path / "bad.py"
+    bad.write_text("n_layers = 4\n")  # a typo of n_layer
+    with pytest.raises(ConfigError, match="unknown config key 'n_layers' in config file"):
+        configure(TrainConfig(), [str(bad)], verbose=False)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--bogus=1", "unknown config key 'bogus'"),
+    ("--batch_size=0", "batch_size must be positive"),
+    ("--dtype=float64", "dtype must be one of"),
+    ("--backend=fast", "backend must be one of"),
+    ("--init_from=no/such/dir", "init_from must be 'scratch', 'resume'"),
+    ("--n_head=3", "must be divisible by n_head"),
+    ("--dataset=nowhere", "pass --input=PATH"),
+])
+def test_cli_errors_exit_2_with_a_message(override, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*TINY, override])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_lr_schedule_is_warmup_then_cosine():
+    config = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, lr_decay_iters=110)
+    assert get_lr(0, config) == pytest.approx(1 / 11)
+    assert get_lr(9, config) == pytest.approx(10 / 11)
+    assert get_lr(10, config) == pytest.approx(1.0)
+    assert get_lr(60, config) == pytest.approx(0.55)  # halfway down the cosine
+    assert get_lr(110, config) == get_lr(500, config) == 0.1
+    decay = [get_lr(i, config) for i in range(10, 111)]
+    assert all(a >= b for a, b in zip(decay, decay[1:]))
+
+
+# ----------------------------------------------------------------------------- training runs
+
+def test_loss_decreases_and_logs_match_nanogpt(tmp_path, text_file, capsys):
+    entries = run(tmp_path, text_file, "out", "--max_iters=40", "--eval_interval=20",
+                  "--learning_rate=1e-2", "--lr_decay_iters=40", "--min_lr=1e-3")
+    evals = [e for e in entries if e["event"] == "eval"]
+    assert [e["iter"] for e in evals] == [0, 20, 40]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0
+    assert sorted(train_losses(entries)) == list(range(41))
+    logged = [e for e in entries if e["event"] == "train"]
+    assert all(e["tokens_per_sec"] > 0 and e["mfu"] is None for e in logged)
+    out = capsys.readouterr().out
+    assert re.search(r"^step 40: train loss \d+\.\d{4}, val loss \d+\.\d{4}$", out, re.M)
+    assert re.search(r"^iter 40: loss \d+\.\d{4}, time \d+\.\d{2}ms, mfu n/a$", out, re.M)
+    assert "model backend 'torch' on cpu: torch for every op" in out
+    assert re.search(r"^kernels: torch +yes", out, re.M)
+
+
+def test_checkpoint_holds_what_resume_and_sampling_need(tmp_path, text_file):
+    run(tmp_path, text_file, "out", "--max_iters=2", "--eval_interval=2")
+    ckpt = load_checkpoint_file(tmp_path / "out")
+    assert {"model", "optimizer", "model_args", "iter_num", "best_val_loss", "config",
+            "meta"} <= set(ckpt)
+    assert ckpt["iter_num"] == 2 and ckpt["meta"]["vocab_size"] == len(set(TEXT))
+    assert ckpt["config"]["data_dir"] == str(tmp_path / "data")
+    assert ckpt["model_args"]["n_layer"] == 2
+
+
+def test_resume_continues_with_the_same_losses(tmp_path, text_file):
+    """Bit-exact on the CPU, with dropout and gradient accumulation on, so the data order
+    and the dropout masks after the resume must be the uninterrupted run's."""
+    common = ["--eval_interval=3", "--always_save_checkpoint=True", "--dropout=0.1",
+              "--gradient_accumulation_steps=2", "--lr_decay_iters=6", "--learning_rate=1e-2"]
+    uninterrupted = train_losses(run(tmp_path, text_file, "full", *common, "--max_iters=6"))
+    run(tmp_path, text_file, "parts", *common, "--max_iters=3")  # its checkpoint is at iter 3
+    resumed = train_losses(run(tmp_path, text_file, "parts", *common, "--max_iters=6",
+                               "--init_from=resume"))
+    assert resumed == uninterrupted  # iters 0-3 before the resume, 3-6 after it
+    full, parts = load_checkpoint_file(tmp_path / "full"), load_checkpoint_file(tmp_path / "parts")
+    assert full["iter_num"] == parts["iter_num"] == 6
+    for name, tensor in full["model"].items():
+        assert torch.equal(tensor, parts["model"][name]), name
+
+
+def test_eval_only_evaluates_once(tmp_path, text_file):
+    entries = run(tmp_path, text_file, "out", "--eval_only=True")
+    assert [e["event"] for e in entries] == ["eval"]
+
+
+def test_shakespeare_char_is_found_or_explained(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    shakespeare = tmp_path / "tinyshakespeare.txt"
+    shakespeare.write_text(TEXT)
+    monkeypatch.setattr(train, "TINY_SHAKESPEARE_FILE", shakespeare)
+    train.main([*TINY, "--dataset=shakespeare_char", "--eval_only=True", "--out_dir=out"])
+    assert (tmp_path / "data" / "shakespeare_char" / "train.bin").is_file()
+
+    monkeypatch.setattr(train, "TINY_SHAKESPEARE_FILE", tmp_path / "absent.txt")
+    monkeypatch.setattr(train, "TINY_SHAKESPEARE_URL", "http://localhost:9/unreachable.txt")
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*TINY, "--dataset=shakespeare_char", "--data_dir=elsewhere",
+                    "--eval_only=True"])
+    assert exit_info.value.code == 2
+    assert "Pass --input=PATH of Tiny Shakespeare's text" in capsys.readouterr().err

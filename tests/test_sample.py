@@ -18,14 +18,7 @@ RUN = ["--device=cpu", "--dtype=float32", "--backend=torch", "--num_samples=3",
        "--max_new_tokens=24", "--temperature=1.0", "--top_k=0"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy machine OpenMP's
-    threads wait for each other at every op: one thread keeps these runs fast."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def tiny_model(vocab_size: int) -> GPT:

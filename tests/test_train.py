@@ -19,14 +19,7 @@ TINY = ["--device=cpu", "--compile=False", "--dtype=float32", "--backend=torch",
         "--log_interval=1", "--warmup_iters=2", "--progress=False", "--bias=True"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy machine OpenMP's
-    threads wait for each other at every op: one thread keeps these runs fast."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture

@@ -9,12 +9,15 @@ STAMP  := $(VENV)/.installed
 .PHONY: install train sample test bench gpu-check clean
 
 # The venv is (re)built when the packaging changes. torch is installed first so the
-# extension build (setup.py) can see it without build isolation.
+# extension build (setup.py) can see it without build isolation. openai-whisper is installed
+# only for the copy of GPT-2's BPE ranks it ships (GPT-2 BPE offline, gpt/tokenizer.py), so
+# without its dependencies (numba, llvmlite, ...), which pyproject.toml cannot express.
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "setuptools>=69" wheel
 	$(PY) -m pip install -q "torch>=2.11" "ninja>=1.11"
 	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
+	$(PY) -m pip install -q --no-build-isolation --no-deps "openai-whisper==20250625"
 	touch $@
 
 install: $(STAMP)
@@ -31,8 +34,11 @@ test: install
 bench: install
 	$(PY) -m bench all $(BENCH_ARGS)
 
-# The GPU runbook: offline install with the machine's Python, the whole test suite and the
-# GPU benchmarks, all into bench/results/<gpu>-<date>/ (see bench/gpu_check.py).
+# The GPU runbook for a short rental, with the machine's Python: offline install, the GPU
+# conformance and GPU tests, the headline benchmarks, then the rest, within a time budget,
+# into bench/results/<gpu>-<date>/ (see bench/gpu_check.py). Arguments pass through:
+#   make gpu-check GPU_CHECK_ARGS=--dry-run            # the plan and its estimates, no GPU needed
+#   make gpu-check GPU_CHECK_ARGS="--budget 900 --skip gpu-tests"
 gpu-check:
 	$(PYTHON) bench/gpu_check.py $(GPU_CHECK_ARGS)
 

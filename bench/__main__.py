@@ -2,6 +2,7 @@
 
     python -m bench kernels|e2e|sweep|all [--gpu-suite] [--ops ...] [--backends ...]
     python -m bench render bench/results/<device>/kernels.json [...]
+    python -m bench static [--out-dir DIR]      # the static performance report, no GPU
 
 Without --gpu-suite: the CPU-sized suite on the CPU (fp32, small GPT-2 shapes, a few
 minutes), with the Triton kernels checked under the interpreter but not timed. With it:
@@ -22,7 +23,7 @@ SUITE_NAMES = ("kernels", "e2e", "sweep")
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=SUITE_NAMES + ("all", "render"))
+    parser.add_argument("command", choices=SUITE_NAMES + ("all", "render", "static"))
     parser.add_argument("files", nargs="*", type=Path, help="render: results JSON files")
     parser.add_argument("--gpu-suite", action="store_true",
                         help="the full GPU suite (needs a CUDA GPU); default: the CPU suite")
@@ -51,7 +52,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["static"]:
+        # Its traffic count runs the Triton kernels under the interpreter: set before
+        # triton is first imported. (Its AOT compiles run in workers without it.)
+        os.environ["TRITON_INTERPRET"] = "1"
+        from bench.static import main as static_main
+        return static_main(argv[1:])
+    args = parse_args(argv)
     if args.command == "render":
         from bench.output import render_files
         for path in render_files(args.files):

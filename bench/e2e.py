@@ -10,7 +10,8 @@ import torch
 from tqdm import tqdm
 
 from bench import training
-from bench.correctness import TOLERANCE, describe_error
+from bench.correctness import describe_error
+from kernels.testing import SLACK
 from bench.nanogpt_baseline import NanoGPT
 from bench.peaks import Peak, percent_of_peak
 from bench.problems import DTYPE_NAMES
@@ -19,6 +20,9 @@ from bench.timing import summarize
 from gpt.model import GPT, GPTConfig
 
 NANOGPT = "nanoGPT model.py (re-impl.)"
+# Backends' losses at initialization, same weights and batch, agree to this many times
+# the comparison slack of the dtype (kernels.testing.SLACK): a whole model compounds it.
+INITIAL_LOSS_TOLERANCE = 4
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,7 @@ def _train_row(spec, impl, config, corpus, batch_size, device, dtype, steps, war
         first_loss = _initial_loss(model, corpus, batch_size, config.block_size, device, dtype)
         if reference_loss is not None and impl != NANOGPT:
             error = abs(first_loss - reference_loss) / abs(reference_loss)
-            if not error <= TOLERANCE[dtype]:
+            if not error <= INITIAL_LOSS_TOLERANCE * SLACK[dtype]:
                 return _row("train", spec, impl, config, batch_size, dtype, FAILED,
                             f"initial loss {first_loss:.5f} != torch backend's "
                             f"{reference_loss:.5f}"), first_loss

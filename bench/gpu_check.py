@@ -1,24 +1,36 @@
-"""The GPU runbook: one command that turns a short GPU lease into a complete record.
+"""The GPU runbook: one command that turns a short GPU rental into a record, most valuable
+results first, within a time budget.
 
-    make gpu-check                     # = python3 bench/gpu_check.py
-    python3 bench/gpu_check.py --skip-tests --suites kernels
+    make gpu-check                                   # = python3 bench/gpu_check.py
+    make gpu-check GPU_CHECK_ARGS="--dry-run"        # the plan and its time estimates only
+    python3 bench/gpu_check.py --budget 900 --skip gpu-tests
 
-On a GPU machine with torch and triton preinstalled and no network, it
-1. installs the project offline (`pip install --no-build-isolation --no-deps -e .`), which
-   builds the C++/CUDA extension when nvcc and a CUDA torch are present;
-2. runs the whole test suite, GPU tests included (`python -m pytest -q`);
-3. runs the GPU benchmark suite (`python -m bench all --gpu-suite`);
-and writes every log, JSON, table and plot to bench/results/<device-slug>-<date>/, with
-gpu-check.md saying what ran, how long it took and whether it passed. When $OUT is set
-(a remote runner that returns the files under it), the folder's tarball, gpu-check.md and
-summary.md are copied there after every stage, so a run cut short still returns its record.
+Stages, in order of value; each runs only if its estimate fits the budget left, and is
+stopped when it overruns its time slice (twice its estimate, at most what is left), so one
+slow stage cannot starve the rest:
+ 1. install      offline `pip install -e .`: builds the CUDA extension
+ 2. conformance  tests/test_conformance.py (when it exists): every backend against the spec
+ 3. gpu-tests    every other test marked `gpu`
+ 4. attention    causal attention fwd+bwd, d=64 bf16, T=1k..8k: ours vs every SDPA backend
+ 5. memory       LayerNorm (+residual) and cross-entropy at GPT-2 124M: GB/s, % of HBM
+ 6. train        GPT-2 124M training tokens/s and MFU vs nanoGPT's model, torch.compile
+ 7. kernels / e2e / tests / sweep   the full benchmark suites and test suite, while time remains
+Benchmark rows carry the static report's prediction beside each measurement
+(bench/predictions.py; after the kernel suite, kernels-vs-static.md).
 
-Run as a script with the machine's Python (the project need not be installed yet).
+Everything goes to bench/results/<device-slug>-<date>/: each stage's log and results,
+and gpu-check.{json,md} (plan, what ran, how long, result), rewritten as each stage ends;
+with $OUT set (a remote runner that returns the files under it), the folder's tarball and
+the Markdown summaries are copied there after every stage, so a run cut short still
+returns what it did. Estimates are planning figures for an H100 (build included), replaced
+by the durations the last record in bench/results measured. Run with the machine's Python:
+the project need not be installed (the install is a stage); --dry-run needs no GPU.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import re
 import shutil
@@ -27,26 +39,144 @@ import sys
 import tarfile
 import threading
 import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
+DEFAULT_BUDGET_S = 480
+SLICE_FACTOR = 2.0        # a stage may run this many times its estimate before it is stopped
+CONFORMANCE_TESTS = "tests/test_conformance.py"
+RECORD = "gpu-check.json"
+NO_TESTS_COLLECTED = 5    # pytest's exit status when nothing matched: not a failure here
 
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    command: list[str]
+    estimate_s: float     # planning figure on an H100 (see the module doc)
+    what: str             # what the stage answers, for the plan and the record
+    needs: str | None = None  # a file an earlier stage writes, without which this one is skipped
+
+
+@dataclass
+class Outcome:
+    stage: str
+    status: str           # "passed", "failed", "stopped", "skipped"
+    seconds: float
+    estimate_s: float
+    slice_s: float | None
+    returncode: int | None
+    detail: str           # the last line of its log, or why it was skipped
+    log: str | None
+
+
+# ----------------------------------------------------------------------------- the plan
+
+def stages(python: str, folder: Path, repo: Path = REPO_ROOT) -> list[Stage]:
+    """Every stage, most valuable first."""
+    out = str(folder)
+    pytest = [python, "-m", "pytest", "-q", "-rs"]
+    plan = [Stage("install", [python, "-m", "pip", "install", "--no-build-isolation",
+                              "--no-deps", "--no-index", "-e", "."], 150,
+                  "the project and its CUDA extension build on this machine")]
+    if (repo / CONFORMANCE_TESTS).exists():
+        plan.append(Stage("conformance", pytest + [f"--junitxml={folder / 'conformance.xml'}",
+                                                   CONFORMANCE_TESTS], 90,
+                          "every backend meets the op specs on the GPU"))
+    plan += [
+        Stage("gpu-tests", pytest + ["-m", "gpu", f"--ignore={CONFORMANCE_TESTS}",
+                                     f"--junitxml={folder / 'gpu-tests.xml'}"], 150,
+              "the GPU tests: kernels, model, memory, GPT-2 shapes"),
+        Stage("attention", [python, "-m", "bench.headline", "attention", "--out-dir", out], 90,
+              "attention fwd+bwd vs every SDPA backend, T=1k..8k"),
+        Stage("memory", [python, "-m", "bench.headline", "memory", "--out-dir", out], 90,
+              "LayerNorm and cross-entropy: GB/s and % of HBM peak"),
+        Stage("train", [python, "-m", "bench.headline", "train", "--out-dir", out], 180,
+              "GPT-2 124M tokens/s and MFU vs nanoGPT under torch.compile"),
+        Stage("kernels", [python, "-m", "bench", "kernels", "--gpu-suite", "--out-dir", out], 420,
+              "the full kernel suite: every op, dtype and GPT-2 size"),
+        Stage("kernels-vs-static", [python, "-m", "bench.predictions",
+                                    str(folder / "kernels.json")], 15,
+              "the kernel suite beside the static report's predictions",
+              needs=str(folder / "kernels.json")),
+        Stage("e2e", [python, "-m", "bench", "e2e", "--gpu-suite", "--out-dir", out], 420,
+              "end-to-end training and sampling of the GPT-2 family"),
+        Stage("tests", pytest + [f"--junitxml={folder / 'tests.xml'}"], 900,
+              "the whole test suite on the GPU machine"),
+        Stage("sweep", [python, "-m", "bench", "sweep", "--gpu-suite", "--out-dir", out], 900,
+              "the one-knob-at-a-time design sweep"),
+    ]
+    return plan
+
+
+def measured_durations(results_dir: Path = RESULTS_DIR) -> dict[str, float]:
+    """Stage -> seconds it took in the newest earlier record (stages that completed)."""
+    records = sorted(results_dir.glob(f"*/{RECORD}"), key=lambda path: path.stat().st_mtime)
+    if not records:
+        return {}
+    outcomes = json.loads(records[-1].read_text())["outcomes"]
+    return {o["stage"]: o["seconds"] for o in outcomes if o["status"] == "passed"}
+
+
+def with_estimates(plan: list[Stage], measured: dict[str, float]) -> list[Stage]:
+    return [replace(s, estimate_s=measured.get(s.name, s.estimate_s)) for s in plan]
+
+
+def select(plan: list[Stage], only: list[str] | None, skip: list[str]) -> list[Stage]:
+    names = {stage.name for stage in plan}
+    unknown = sorted((set(only or []) | set(skip)) - names)
+    if unknown:
+        raise SystemExit(f"unknown stage(s) {unknown}; stages: {[s.name for s in plan]}")
+    return [s for s in plan if (only is None or s.name in only) and s.name not in skip]
+
+
+def time_slice(stage: Stage, remaining_s: float) -> float | None:
+    """The seconds `stage` may run with `remaining_s` of the budget left, or None when its
+    estimate does not fit (it is skipped)."""
+    if stage.estimate_s > remaining_s:
+        return None
+    return min(remaining_s, SLICE_FACTOR * stage.estimate_s)
+
+
+def render_plan(plan: list[Stage], budget_s: float) -> str:
+    """The dry run: every stage with its estimate and whether it fits, in order, assuming
+    each takes its estimate."""
+    lines = [f"gpu-check plan, budget {budget_s:.0f} s (estimates: H100 planning figures or "
+             "the last record's measurements):", ""]
+    elapsed = 0.0
+    for index, stage in enumerate(plan, 1):
+        allowed = time_slice(stage, budget_s - elapsed)
+        if allowed is None:
+            verdict = f"skip: needs ~{stage.estimate_s:.0f} s, {budget_s - elapsed:.0f} s left"
+        else:
+            elapsed += stage.estimate_s
+            verdict = f"run, ends at ~{elapsed:.0f} s (stopped after {allowed:.0f} s)"
+        lines.append(f"{index:2d}. {stage.name:<18} ~{stage.estimate_s:4.0f} s  {verdict}")
+        lines.append(f"      {stage.what}")
+        lines.append(f"      $ {' '.join(stage.command)}")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- running
 
 def _device_slug() -> str:
     import torch  # preinstalled on the GPU machine; the project itself may not be yet
 
     if not torch.cuda.is_available():
-        raise SystemExit("gpu-check needs a CUDA GPU, and torch sees none here")
+        raise SystemExit("gpu-check needs a CUDA GPU, and torch sees none here "
+                         "(--dry-run prints the plan without one)")
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
 
 
-def _run_stage(name: str, command: list[str], log: Path, timeout_s: float | None) -> dict:
-    """Run `command` from the repo root, echoing its output and saving it to `log`."""
-    print(f"\n=== {name}: {' '.join(command)}", flush=True)
+def run_stage(stage: Stage, log: Path, timeout_s: float | None) -> Outcome:
+    """Run the stage's command from the repo root, echoing its output into `log`."""
+    print(f"\n=== {stage.name}: {' '.join(stage.command)}", flush=True)
     start = time.perf_counter()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with log.open("w") as sink:
-        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, text=True,
+        process = subprocess.Popen(stage.command, cwd=REPO_ROOT, env=env, text=True,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         # The output loop blocks until the process ends, so the deadline is a timer.
         deadline = threading.Timer(timeout_s, process.kill) if timeout_s else None
@@ -56,78 +186,117 @@ def _run_stage(name: str, command: list[str], log: Path, timeout_s: float | None
             sys.stdout.write(line)
             sink.write(line)
         returncode = process.wait()
+        stopped = deadline is not None and not deadline.is_alive() and returncode != 0
         if deadline:
-            timed_out = not deadline.is_alive()
             deadline.cancel()
-            if timed_out:
-                returncode = f"stopped after {timeout_s:g} s"
     seconds = time.perf_counter() - start
-    last = log.read_text().strip().splitlines()[-1:] or [""]
-    return {"stage": name, "command": " ".join(command), "returncode": returncode,
-            "seconds": seconds, "last_line": last[0][:200], "log": log.name}
+    last = (log.read_text().strip().splitlines() or [""])[-1][:200]
+    if stopped:
+        status, last = "stopped", f"stopped after its {timeout_s:.0f} s slice; {last}"
+    else:
+        status = "passed" if returncode in (0, NO_TESTS_COLLECTED) else "failed"
+    return Outcome(stage.name, status, seconds, stage.estimate_s, timeout_s, returncode, last,
+                   log.name)
 
 
-def _write_report(folder: Path, stages: list[dict]) -> Path:
+def skipped(stage: Stage, why: str) -> Outcome:
+    return Outcome(stage.name, "skipped", 0.0, stage.estimate_s, None, None, why, None)
+
+
+def write_record(folder: Path, plan: list[Stage], outcomes: list[Outcome],
+                 budget_s: float) -> Path:
+    """gpu-check.json and gpu-check.md: the plan and what each stage did so far."""
+    (folder / RECORD).write_text(json.dumps(
+        {"budget_s": budget_s, "plan": [asdict(s) for s in plan],
+         "outcomes": [asdict(o) for o in outcomes]}, indent=1) + "\n")
+    done = {o.stage: o for o in outcomes}
     lines = [f"# gpu-check {folder.name}", "",
-             "| stage | result | time | last line of its log |", "|---|---|---|---|"]
-    for s in stages:
-        result = "passed" if s["returncode"] == 0 else f"**FAILED** ({s['returncode']})"
-        lines.append(f"| {s['stage']} (`{s['log']}`) | {result} | {s['seconds']:.0f} s | "
-                     f"{s['last_line'].replace('|', '/')} |")
-    lines += ["", "Benchmark tables: summary.md; raw results: *.json; plots: *.png."]
+             f"Budget {budget_s:.0f} s; used {sum(o.seconds for o in outcomes):.0f} s.", "",
+             "| stage | result | time | estimate | what | last line of its log |",
+             "|---|---|---|---|---|---|"]
+    for stage in plan:
+        outcome = done.get(stage.name)
+        result = "not reached" if outcome is None else outcome.status
+        if outcome is not None and outcome.status == "failed":
+            result = f"**FAILED** ({outcome.returncode})"
+        log = f" (`{outcome.log}`)" if outcome and outcome.log else ""
+        lines.append(f"| {stage.name}{log} | {result} | "
+                     f"{'' if outcome is None else f'{outcome.seconds:.0f} s'} | "
+                     f"{stage.estimate_s:.0f} s | {stage.what} | "
+                     f"{'' if outcome is None else outcome.detail.replace('|', '/')} |")
+    lines += ["", "Headline results: headline-*.md (each measurement beside the static "
+              "report's prediction); suites: summary.md; raw results: *.json."]
     path = folder / "gpu-check.md"
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-def _publish(folder: Path) -> None:
-    """Copy the record to $OUT (at most a few files: the tarball and two Markdown files)."""
+def publish(folder: Path) -> None:
+    """Copy the record to $OUT (a few files: the tarball and the Markdown summaries)."""
     out = os.environ.get("OUT")
     if not out:
         return
     tarball = Path(out) / f"{folder.name}.tar.gz"
     with tarfile.open(tarball, "w:gz") as tar:
         tar.add(folder, arcname=folder.name)
-    for name in ("gpu-check.md", "summary.md"):
-        if (folder / name).exists():
-            shutil.copy(folder / name, Path(out) / name)
+    for path in folder.glob("*.md"):
+        shutil.copy(path, Path(out) / path.name)
+
+
+def run(plan: list[Stage], folder: Path, budget_s: float) -> list[Outcome]:
+    start = time.perf_counter()
+    outcomes = []
+    for stage in plan:
+        remaining = budget_s - (time.perf_counter() - start)
+        allowed = time_slice(stage, remaining)
+        if allowed is None:
+            outcomes.append(skipped(stage, f"estimate {stage.estimate_s:.0f} s > "
+                                           f"{max(remaining, 0):.0f} s left in the budget"))
+        elif stage.needs and not Path(stage.needs).exists():
+            outcomes.append(skipped(stage, f"needs {Path(stage.needs).name}, which no earlier "
+                                           "stage wrote"))
+        else:
+            outcomes.append(run_stage(stage, folder / f"{stage.name}.log", allowed))
+        write_record(folder, plan, outcomes, budget_s)
+        publish(folder)
+    return outcomes
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S,
+                        help=f"seconds for the whole run, build included (default "
+                             f"{DEFAULT_BUDGET_S}, for an H100)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the plan with its time estimates; run nothing")
+    parser.add_argument("--only", nargs="+", metavar="STAGE", help="run only these stages")
+    parser.add_argument("--skip", nargs="+", metavar="STAGE", default=[],
+                        help="leave these stages out")
+    args = parser.parse_args(argv)
+    if args.budget <= 0:
+        parser.error(f"--budget must be positive, got {args.budget}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--skip-install", action="store_true")
-    parser.add_argument("--skip-tests", action="store_true")
-    parser.add_argument("--skip-bench", action="store_true")
-    parser.add_argument("--suites", nargs="+", default=["all"],
-                        choices=("kernels", "e2e", "sweep", "all"))
-    parser.add_argument("--tests-timeout", type=float, default=None,
-                        help="seconds after which the test stage is stopped")
-    args = parser.parse_args(argv)
-
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    folder = REPO_ROOT / "bench" / "results" / f"{_device_slug()}-{date}"
-    folder.mkdir(parents=True, exist_ok=True)
+    args = parse_args(argv)
     python = sys.executable
-    plan = []
-    if not args.skip_install:
-        plan.append(("install", [python, "-m", "pip", "install", "--no-build-isolation",
-                                 "--no-deps", "--no-index", "-e", "."], None))
-    if not args.skip_tests:
-        plan.append(("tests", [python, "-m", "pytest", "-q", "-rs",
-                               f"--junitxml={folder / 'tests.xml'}"], args.tests_timeout))
-    if not args.skip_bench:
-        for suite in args.suites:
-            plan.append((f"bench {suite}", [python, "-m", "bench", suite, "--gpu-suite",
-                                            "--out-dir", str(folder)], None))
-    stages = []
-    for name, command, timeout_s in plan:
-        log = folder / f"{name.replace(' ', '-')}.log"
-        stages.append(_run_stage(name, command, log, timeout_s))
-        _write_report(folder, stages)
-        _publish(folder)
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    if args.dry_run:
+        folder = RESULTS_DIR / f"<gpu>-{date}"
+        plan = select(with_estimates(stages(python, folder), measured_durations()),
+                      args.only, args.skip)
+        print(render_plan(plan, args.budget), end="")
+        return 0
+    folder = RESULTS_DIR / f"{_device_slug()}-{date}"
+    plan = select(with_estimates(stages(python, folder), measured_durations()),
+                  args.only, args.skip)
+    folder.mkdir(parents=True, exist_ok=True)
+    print(render_plan(plan, args.budget), end="")
+    outcomes = run(plan, folder, args.budget)
     print(f"\nrecord written to {folder}")
-    return 0 if all(s["returncode"] == 0 for s in stages) else 1
+    return 0 if all(o.status in ("passed", "skipped") for o in outcomes) else 1
 
 
 if __name__ == "__main__":

@@ -8,13 +8,16 @@ correctness at a tiny shape and never timed: interpreted numpy is not a GPU kern
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from tqdm import tqdm
 
-from kernels.backends import BackendUnavailableError, resolve, triton_interpreter_enabled
+import kernels.ops
+from kernels.availability import BackendUnavailableError, triton_interpreter_enabled
+from kernels.backends import BACKENDS, resolve_name, why_unsupported
 
 from bench import correctness, timing
 from bench.peaks import Peak, percent_of_peak
@@ -39,11 +42,16 @@ class Case:
     impls: tuple[Impl, ...]
 
 
+def op_on(op: str, backend: str) -> Callable:
+    """The public op pinned to one backend: what a user's call costs, checks included."""
+    return functools.partial(getattr(kernels.ops, op), backend=backend)
+
+
 def _compiled_torch_backend(op: str, device: torch.device) -> Callable:
     # A fresh dynamo state per case: the recompile limit (8 per function) would otherwise
     # silently fall back to eager after a few shapes and dtypes.
     torch._dynamo.reset()
-    return torch.compile(resolve(op, "torch", device), dynamic=False)
+    return torch.compile(op_on(op, "torch"), dynamic=False)
 
 
 def backend_impls(op: str, backends: list[str], device: torch.device) -> list[Impl]:
@@ -51,9 +59,10 @@ def backend_impls(op: str, backends: list[str], device: torch.device) -> list[Im
     impls = []
     for name in backends:
         try:
-            fn = resolve(op, name, device)
+            resolve_name(op, name, device)
         except BackendUnavailableError:
             continue
+        fn = op_on(op, name)
         interpreted = name == "triton" and device.type != "cuda" and triton_interpreter_enabled()
         impls.append(Impl(name, lambda fn=fn: fn, timed=not interpreted))
     return impls
@@ -132,9 +141,12 @@ def run_case(case: Case, device: torch.device, peak: Peak | None, quick: bool) -
     """Check then time every implementation of one (op, shape, dtype)."""
     generator = torch.Generator(device).manual_seed(0)
     inputs = case.problem.make_inputs(case.shape.dims, case.dtype, device, generator)
-    expected = correctness.reference_result(case.problem.reference, inputs, generator)
+    expected = correctness.expected_result(case.problem.spec, inputs, case.dtype, generator)
     rows = []
+    call = case.problem.spec.canonicalize(*inputs.args)
     for impl in case.impls:
+        if impl.name in BACKENDS and why_unsupported(impl.name, call) is not None:
+            continue  # e.g. the cuda kernels at fp16: `auto` runs such calls elsewhere
         try:
             fn = impl.make()
         except Exception as exc:  # e.g. torch.compile unusable here
@@ -142,7 +154,7 @@ def run_case(case: Case, device: torch.device, peak: Peak | None, quick: bool) -
                 correctness.describe_error(exc)))
             rows.append(row)
             continue
-        check = correctness.check(fn, inputs, expected, case.dtype)
+        check = correctness.check(fn, inputs, expected)
         if not check.passed:
             rows.append(_row(case, impl, FAILED, check))
             continue

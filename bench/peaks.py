@@ -1,7 +1,8 @@
 """The device's peak memory bandwidth and matmul throughput, the denominators of "% of peak".
 
-GPUs come from a table of vendor datasheet figures (dense, no sparsity). A CPU has no
-datasheet we can trust across machines, so its peaks are measured at the start of a run:
+GPUs come from `kernels.gpus`, the project's one table of datasheet figures (dense, no
+sparsity; fp32 is the non-tensor-core rate, torch's default matmul precision). A CPU has
+no datasheet we can trust across machines, so its peaks are measured at the start of a run:
 bandwidth with a STREAM-like copy, FLOP/s with a large fp32 matmul ("measured matmul
 peak" — what a good BLAS reaches here, an upper bound for any kernel we write).
 """
@@ -12,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-TB = 1e12
+from kernels import gpus
 
 
 @dataclass(frozen=True)
@@ -29,33 +30,10 @@ class Peak:
         return asdict(self)
 
 
-# Datasheet figures. fp32 is the plain (non-tensor-core) rate: torch's default matmul
-# precision is "highest", so fp32 matmuls do not use TF32 tensor cores.
-# Matched by substring of torch.cuda.get_device_name(), most specific first.
-GPU_PEAKS: tuple[tuple[str, Peak], ...] = (
-    ("H200", Peak("NVIDIA H200", 4.8 * TB,
-                  {"fp32": 66.9 * TB, "bf16": 989.4 * TB, "fp16": 989.4 * TB}, "datasheet")),
-    ("H100 PCIe", Peak("NVIDIA H100 PCIe", 2.0 * TB,
-                       {"fp32": 51.2 * TB, "bf16": 756.0 * TB, "fp16": 756.0 * TB}, "datasheet")),
-    ("H100", Peak("NVIDIA H100 SXM", 3.35 * TB,
-                  {"fp32": 66.9 * TB, "bf16": 989.4 * TB, "fp16": 989.4 * TB}, "datasheet")),
-    ("A100-SXM4-40GB", Peak("NVIDIA A100 SXM 40GB", 1.555 * TB,
-                            {"fp32": 19.5 * TB, "bf16": 312.0 * TB, "fp16": 312.0 * TB},
-                            "datasheet")),
-    ("A100-PCIE-40GB", Peak("NVIDIA A100 PCIe 40GB", 1.555 * TB,
-                            {"fp32": 19.5 * TB, "bf16": 312.0 * TB, "fp16": 312.0 * TB},
-                            "datasheet")),
-    ("A100", Peak("NVIDIA A100 80GB", 2.039 * TB,
-                  {"fp32": 19.5 * TB, "bf16": 312.0 * TB, "fp16": 312.0 * TB}, "datasheet")),
-)
-
-
 def gpu_peak(device_name: str) -> Peak | None:
     """The datasheet peak of a GPU by its name, or None when it is not in the table."""
-    for key, peak in GPU_PEAKS:
-        if key in device_name:
-            return peak
-    return None
+    gpu = gpus.gpu_by_name(device_name)
+    return None if gpu is None else Peak(gpu.name, gpu.bandwidth, dict(gpu.flops), gpu.source)
 
 
 def measure_cpu_bandwidth(n_bytes: int = 256 * 2**20, repeats: int = 5) -> float:

@@ -1,7 +1,8 @@
-"""One entry per op: how to build its inputs at a GPT-2 shape, its work (FLOPs or bytes) for
-the forward and forward+backward, the shapes each suite runs, and extra baselines.
+"""One entry per op: its work (FLOPs or bytes) for the forward and forward+backward, the
+shapes each suite runs, and extra baselines. The inputs at a shape come from the op's
+spec (`kernels.specs`: `Problem.make_inputs`), where the op is declared once.
 
-Adding an op to `kernels.ops.OPS` means adding one `Problem` here (a test checks the table
+Adding an op to `kernels.specs` means adding one `Problem` here (a test checks the table
 covers every op); the suites, tables and plots pick it up from there.
 
 Work conventions:
@@ -21,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from kernels import reference
+from kernels.specs import SPECS, Inputs, OpSpec
 
 VOCAB = 50257  # GPT-2's tokenizer
 
@@ -51,19 +52,9 @@ class Work:
 
 
 @dataclass(frozen=True)
-class Inputs:
-    args: tuple              # positional args of the op, as backends receive them
-    grad_args: tuple[int, ...]  # indices of the args that get gradients
-
-    def differentiable(self) -> list[torch.Tensor]:
-        return [self.args[i] for i in self.grad_args]
-
-
-@dataclass(frozen=True)
 class Problem:
     op: str
     bound: str  # "memory" (reported in GB/s) or "compute" (TFLOP/s)
-    make_inputs: Callable[[dict, torch.dtype, torch.device, torch.Generator], Inputs]
     work: Callable[[dict, int], Work]  # (dims, bytes per element) -> Work
     cpu_shapes: tuple[Shape, ...]
     gpu_shapes: tuple[Shape, ...]
@@ -75,40 +66,26 @@ class Problem:
         return "GB/s" if self.bound == "memory" else "TFLOP/s"
 
     @property
+    def spec(self) -> OpSpec:
+        return SPECS[self.op]
+
+    @property
     def reference(self) -> Callable:
-        return getattr(reference, self.op)
+        return self.spec.reference
 
-
-def _randn(shape, dtype, device, generator, scale=1.0):
-    """A leaf tensor that wants gradients; drawn in fp32 on `device` (`generator` lives
-    there too), so that every dtype sees the same values up to rounding."""
-    t = torch.randn(shape, generator=generator, device=device) * scale
-    return t.to(dtype).requires_grad_()
+    def make_inputs(self, dims: dict, dtype: torch.dtype, device: torch.device,
+                    generator: torch.Generator) -> Inputs:
+        """The op's inputs at a benchmark shape (from its spec: the op is declared once)."""
+        return self.spec.bench_inputs(dims, dtype, device, generator)
 
 
 # ----------------------------------------------------------------------------- layer norms
-
-def _layer_norm_inputs(d, dtype, device, gen):
-    n, c = d["N"], d["C"]
-    x = _randn((n, c), dtype, device, gen)
-    weight = (1.0 + 0.1 * torch.randn(c, generator=gen, device=device)).to(dtype).requires_grad_()
-    bias = _randn((c,), dtype, device, gen, scale=0.1)
-    return Inputs((x, weight, bias, 1e-5), grad_args=(0, 1, 2))
-
 
 def _layer_norm_work(d, s):
     n, c = d["N"], d["C"]
     fwd = 2 * n * c * s + 2 * c * s           # read x, write y; read weight, bias
     bwd = 3 * n * c * s + 3 * c * s           # read dy, x; write dx; read w; write dw, db
     return Work(fwd, fwd + bwd)
-
-
-def _add_layer_norm_inputs(d, dtype, device, gen):
-    n, c = d["N"], d["C"]
-    base = _layer_norm_inputs(d, dtype, device, gen)
-    x, weight, bias, eps = base.args
-    residual = _randn((n, c), dtype, device, gen)
-    return Inputs((x, residual, weight, bias, eps), grad_args=(0, 1, 2, 3))
 
 
 def _add_layer_norm_work(d, s):
@@ -126,29 +103,12 @@ def _norm_shapes(batch, seq):
 
 # ----------------------------------------------------------------------------- MLP
 
-def _mlp_inputs(d, dtype, device, gen):
-    n, c = d["N"], d["C"]
-    h = 4 * c
-    x = _randn((n, c), dtype, device, gen)
-    w_fc = _randn((h, c), dtype, device, gen, scale=c ** -0.5)
-    b_fc = _randn((h,), dtype, device, gen, scale=0.1)
-    w_proj = _randn((c, h), dtype, device, gen, scale=h ** -0.5)
-    b_proj = _randn((c,), dtype, device, gen, scale=0.1)
-    return Inputs((x, w_fc, b_fc, w_proj, b_proj), grad_args=(0, 1, 2, 3, 4))
-
-
 def _mlp_work(d, s):
     fwd = 2 * 2 * d["N"] * d["C"] * (4 * d["C"])  # two matmuls, N x C x 4C each
     return Work(fwd, 3 * fwd)
 
 
 # ----------------------------------------------------------------------------- attention
-
-def _attention_inputs(d, dtype, device, gen):
-    shape = (d["B"], d["H"], d["T"], d["D"])
-    q, k, v = (_randn(shape, dtype, device, gen) for _ in range(3))
-    return Inputs((q, k, v, None, 0.0), grad_args=(0, 1, 2))
-
 
 def attention_flops(b, h, t, d, causal=True) -> Work:
     fwd = 4 * b * h * t * t * d / (2 if causal else 1)
@@ -157,16 +117,6 @@ def attention_flops(b, h, t, d, causal=True) -> Work:
 
 def _attention_work(d, s):
     return attention_flops(d["B"], d["H"], d["T"], d["D"])
-
-
-def eager_math_attention(q, k, v, scale=None, dropout_p=0.0):
-    """nanoGPT's non-flash path, in the input dtype: materialize the (T, T) scores, mask,
-    softmax, multiply by V — what fused attention kernels are measured against."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    t = q.shape[-2]
-    scores = (q @ k.transpose(-2, -1)) * scale
-    mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-    return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ v
 
 
 def _attention_gpu_shapes():
@@ -180,27 +130,11 @@ def _attention_gpu_shapes():
 
 # ----------------------------------------------------------------------------- losses
 
-def _targets(n, vocab, device, gen):
-    return torch.randint(0, vocab, (n,), generator=gen, device=device)
-
-
-def _cross_entropy_inputs(d, dtype, device, gen):
-    logits = _randn((d["N"], d["V"]), dtype, device, gen, scale=2.0)
-    return Inputs((logits, _targets(d["N"], d["V"], device, gen), -100, "mean"), grad_args=(0,))
-
-
 def _cross_entropy_work(d, s):
     n, v = d["N"], d["V"]
     fwd = n * v * s + 8 * n                   # read logits, targets (the loss is 4 bytes)
     bwd = 2 * n * v * s + 8 * n               # read logits, targets; write dlogits
     return Work(fwd, fwd + bwd)
-
-
-def _linear_cross_entropy_inputs(d, dtype, device, gen):
-    n, c, v = d["N"], d["C"], d["V"]
-    x = _randn((n, c), dtype, device, gen)
-    weight = _randn((v, c), dtype, device, gen, scale=c ** -0.5)
-    return Inputs((x, weight, _targets(n, v, device, gen), None, -100, "mean"), grad_args=(0, 1))
 
 
 def _linear_cross_entropy_work(d, s):
@@ -211,33 +145,33 @@ def _linear_cross_entropy_work(d, s):
 # ----------------------------------------------------------------------------- the table
 
 PROBLEMS: dict[str, Problem] = {p.op: p for p in (
-    Problem("layer_norm", "memory", _layer_norm_inputs, _layer_norm_work,
+    Problem("layer_norm", "memory", _layer_norm_work,
             cpu_shapes=(Shape({"N": 1024, "C": 768}, headline=True), Shape({"N": 1024, "C": 1600})),
             gpu_shapes=_norm_shapes(8, 1024),
             interpreter_shape=Shape({"N": 16, "C": 128})),
-    Problem("add_layer_norm", "memory", _add_layer_norm_inputs, _add_layer_norm_work,
+    Problem("add_layer_norm", "memory", _add_layer_norm_work,
             cpu_shapes=(Shape({"N": 1024, "C": 768}, headline=True), Shape({"N": 1024, "C": 1600})),
             gpu_shapes=_norm_shapes(8, 1024),
             interpreter_shape=Shape({"N": 16, "C": 128})),
-    Problem("mlp_gelu", "compute", _mlp_inputs, _mlp_work,
+    Problem("mlp_gelu", "compute", _mlp_work,
             cpu_shapes=(Shape({"N": 256, "C": 768}, headline=True),),
             gpu_shapes=tuple(Shape({"N": 8 * 1024, "C": c}, headline=(name == "124M"))
                              for name, c, _ in GPT2_CONFIGS),
             interpreter_shape=Shape({"N": 16, "C": 32})),
-    Problem("causal_attention", "compute", _attention_inputs, _attention_work,
+    Problem("causal_attention", "compute", _attention_work,
             cpu_shapes=(Shape({"B": 1, "H": 12, "T": 64, "D": HEAD_DIM}),
                         Shape({"B": 1, "H": 12, "T": 256, "D": HEAD_DIM}, headline=True)),
             gpu_shapes=_attention_gpu_shapes(),
             interpreter_shape=Shape({"B": 1, "H": 2, "T": 32, "D": 16}),
-            baselines={"eager-math": eager_math_attention}),
-    Problem("cross_entropy", "memory", _cross_entropy_inputs, _cross_entropy_work,
+            # nanoGPT's non-flash path: the (T, T) scores materialized in the input dtype.
+            baselines={"eager-math": SPECS["causal_attention"].eager}),
+    Problem("cross_entropy", "memory", _cross_entropy_work,
             cpu_shapes=(Shape({"N": 256, "V": VOCAB}, headline=True),),
             gpu_shapes=(Shape({"N": 2048, "V": VOCAB}),
                         Shape({"N": 8192, "V": VOCAB}, headline=True),
                         Shape({"N": 16384, "V": VOCAB})),
             interpreter_shape=Shape({"N": 8, "V": 1000})),
-    Problem("linear_cross_entropy", "compute", _linear_cross_entropy_inputs,
-            _linear_cross_entropy_work,
+    Problem("linear_cross_entropy", "compute", _linear_cross_entropy_work,
             cpu_shapes=(Shape({"N": 64, "C": 768, "V": VOCAB}, headline=True),),
             gpu_shapes=(Shape({"N": 2048, "C": 768, "V": VOCAB}),
                         Shape({"N": 8192, "C": 768, "V": VOCAB}, headline=True)),

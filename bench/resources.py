@@ -4,6 +4,7 @@
 
 No GPU is needed. Triton kernels: every `AotSpec` of kernels.triton compiled ahead of time
 for sm_80 and sm_90 (`kernels.triton.aot`), with ptxas's own `-v` report of the compile.
+`python -m bench static` writes this table too, from the compiles of its fuller report.
 CUDA extension (when built): the per-arch cubins inside `kernels._C`, read with
 `cuobjdump --dump-resource-usage`, which knows registers, stack and static shared memory
 but not spill bytes; for those rows a non-empty stack frame is flagged as spilling, since
@@ -17,7 +18,7 @@ import json
 import re
 import shutil
 import subprocess
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import triton
@@ -30,13 +31,9 @@ COLUMNS = ("backend", "kernel", "config", "warps", "stages", "arch", "registers"
            "spill_stores", "spill_loads", "stack_bytes", "shared_bytes", "spills", "error")
 
 
-def resource_rows() -> list[dict]:
-    """One row per kernel x config x arch, Triton's and the built CUDA extension's."""
-    return _rows_and_notes()[0]
-
-
-def _rows_and_notes() -> tuple[list[dict], list[str]]:
-    report = compile_all()
+def rows_and_notes(report: AotReport) -> tuple[list[dict], list[str]]:
+    """One row per kernel x config x arch, Triton's (from `report`) and the built CUDA
+    extension's, and notes on what was (not) found."""
     notes = [f"Triton {triton.__version__}: {len(report.results)} compiles "
              f"({len(report.failures())} failed, {len(report.spilling())} spill)"]
     notes += [f"collection problem: {problem}" for problem in report.problems]
@@ -79,31 +76,80 @@ def find_cuda_extension() -> Path | None:
 _ARCH = re.compile(r"^arch = (sm_\d+\w*)")
 _FUNCTION = re.compile(r"^\s*Function (\S+):")
 _USAGE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)")
+_IDENTIFIER = re.compile(r"^identifier = (\S+)")
 
 
-def cuda_extension_rows(library: Path) -> list[dict]:
-    """Rows for every kernel of every arch's cubin in `library` (a fat binary)."""
-    dump = subprocess.run([_cuobjdump(), "--dump-resource-usage", str(library)],
+@dataclass(frozen=True)
+class CudaKernelUsage:
+    """What `cuobjdump --dump-resource-usage` says of one kernel of one arch's cubin."""
+    symbol: str         # mangled, as in the SASS and ELF dumps
+    name: str           # demangled: "kernel<template args>"
+    source: str | None  # the .cu file it came from (recorded by -lineinfo, as csrc/build.py
+                        # compiles); None otherwise
+    arch: str           # "sm_80"
+    registers: int
+    stack_bytes: int
+    shared_bytes: int   # static shared memory; dynamic shared memory is set at launch
+
+
+def cuda_kernel_usage(library: Path) -> list[CudaKernelUsage]:
+    """Every kernel of every arch's cubin in `library` (a fat binary)."""
+    dump = subprocess.run([cuobjdump(), "--dump-resource-usage", str(library)],
                           check=True, capture_output=True, text=True).stdout
-    found, arch, function = [], None, None
+    found, arch, source, function = [], None, None, None
     for line in dump.splitlines():
         if match := _ARCH.match(line):
             arch = match.group(1)
+        elif match := _IDENTIFIER.match(line):
+            source = Path(match.group(1)).name
         elif match := _FUNCTION.match(line):
             function = match.group(1)
         elif (match := _USAGE.search(line)) and function is not None:
             registers, stack, shared = map(int, match.groups())
-            found.append((function, arch, registers, stack, shared))
+            found.append((function, source, arch, registers, stack, shared))
             function = None
     names = _demangle([function for function, *_ in found])
-    return [{"backend": "cuda", "kernel": names[function], "config": "", "warps": None,
-             "stages": None, "arch": arch, "registers": registers, "spill_stores": None,
-             "spill_loads": None, "stack_bytes": stack, "shared_bytes": shared,
-             "spills": stack > 0, "error": None}
-            for function, arch, registers, stack, shared in found]
+    return [CudaKernelUsage(function, names[function], source, arch, registers, stack, shared)
+            for function, source, arch, registers, stack, shared in found]
 
 
-def _cuobjdump() -> str:
+def cuda_extension_rows(library: Path) -> list[dict]:
+    """Resource-table rows for every kernel of every arch's cubin in `library`."""
+    return [{"backend": "cuda", "kernel": usage.name, "config": "", "warps": None,
+             "stages": None, "arch": usage.arch, "registers": usage.registers,
+             "spill_stores": None, "spill_loads": None, "stack_bytes": usage.stack_bytes,
+             "shared_bytes": usage.shared_bytes, "spills": usage.stack_bytes > 0, "error": None}
+            for usage in cuda_kernel_usage(library)]
+
+
+# `cuobjdump -elf`: each kernel's attributes follow a ".nv.info.<symbol>" line; a kernel
+# compiled with __launch_bounds__(N) has "Attribute: EIATTR_MAX_THREADS" and then
+# "Value: <x> <y> <z>" (hex), the most threads per block it may be launched with.
+_ELF_INFO = re.compile(r"^\.nv\.info\.(\S+)")
+_ELF_VALUE = re.compile(r"^\s*Value:\s*(.*)")
+
+
+def cuda_launch_bounds(library: Path) -> dict[tuple[str, str], int]:
+    """(arch, symbol) -> the __launch_bounds__ thread count of the kernels that declare one
+    (the block size the launcher uses, for the kernels that tell the compiler)."""
+    dump = subprocess.run([cuobjdump(), "-elf", str(library)], check=True, capture_output=True,
+                          text=True).stdout
+    bounds, arch, symbol, wanted = {}, None, None, False
+    for line in dump.splitlines():
+        if match := _ARCH.match(line):
+            arch, symbol = match.group(1), None
+        elif match := _ELF_INFO.match(line):
+            symbol = match.group(1)
+        elif "EIATTR_MAX_THREADS" in line:
+            wanted = symbol is not None
+        elif wanted and (match := _ELF_VALUE.match(line)):
+            x, y, z = (int(value, 16) for value in match.group(1).split()[:3])
+            bounds[(arch, symbol)] = x * y * z
+            wanted = False
+    return bounds
+
+
+def cuobjdump() -> str:
     try:
         return triton.knobs.nvidia.cuobjdump.path  # the one Triton ships
     except RuntimeError:
@@ -160,7 +206,7 @@ def _shown(path: Path) -> str:
 
 
 def main() -> None:
-    rows, notes = _rows_and_notes()
+    rows, notes = rows_and_notes(compile_all())
     json_path, md_path = write_tables(rows, notes)
     for note in notes:
         print(note)

@@ -40,9 +40,9 @@ def _cases():
 def test_kernel(benchmark, prob, shape, dtype, impl, fwd_only):
     generator = torch.Generator(DEVICE).manual_seed(0)
     inputs = prob.make_inputs(shape.dims, dtype, DEVICE, generator)
-    expected = correctness.reference_result(prob.reference, inputs, generator)
+    expected = correctness.expected_result(prob.spec, inputs, dtype, generator)
     fn = impl.make()
-    check = correctness.check(fn, inputs, expected, dtype)
+    check = correctness.check(fn, inputs, expected)
     if not check.passed:
         pytest.fail(f"{impl.name} disagrees with kernels.reference: {check.message}")
 

@@ -9,10 +9,14 @@
 // Backward, with P = exp2(S - lse2) recomputed tile by tile and dP = dO V^T:
 //     dV = P^T dO,   dS = P * (dP - Delta),   dQ = scale * dS K,   dK = scale * dS^T Q
 // Delta_i = sum_j P_ij dP_ij = rowsum(dO_i * O_i) (one pass over dO and O, below) is the
-// softmax Jacobian's correction. Two kernels recompute P: one per key block accumulates dK
-// and dV over the query blocks at or below it, one per query block accumulates dQ over the
-// key blocks at or below it. Every output tile has a single owner: no atomics, so the
-// gradients are deterministic.
+// softmax Jacobian's correction. How P is recomputed depends on the kernel version (bf16;
+// `version`, from kernels/cuda/attention.py's VERSIONS):
+// - version 1 (and fp32): two kernels, one per key block accumulating dK and dV over the
+//   query blocks at or after it, one per query block accumulating dQ over the key blocks at
+//   or before it: 7 GEMMs, every output tile has one owner, deterministic;
+// - version 2 (bf16): one pass per key block computes all three from one recomputation of
+//   P (5 GEMMs), adding dQ's partial products atomically into a zeroed fp32 buffer; with
+//   `deterministic` that pass leaves dQ to version 1's dQ kernel.
 //
 // The kernels read q, k, v (and dout) in place through their strides, e.g. the model's
 // permuted views of its (B, T, 3, H, D) qkv projection; the output is allocated as
@@ -62,9 +66,12 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(D > 0 && D <= 128 && D % 8 == 0,
               "the cuda attention kernel needs a head_dim that is a multiple of 8 and at most "
               "128, got ", D);
-  TORCH_CHECK(q.size(0) * q.size(1) <= 65535, "batch * heads must be at most 65535, got ",
+  // Grids are (batch * heads, sequence blocks): axis x allows 2^31 - 1 blocks, axis y
+  // 65535, and the smallest block (the fp32 kernels') covers 8 rows.
+  TORCH_CHECK(q.size(0) * q.size(1) <= INT32_MAX, "batch * heads must be below 2^31, got ",
               q.size(0) * q.size(1));
-  TORCH_CHECK(q.size(2) <= INT32_MAX / 2, "sequence too long: ", q.size(2));
+  TORCH_CHECK(q.size(2) <= int64_t(MAX_SEQ_LEN), "the cuda attention kernel supports sequences "
+              "up to ", MAX_SEQ_LEN, ", got ", q.size(2));
 }
 
 // The kernels move 16-byte chunks of rows: they need a unit stride on D and 16-byte aligned
@@ -82,10 +89,17 @@ HeadOperand<Elem> operand(const at::Tensor& t) {
 
 constexpr double LOG2E = 1.4426950408889634;
 
+// The bf16 kernel versions (fp32 has one, which serves every version).
+void check_version(int64_t version) {
+  TORCH_CHECK(version == 1 || version == 2,
+              "the cuda attention kernel has versions 1 and 2, got ", version);
+}
+
 }  // namespace
 
 std::vector<at::Tensor> attention_forward(const at::Tensor& q_in, const at::Tensor& k_in,
-                                          const at::Tensor& v_in, double scale) {
+                                          const at::Tensor& v_in, double scale, int64_t version) {
+  check_version(version);
   check_qkv(q_in, k_in, v_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const int B = int(q_in.size(0)), H = int(q_in.size(1)), T = int(q_in.size(2)),
@@ -101,7 +115,9 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q_in, const at::Tens
                                         operand<const Elem>(v), operand<Elem>(out),
                                         data_as<float>(lse), H, T, D, float(scale * LOG2E)};
     if constexpr (std::is_same_v<Elem, float>) attention_forward_fp32(args, B * H, stream);
-    else attention_forward_bf16(args, B * H, stream);
+    else if (version == 2 && attention_bf16_v2_runs(D, false, false))
+      attention_forward_bf16_v2(args, B * H, stream);
+    else attention_forward_bf16(args, B * H, stream);  // version 1, or a call version 2 does not take
   });
   return {out, lse};
 }
@@ -109,7 +125,8 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q_in, const at::Tens
 std::vector<at::Tensor> attention_backward(const at::Tensor& dout_in, const at::Tensor& q_in,
                                            const at::Tensor& k_in, const at::Tensor& v_in,
                                            const at::Tensor& out_in, const at::Tensor& lse,
-                                           double scale) {
+                                           double scale, int64_t version, bool deterministic) {
+  check_version(version);
   check_qkv(q_in, k_in, v_in);
   for (const auto& [t, name] : {std::pair{&dout_in, "dout"}, std::pair{&out_in, "out"}}) {
     check_same_device(q_in, "q", *t, name);
@@ -145,8 +162,16 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& dout_in, const at::
         operand<const Elem>(dout), operand<Elem>(dq), operand<Elem>(dk), operand<Elem>(dv),
         const_data_as<float>(lse), const_data_as<float>(delta), H, T, D, float(scale),
         float(scale * LOG2E)};
-    if constexpr (std::is_same_v<Elem, float>) attention_backward_fp32(args, B * H, stream);
-    else attention_backward_bf16(args, B * H, stream);
+    if constexpr (std::is_same_v<Elem, float>) {
+      attention_backward_fp32(args, B * H, stream);
+    } else if (version == 2 && attention_bf16_v2_runs(D, true, !deterministic)) {
+      at::Tensor dq_accum;  // fp32 (B, H, T, D), zeroed: the atomic dQ's sums
+      if (!deterministic) dq_accum = at::zeros({B, H, T, D}, q.options().dtype(at::kFloat));
+      attention_backward_bf16_v2(args, B * H, deterministic ? nullptr : data_as<float>(dq_accum),
+                                 stream);
+    } else {
+      attention_backward_bf16(args, B * H, stream);
+    }
   });
   return {dq, dk, dv};
 }

@@ -1,6 +1,8 @@
 // What the attention kernels share: how they address (B, H, T, D) operands, their argument
-// blocks, and the two kernel families' entry points (tensor-core bf16 in attention_bf16.cu,
-// CUDA-core fp32 in attention_fp32.cu). attention.cu validates inputs and picks one.
+// blocks, the bf16 tensor-core helpers both bf16 versions use, and the kernel families'
+// entry points (tensor-core bf16: version 1 in attention_bf16.cu, version 2 in
+// attention_bf16_v2.cu; CUDA-core fp32 in attention_fp32.cu). attention.cu validates inputs
+// and picks one.
 //
 // Both families are FlashAttention-2 (see attention.cu for the math) and agree on:
 // - lse is saved per query row, (B, H, T) fp32, in base 2: lse2 = log2(sum_j 2^(s_j)) where
@@ -48,13 +50,97 @@ struct AttentionBackwardArgs {
   float scale_log2;
 };
 
+// Longest supported sequence: blocks of the sequence go on grid axis y (at most 65535
+// blocks) and the smallest block (the fp32 kernels') covers 8 rows.
+constexpr int64_t MAX_SEQ_LEN = 65535LL * 8;
+
 // The smallest supported padded head dim that holds D.
 inline int padded_head_dim(int D) { return D <= 32 ? 32 : D <= 64 ? 64 : 128; }
 
+// ----------------------------------------------------------------------------- bf16 mma
+
+// mma.sync.m16n8k16 with bf16 inputs and fp32 accumulators. The PTX ISA fixes which lane
+// holds which element of a fragment; with g = lane / 4 and c = lane % 4 (lane c of group g):
+//   A (16x16, m x k) regs {a0,a1,a2,a3} = bf16 pairs at (m g, k 2c..2c+1), (m g+8, k 2c..),
+//                                          (m g, k 2c+8..), (m g+8, k 2c+8..)
+//   B (16x8, k x n)  regs {b0,b1}       = bf16 pairs at (k 2c..2c+1, n g), (k 2c+8.., n g)
+//   C (16x8, fp32)   regs {c0,c1,c2,c3} = (m g, n 2c), (m g, n 2c+1), (m g+8, n 2c), (m g+8, n 2c+1)
+// In a pair, the element with the lower k (or n) index is in the low 16 bits.
+// Consequences both bf16 versions use:
+// - a row of a C tile lives in the 4 lanes of one group: a row max / sum is two xor-shuffles;
+// - the C fragments of n-tiles 2k and 2k+1 (columns 16k..16k+15), rounded to bf16 pairwise,
+//   ARE the A fragment of the 16 x 16 block k of the same rows (c_to_a): a score tile goes
+//   from accumulator registers straight into the next product as its left operand.
+
+// D += A * B for one m16n8k16 tile.
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats rounded to bf16 in one register, lo in the low half.
+__device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// The A fragment (16 rows x 16 k) made of the C fragments of n-tiles 2k (lo) and 2k+1 (hi):
+// a0 = (m g, k 2c..) = lo's (c0, c1); a1 = (m g+8, k 2c..) = lo's (c2, c3); a2 and a3 the
+// same from hi, whose columns are k 8 + 2c...
+__device__ __forceinline__ void c_to_a(uint32_t (&a)[4], const float (&lo)[4], const float (&hi)[4]) {
+  a[0] = pack_pair(lo[0], lo[1]);
+  a[1] = pack_pair(lo[2], lo[3]);
+  a[2] = pack_pair(hi[0], hi[1]);
+  a[3] = pack_pair(hi[2], hi[3]);
+}
+
+// Stores a warp's 16 x D_PAD accumulator (C fragments of D_PAD / 8 n-tiles) times `factor0`
+// (rows g) and `factor1` (rows g + 8) to rows row0.. of a head matrix, skipping rows >= T and
+// columns >= D.
+template <int D_PAD>
+__device__ __forceinline__ void store_rows(__nv_bfloat16* head, int64_t stride_t,
+                                           const float (&acc)[D_PAD / 8][4], int row0, int T,
+                                           int D, float factor0, float factor1) {
+  const int g = threadIdx.x % WARP_SIZE / 4, c = threadIdx.x % 4;
+#pragma unroll
+  for (int dt = 0; dt < D_PAD / 8; ++dt) {
+    const int col = dt * 8 + 2 * c;  // D is a multiple of 8: col < D implies col + 1 < D
+    if (col >= D) continue;
+    if (row0 + g < T)
+      *reinterpret_cast<uint32_t*>(head + (row0 + g) * stride_t + col) =
+          pack_pair(acc[dt][0] * factor0, acc[dt][1] * factor0);
+    if (row0 + g + 8 < T)
+      *reinterpret_cast<uint32_t*>(head + (row0 + g + 8) * stride_t + col) =
+          pack_pair(acc[dt][2] * factor1, acc[dt][3] * factor1);
+  }
+}
+
+// ----------------------------------------------------------------------------- entry points
+
+// Version 1 (attention_bf16.cu).
 void attention_forward_bf16(const AttentionForwardArgs<__nv_bfloat16>& args, int batch_heads,
                             cudaStream_t stream);
 void attention_backward_bf16(const AttentionBackwardArgs<__nv_bfloat16>& args, int batch_heads,
                              cudaStream_t stream);
+// Version 1's dQ kernel alone (one owner per dQ tile, no atomics): the deterministic dQ of
+// version 2.
+void attention_backward_dq_bf16(const AttentionBackwardArgs<__nv_bfloat16>& args,
+                                int batch_heads, cudaStream_t stream);
+
+// Version 2 (attention_bf16_v2.cu). attention_bf16_v2_runs says whether it takes a call of
+// head dim D on this device: its backward covers D <= 64, and its tiles need more shared
+// memory than some GPUs give a block (sm_86/sm_89: 99 KiB); version 1 runs the others.
+// dq_accum: a zeroed fp32 (B, H, T, D) buffer for the atomic dQ, or nullptr for the
+// deterministic dQ (version 1's kernel).
+bool attention_bf16_v2_runs(int D, bool backward, bool atomic_dq);
+void attention_forward_bf16_v2(const AttentionForwardArgs<__nv_bfloat16>& args, int batch_heads,
+                               cudaStream_t stream);
+void attention_backward_bf16_v2(const AttentionBackwardArgs<__nv_bfloat16>& args,
+                                int batch_heads, float* dq_accum, cudaStream_t stream);
 void attention_forward_fp32(const AttentionForwardArgs<float>& args, int batch_heads,
                             cudaStream_t stream);
 void attention_backward_fp32(const AttentionBackwardArgs<float>& args, int batch_heads,

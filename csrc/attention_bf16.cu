@@ -1,18 +1,13 @@
-// bf16 causal attention on the tensor cores: mma.sync.m16n8k16 (bf16 inputs, fp32
-// accumulators), FlashAttention-2 style (the math is in attention.cu).
+// bf16 causal attention on the tensor cores, version 1: mma.sync.m16n8k16 (bf16 inputs, fp32
+// accumulators), FlashAttention-2 style (the math is in attention.cu). Version 2
+// (attention_bf16_v2.cu: ldmatrix, cp.async pipeline, single-pass backward) is its rewrite;
+// this one stays selectable (GPTK_CUDA_ATTENTION_VERSION=1) until a GPU record shows the
+// rewrite correct and faster, and its dQ kernel is version 2's deterministic dQ.
 //
-// Each warp owns 16 rows of every score tile, so the row statistics (max, sum) never leave
-// the warp. The PTX ISA fixes which lane holds which element of an m16n8k16 fragment; with
-// g = lane / 4 and c = lane % 4 (lane c of group g):
-//   A (16x16, row-major) regs {a0,a1,a2,a3} = bf16 pairs at (row g, cols 2c..2c+1),
-//       (row g+8, cols 2c..), (row g, cols 2c+8..), (row g+8, cols 2c+8..)
-//   B (16x8, k x n)      regs {b0,b1}       = bf16 pairs at (k 2c..2c+1, col g), (k 2c+8.., col g)
-//   C (16x8, fp32)       regs {c0,c1,c2,c3} = (row g, cols 2c, 2c+1), (row g+8, cols 2c, 2c+1)
-// Consequences the kernels use:
-// - a score row lives in the 4 lanes of one group, so a row max / sum is two xor-shuffles;
-// - the C fragments of S for key columns 16k..16k+15 (n-tiles 2k and 2k+1), rounded to bf16
-//   pairwise, ARE the A fragment of P for the next product P V: probabilities go from
-//   accumulator registers straight into the next mma without touching shared memory;
+// 64 x 64 tiles on 4 warps; each warp owns 16 rows of every score tile, so the row
+// statistics (max, sum) never leave the warp. The fragment layouts of mma.sync and the
+// register-level reuse of a score tile as the next product's A operand are described with
+// the helpers in attention.cuh. Fragments are read from shared memory with 32-bit loads:
 // - a B fragment needs two k-consecutive elements of one column. For S = Q K^T that is two
 //   consecutive d of one K row: a 32-bit load from a row-major tile. Where the k index runs
 //   over rows of the operand (V in P V, dO in P^T dO, Q in dS^T Q, K in dS K), the tile is
@@ -35,25 +30,10 @@ constexpr int BLOCK_ROWS = WARPS * WARP_ROWS;   // 64 queries (forward, dQ) or k
 template <int D_PAD>
 constexpr int inner_tile() { return D_PAD == 128 ? 32 : 64; }
 
-// D += A * B for one m16n8k16 tile, fp32 accumulation.
-__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                         uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 // Two bf16 at p (4-byte aligned) as one register: the lower address in the low half, as mma
 // expects the lower column / k index.
 __device__ __forceinline__ uint32_t load_pair(const bf16* p) {
   return *reinterpret_cast<const uint32_t*>(p);
-}
-
-__device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
 }
 
 // The A fragment of the 16 x 16 block at (row0, col0) of a row-major shared tile.
@@ -74,15 +54,6 @@ __device__ __forceinline__ void mma_b_rows(float (&d)[4], const uint32_t (&a)[4]
   const int g = threadIdx.x % WARP_SIZE / 4, c = threadIdx.x % 4;
   const bf16* p = tile + (n0 + g) * stride + k0 + 2 * c;
   mma_bf16(d, a, load_pair(p), load_pair(p + 8));
-}
-
-// The A fragment (16 rows x 16 k) made of the C fragments of n-tiles 2k and 2k+1: the
-// register-level reuse of a score tile as the left operand of the next product.
-__device__ __forceinline__ void c_to_a(uint32_t (&a)[4], const float (&lo)[4], const float (&hi)[4]) {
-  a[0] = pack_pair(lo[0], lo[1]);
-  a[1] = pack_pair(lo[2], lo[3]);
-  a[2] = pack_pair(hi[0], hi[1]);
-  a[3] = pack_pair(hi[2], hi[3]);
 }
 
 // Rows [row0, row0 + ROWS) of a (T, D) head matrix into tile[ROWS][STRIDE], in 16-byte
@@ -115,25 +86,6 @@ __device__ __forceinline__ void load_rows_transposed(bf16* tile, const bf16* hea
   }
 }
 
-// Stores a warp's 16 x D_PAD accumulator (times `factor`) to rows row0.. of a head matrix,
-// skipping rows >= T and columns >= D.
-template <int D_PAD>
-__device__ __forceinline__ void store_rows(bf16* head, int64_t stride_t, const float (&acc)[D_PAD / 8][4],
-                                           int row0, int T, int D, float factor0, float factor1) {
-  const int g = threadIdx.x % WARP_SIZE / 4, c = threadIdx.x % 4;
-#pragma unroll
-  for (int dt = 0; dt < D_PAD / 8; ++dt) {
-    const int col = dt * 8 + 2 * c;  // D is a multiple of 8: col < D implies col + 1 < D
-    if (col >= D) continue;
-    if (row0 + g < T)
-      *reinterpret_cast<uint32_t*>(head + (row0 + g) * stride_t + col) =
-          pack_pair(acc[dt][0] * factor0, acc[dt][1] * factor0);
-    if (row0 + g + 8 < T)
-      *reinterpret_cast<uint32_t*>(head + (row0 + g + 8) * stride_t + col) =
-          pack_pair(acc[dt][2] * factor1, acc[dt][3] * factor1);
-  }
-}
-
 // ----------------------------------------------------------------------------- forward
 
 // One block per 64 queries of one (batch, head); warp w owns queries 16w..16w+15.
@@ -145,8 +97,8 @@ __global__ void __launch_bounds__(THREADS) attention_forward_bf16_kernel(const A
   __shared__ __align__(16) bf16 vt_tile[D_PAD * VT_STRIDE];     // V tile, transposed
   const int warp = threadIdx.x / WARP_SIZE, g = threadIdx.x % WARP_SIZE / 4, c = threadIdx.x % 4;
   const int T = args.T, D = args.D;
-  const int bh = blockIdx.y, b = bh / args.H, h = bh % args.H;
-  const int q0 = (gridDim.x - 1 - blockIdx.x) * BLOCK_ROWS;  // longest rows first
+  const int bh = blockIdx.x, b = bh / args.H, h = bh % args.H;
+  const int q0 = (gridDim.y - 1 - blockIdx.y) * BLOCK_ROWS;  // longest rows first
   const int warp_row0 = q0 + warp * WARP_ROWS;
   const int row[2] = {warp_row0 + g, warp_row0 + g + 8};       // this lane's two query rows
 
@@ -282,8 +234,8 @@ __global__ void __launch_bounds__(THREADS) attention_backward_dkdv_bf16_kernel(c
 
   const int warp = threadIdx.x / WARP_SIZE, g = threadIdx.x % WARP_SIZE / 4, c = threadIdx.x % 4;
   const int T = args.T, D = args.D;
-  const int bh = blockIdx.y, b = bh / args.H, h = bh % args.H;
-  const int k0 = blockIdx.x * BLOCK_ROWS;
+  const int bh = blockIdx.x, b = bh / args.H, h = bh % args.H;
+  const int k0 = blockIdx.y * BLOCK_ROWS;
   const int key[2] = {k0 + warp * WARP_ROWS + g, k0 + warp * WARP_ROWS + g + 8};
   const float* lse = args.lse + int64_t(bh) * T;
   const float* delta = args.delta + int64_t(bh) * T;
@@ -356,8 +308,8 @@ __global__ void __launch_bounds__(THREADS) attention_backward_dq_bf16_kernel(con
   __shared__ __align__(16) bf16 v_tile[KEYS * STRIDE];         // B of dP = dO V^T
   const int warp = threadIdx.x / WARP_SIZE, g = threadIdx.x % WARP_SIZE / 4, c = threadIdx.x % 4;
   const int T = args.T, D = args.D;
-  const int bh = blockIdx.y, b = bh / args.H, h = bh % args.H;
-  const int q0 = (gridDim.x - 1 - blockIdx.x) * BLOCK_ROWS;  // longest rows first
+  const int bh = blockIdx.x, b = bh / args.H, h = bh % args.H;
+  const int q0 = (gridDim.y - 1 - blockIdx.y) * BLOCK_ROWS;  // longest rows first
   const int warp_row0 = q0 + warp * WARP_ROWS;
   const int row[2] = {warp_row0 + g, warp_row0 + g + 8};
 
@@ -419,21 +371,28 @@ __global__ void __launch_bounds__(THREADS) attention_backward_dq_bf16_kernel(con
 
 template <int D_PAD>
 void launch_forward(const AttentionForwardArgs<bf16>& args, int batch_heads, cudaStream_t stream) {
-  const dim3 grid(unsigned(ceil_div(args.T, BLOCK_ROWS)), unsigned(batch_heads));
+  const dim3 grid(unsigned(batch_heads), unsigned(ceil_div(args.T, BLOCK_ROWS)));
   attention_forward_bf16_kernel<D_PAD><<<grid, THREADS, 0, stream>>>(args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// dQ alone: version 1's second backward kernel, and version 2's deterministic dQ.
+template <int D_PAD>
+void launch_backward_dq(const AttentionBackwardArgs<bf16>& args, int batch_heads, cudaStream_t stream) {
+  const dim3 grid(unsigned(batch_heads), unsigned(ceil_div(args.T, BLOCK_ROWS)));
+  attention_backward_dq_bf16_kernel<D_PAD><<<grid, THREADS, 0, stream>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <int D_PAD>
 void launch_backward(const AttentionBackwardArgs<bf16>& args, int batch_heads, cudaStream_t stream) {
-  const dim3 grid(unsigned(ceil_div(args.T, BLOCK_ROWS)), unsigned(batch_heads));
+  const dim3 grid(unsigned(batch_heads), unsigned(ceil_div(args.T, BLOCK_ROWS)));
   const auto dkdv = attention_backward_dkdv_bf16_kernel<D_PAD>;
   constexpr size_t smem = DkDvTiles<D_PAD>::BYTES;
   C10_CUDA_CHECK(cudaFuncSetAttribute(dkdv, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   dkdv<<<grid, THREADS, smem, stream>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  attention_backward_dq_bf16_kernel<D_PAD><<<grid, THREADS, 0, stream>>>(args);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_backward_dq<D_PAD>(args, batch_heads, stream);
 }
 
 }  // namespace
@@ -451,6 +410,14 @@ void attention_backward_bf16(const AttentionBackwardArgs<bf16>& args, int batch_
     case 32: return launch_backward<32>(args, batch_heads, stream);
     case 64: return launch_backward<64>(args, batch_heads, stream);
     default: return launch_backward<128>(args, batch_heads, stream);
+  }
+}
+
+void attention_backward_dq_bf16(const AttentionBackwardArgs<bf16>& args, int batch_heads, cudaStream_t stream) {
+  switch (padded_head_dim(args.D)) {
+    case 32: return launch_backward_dq<32>(args, batch_heads, stream);
+    case 64: return launch_backward_dq<64>(args, batch_heads, stream);
+    default: return launch_backward_dq<128>(args, batch_heads, stream);
   }
 }
 

@@ -77,8 +77,8 @@ __global__ void __launch_bounds__(THREADS) attention_forward_fp32_kernel(const A
   __shared__ float v_tile[TILE * D_PAD];
   const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
   const int T = args.T, D = args.D;
-  const int bh = blockIdx.y, b = bh / args.H, h = bh % args.H;
-  const int q0 = (gridDim.x - 1 - blockIdx.x) * ROWS;  // longest rows first
+  const int bh = blockIdx.x, b = bh / args.H, h = bh % args.H;
+  const int q0 = (gridDim.y - 1 - blockIdx.y) * ROWS;  // longest rows first
   const int row = q0 + warp;
 
   load_rows<ROWS, D_PAD, D_PAD>(q_rows, args.q.head(b, h), args.q.stride_t, q0, T, D, args.scale_log2);
@@ -119,8 +119,8 @@ __global__ void __launch_bounds__(THREADS) attention_backward_dq_fp32_kernel(con
   __shared__ float v_tile[TILE * PADDED];
   const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
   const int T = args.T, D = args.D;
-  const int bh = blockIdx.y, b = bh / args.H, h = bh % args.H;
-  const int q0 = (gridDim.x - 1 - blockIdx.x) * ROWS;
+  const int bh = blockIdx.x, b = bh / args.H, h = bh % args.H;
+  const int q0 = (gridDim.y - 1 - blockIdx.y) * ROWS;
   const int row = q0 + warp;
 
   load_rows<ROWS, D_PAD, D_PAD>(q_rows, args.q.head(b, h), args.q.stride_t, q0, T, D, args.scale_log2);
@@ -158,8 +158,8 @@ __global__ void __launch_bounds__(THREADS) attention_backward_dkdv_fp32_kernel(c
   __shared__ float lse_tile[TILE], delta_tile[TILE];
   const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
   const int T = args.T, D = args.D;
-  const int bh = blockIdx.y, b = bh / args.H, h = bh % args.H;
-  const int k0 = blockIdx.x * ROWS;
+  const int bh = blockIdx.x, b = bh / args.H, h = bh % args.H;
+  const int k0 = blockIdx.y * ROWS;
   const int key = k0 + warp;
 
   load_rows<ROWS, D_PAD, D_PAD>(k_rows, args.k.head(b, h), args.k.stride_t, k0, T, D, args.scale_log2);
@@ -194,14 +194,14 @@ __global__ void __launch_bounds__(THREADS) attention_backward_dkdv_fp32_kernel(c
 
 template <int D_PAD>
 void launch_forward(const AttentionForwardArgs<float>& args, int batch_heads, cudaStream_t stream) {
-  const dim3 grid(unsigned(ceil_div(args.T, ROWS)), unsigned(batch_heads));
+  const dim3 grid(unsigned(batch_heads), unsigned(ceil_div(args.T, ROWS)));
   attention_forward_fp32_kernel<D_PAD><<<grid, THREADS, 0, stream>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <int D_PAD>
 void launch_backward(const AttentionBackwardArgs<float>& args, int batch_heads, cudaStream_t stream) {
-  const dim3 grid(unsigned(ceil_div(args.T, ROWS)), unsigned(batch_heads));
+  const dim3 grid(unsigned(batch_heads), unsigned(ceil_div(args.T, ROWS)));
   attention_backward_dkdv_fp32_kernel<D_PAD><<<grid, THREADS, 0, stream>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   attention_backward_dq_fp32_kernel<D_PAD><<<grid, THREADS, 0, stream>>>(args);

@@ -3,14 +3,23 @@
 // without its bias. Adding the bias here saves a pass over the (rows, 4C) hidden tensor, and
 // the backward recomputes pre + bias instead of storing it.
 //
+// Two GELU flavours, chosen at compile time (template parameter TANH):
 // GPT-2's tanh approximation, with u = k0 * (h + k1 * h^3), k0 = sqrt(2/pi), k1 = 0.044715:
 //     gelu(h)  = 0.5 * h * (1 + tanh(u))
 //     gelu'(h) = 0.5 * (1 + tanh(u)) + 0.5 * h * (1 - tanh(u)^2) * k0 * (1 + 3 * k1 * h^2)
+// and the exact form (nanoGPT's nn.GELU()), with Phi the normal CDF and phi its density:
+//     gelu(h)  = h * Phi(h) = 0.5 * h * (1 + erf(h / sqrt(2)))
+//     gelu'(h) = Phi(h) + h * phi(h),   phi(h) = exp(-h^2 / 2) / sqrt(2 pi)
 // Backward (dGELU fused with the bias re-add): d pre = d out * gelu'(pre + bias); the bias
-// gradient is the column sum of d pre, left to torch's deterministic reduction.
+// gradient is the column sum of d pre, left to torch's deterministic reduction. (cuBLASLt's
+// GELU_AUX_BIAS / DGELU epilogues would fold both passes into the matmuls, as llm.c does,
+// but torch exposes neither: its bias+GELU epilogue, torch._addmm_activation, returns no
+// pre-activation, so it serves only calls without a backward: kernels/cuda/mlp.py.)
 //
 // Both kernels are elementwise over 16-byte packs (grid-stride); a pack never straddles two
 // rows because H is a multiple of the pack width whenever packs are used.
+#include <type_traits>
+
 #include "common.cuh"
 #include "kernels.h"
 
@@ -21,17 +30,30 @@ constexpr float GELU_K0 = 0.7978845608028654f;  // sqrt(2 / pi)
 constexpr float GELU_K1 = 0.044715f;
 constexpr int THREADS = 256;
 
-__device__ __forceinline__ float gelu_tanh(float h) {
-  const float t = tanhf(GELU_K0 * (h + GELU_K1 * h * h * h));
-  return 0.5f * h * (1.f + t);
+constexpr float SQRT_HALF = 0.7071067811865476f;
+constexpr float INV_SQRT_2PI = 0.3989422804014327f;
+
+template <bool TANH>
+__device__ __forceinline__ float gelu(float h) {
+  if constexpr (TANH) {
+    const float t = tanhf(GELU_K0 * (h + GELU_K1 * h * h * h));
+    return 0.5f * h * (1.f + t);
+  } else {
+    return 0.5f * h * (1.f + erff(h * SQRT_HALF));
+  }
 }
 
-__device__ __forceinline__ float gelu_tanh_grad(float h) {
-  const float t = tanhf(GELU_K0 * (h + GELU_K1 * h * h * h));
-  return 0.5f * (1.f + t) + 0.5f * h * (1.f - t * t) * GELU_K0 * (1.f + 3.f * GELU_K1 * h * h);
+template <bool TANH>
+__device__ __forceinline__ float gelu_grad(float h) {
+  if constexpr (TANH) {
+    const float t = tanhf(GELU_K0 * (h + GELU_K1 * h * h * h));
+    return 0.5f * (1.f + t) + 0.5f * h * (1.f - t * t) * GELU_K0 * (1.f + 3.f * GELU_K1 * h * h);
+  } else {
+    return 0.5f * (1.f + erff(h * SQRT_HALF)) + h * INV_SQRT_2PI * expf(-0.5f * h * h);
+  }
 }
 
-template <typename T, int VEC>
+template <typename T, int VEC, bool TANH>
 __global__ void bias_gelu_forward_kernel(T* __restrict__ out, const T* __restrict__ pre,
                                          const T* __restrict__ bias, int64_t packs, int H) {
   for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < packs;
@@ -44,12 +66,12 @@ __global__ void bias_gelu_forward_kernel(T* __restrict__ out, const T* __restric
     Pack<T, VEC> y;
 #pragma unroll
     for (int j = 0; j < VEC; ++j)
-      y.v[j] = from_float<T>(gelu_tanh(to_float(h.v[j]) + (bias != nullptr ? to_float(b.v[j]) : 0.f)));
+      y.v[j] = from_float<T>(gelu<TANH>(to_float(h.v[j]) + (bias != nullptr ? to_float(b.v[j]) : 0.f)));
     store_pack(out + i, y);
   }
 }
 
-template <typename T, int VEC>
+template <typename T, int VEC, bool TANH>
 __global__ void bias_gelu_backward_kernel(T* __restrict__ dpre, const T* __restrict__ dout,
                                           const T* __restrict__ pre, const T* __restrict__ bias,
                                           int64_t packs, int H) {
@@ -65,7 +87,7 @@ __global__ void bias_gelu_backward_kernel(T* __restrict__ dpre, const T* __restr
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       const float hb = to_float(h.v[j]) + (bias != nullptr ? to_float(b.v[j]) : 0.f);
-      d.v[j] = from_float<T>(to_float(g.v[j]) * gelu_tanh_grad(hb));
+      d.v[j] = from_float<T>(to_float(g.v[j]) * gelu_grad<TANH>(hb));
     }
     store_pack(dpre + i, d);
   }
@@ -99,9 +121,17 @@ void launch_elementwise(int64_t numel, int H, std::initializer_list<const at::Te
   launch(vec, packs, dim3(unsigned(blocks)));
 }
 
+// Runs f(std::bool_constant<TANH>{}) for the GELU flavour.
+template <typename F>
+void dispatch_gelu(bool approximate_tanh, F&& f) {
+  if (approximate_tanh) f(std::true_type{});
+  else f(std::false_type{});
+}
+
 }  // namespace
 
-at::Tensor bias_gelu_forward(const at::Tensor& pre, const std::optional<at::Tensor>& bias) {
+at::Tensor bias_gelu_forward(const at::Tensor& pre, const std::optional<at::Tensor>& bias,
+                             bool approximate_tanh) {
   check_bias(pre, bias);
   const c10::cuda::CUDAGuard guard(pre.device());
   at::Tensor out = at::empty_like(pre);
@@ -109,24 +139,27 @@ at::Tensor bias_gelu_forward(const at::Tensor& pre, const std::optional<at::Tens
   const int H = int(pre.size(-1));
   dispatch_float_bf16(pre.scalar_type(), "bias_gelu", [&](auto tag) {
     using T = decltype(tag);
-    launch_elementwise<T>(pre.numel(), H, {&pre, &out, bias ? &*bias : &pre},
-                          [&](bool vec, int64_t packs, dim3 grid) {
-      const auto stream = current_stream();
-      const T* b = bias ? const_data_as<T>(*bias) : nullptr;
-      if (vec)
-        bias_gelu_forward_kernel<T, vec_width<T>()><<<grid, THREADS, 0, stream>>>(
-            data_as<T>(out), const_data_as<T>(pre), b, packs, H);
-      else
-        bias_gelu_forward_kernel<T, 1><<<grid, THREADS, 0, stream>>>(
-            data_as<T>(out), const_data_as<T>(pre), b, packs, H);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    dispatch_gelu(approximate_tanh, [&](auto tanh_tag) {
+      constexpr bool TANH = decltype(tanh_tag)::value;
+      launch_elementwise<T>(pre.numel(), H, {&pre, &out, bias ? &*bias : &pre},
+                            [&](bool vec, int64_t packs, dim3 grid) {
+        const auto stream = current_stream();
+        const T* b = bias ? const_data_as<T>(*bias) : nullptr;
+        if (vec)
+          bias_gelu_forward_kernel<T, vec_width<T>(), TANH><<<grid, THREADS, 0, stream>>>(
+              data_as<T>(out), const_data_as<T>(pre), b, packs, H);
+        else
+          bias_gelu_forward_kernel<T, 1, TANH><<<grid, THREADS, 0, stream>>>(
+              data_as<T>(out), const_data_as<T>(pre), b, packs, H);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   });
   return out;
 }
 
 at::Tensor bias_gelu_backward(const at::Tensor& dout, const at::Tensor& pre,
-                              const std::optional<at::Tensor>& bias) {
+                              const std::optional<at::Tensor>& bias, bool approximate_tanh) {
   check_bias(pre, bias);
   check_same_device(pre, "pre", dout, "dout");
   check_contiguous(dout, "dout");
@@ -139,17 +172,20 @@ at::Tensor bias_gelu_backward(const at::Tensor& dout, const at::Tensor& pre,
   const int H = int(pre.size(-1));
   dispatch_float_bf16(pre.scalar_type(), "bias_gelu backward", [&](auto tag) {
     using T = decltype(tag);
-    launch_elementwise<T>(pre.numel(), H, {&pre, &dout, &dpre, bias ? &*bias : &pre},
-                          [&](bool vec, int64_t packs, dim3 grid) {
-      const auto stream = current_stream();
-      const T* b = bias ? const_data_as<T>(*bias) : nullptr;
-      if (vec)
-        bias_gelu_backward_kernel<T, vec_width<T>()><<<grid, THREADS, 0, stream>>>(
-            data_as<T>(dpre), const_data_as<T>(dout), const_data_as<T>(pre), b, packs, H);
-      else
-        bias_gelu_backward_kernel<T, 1><<<grid, THREADS, 0, stream>>>(
-            data_as<T>(dpre), const_data_as<T>(dout), const_data_as<T>(pre), b, packs, H);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    dispatch_gelu(approximate_tanh, [&](auto tanh_tag) {
+      constexpr bool TANH = decltype(tanh_tag)::value;
+      launch_elementwise<T>(pre.numel(), H, {&pre, &dout, &dpre, bias ? &*bias : &pre},
+                            [&](bool vec, int64_t packs, dim3 grid) {
+        const auto stream = current_stream();
+        const T* b = bias ? const_data_as<T>(*bias) : nullptr;
+        if (vec)
+          bias_gelu_backward_kernel<T, vec_width<T>(), TANH><<<grid, THREADS, 0, stream>>>(
+              data_as<T>(dpre), const_data_as<T>(dout), const_data_as<T>(pre), b, packs, H);
+        else
+          bias_gelu_backward_kernel<T, 1, TANH><<<grid, THREADS, 0, stream>>>(
+              data_as<T>(dpre), const_data_as<T>(dout), const_data_as<T>(pre), b, packs, H);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   });
   return dpre;

@@ -1,5 +1,5 @@
 // The Python module `kernels._C`: one function per kernel entry point (declared in
-// kernels.h). kernels/cuda.py wraps each in a torch.library custom op with autograd.
+// kernels.h). kernels/cuda/ wraps each in a torch.library custom op with autograd.
 #include <torch/extension.h>
 
 #include "kernels.h"
@@ -15,10 +15,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "LayerNorm backward (+ ds for the residual-fused variant): -> (dx, dweight, dbias)",
         py::arg("dy"), py::arg("ds"), py::arg("x"), py::arg("weight"), py::arg("mean"),
         py::arg("rstd"));
-  m.def("bias_gelu_forward", &gptk::bias_gelu_forward, "gelu_tanh(pre + bias)", py::arg("pre"),
-        py::arg("bias"));
-  m.def("bias_gelu_backward", &gptk::bias_gelu_backward, "dout * gelu_tanh'(pre + bias)",
-        py::arg("dout"), py::arg("pre"), py::arg("bias"));
+  m.def("bias_gelu_forward", &gptk::bias_gelu_forward,
+        "gelu(pre + bias), tanh-approximated or exact", py::arg("pre"), py::arg("bias"),
+        py::arg("approximate_tanh"));
+  m.def("bias_gelu_backward", &gptk::bias_gelu_backward, "dout * gelu'(pre + bias)",
+        py::arg("dout"), py::arg("pre"), py::arg("bias"), py::arg("approximate_tanh"));
   m.def("cross_entropy_forward", &gptk::cross_entropy_forward,
         "per-row cross-entropy: -> (losses, lse)", py::arg("logits"), py::arg("targets"),
         py::arg("ignore_index"));
@@ -26,12 +27,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "d logits from per-row loss gradients", py::arg("dlosses"), py::arg("logits"),
         py::arg("targets"), py::arg("lse"), py::arg("ignore_index"));
   m.def("cross_entropy_forward_backward_", &gptk::cross_entropy_forward_backward_,
-        "per-row losses; logits overwritten with grad_scale * d loss / d logits",
-        py::arg("logits"), py::arg("targets"), py::arg("grad_scale"), py::arg("ignore_index"));
+        "per-row losses; logits overwritten with row_weight * d loss / d logits",
+        py::arg("logits"), py::arg("targets"), py::arg("row_weight"), py::arg("ignore_index"));
   m.def("attention_forward", &gptk::attention_forward,
-        "causal attention: -> (out, lse in log2 units)", py::arg("q"), py::arg("k"), py::arg("v"),
-        py::arg("scale"));
-  m.def("attention_backward", &gptk::attention_backward, "causal attention backward: -> (dq, dk, dv)",
+        "causal attention (bf16 kernels: version 1 or 2): -> (out, lse in log2 units)",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("version"));
+  m.def("attention_backward", &gptk::attention_backward,
+        "causal attention backward (deterministic: version 2 without atomics): -> (dq, dk, dv)",
         py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),
-        py::arg("scale"));
+        py::arg("scale"), py::arg("version"), py::arg("deterministic"));
 }

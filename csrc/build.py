@@ -16,7 +16,7 @@ from pathlib import Path
 
 CSRC = Path(__file__).resolve().parent
 SOURCES = ("bindings.cpp", "layer_norm.cu", "bias_gelu.cu", "cross_entropy.cu",
-           "attention.cu", "attention_bf16.cu", "attention_fp32.cu")
+           "attention.cu", "attention_bf16.cu", "attention_bf16_v2.cu", "attention_fp32.cu")
 EXTENSION_NAME = "kernels._C"
 SKIP_ENV = "GPTK_NO_CUDA_EXT"
 # A100 (sm_80) and H100/H200 (sm_90) machine code, plus sm_90 PTX that the driver can JIT

@@ -123,13 +123,15 @@ __device__ __forceinline__ void write_row_gradient(T* grad, const T* logits, int
   }
 }
 
-// losses[row] (and lse[row]); with WRITE_GRAD also grad = grad_scale[0] * d loss / d logits,
-// where grad may be logits itself.
+// losses[row] (and lse[row]); with WRITE_GRAD also
+// grad = row_weight[row * row_weight_stride] * d loss / d logits, where grad may be logits
+// itself (a stride of 0 weighs every row alike).
 template <typename T, typename Index, int VEC, bool WRITE_GRAD>
 __global__ void cross_entropy_forward_kernel(float* __restrict__ losses, float* __restrict__ lse_out,
                                              T* grad, const T* logits,
                                              const Index* __restrict__ targets,
-                                             const float* __restrict__ grad_scale, int V,
+                                             const float* __restrict__ row_weight,
+                                             int64_t row_weight_stride, int V,
                                              int64_t ignore_index) {
   const int64_t row = blockIdx.x;
   const T* x = logits + row * V;
@@ -156,7 +158,7 @@ __global__ void cross_entropy_forward_kernel(float* __restrict__ losses, float* 
     if (lse_out != nullptr) lse_out[row] = lse;
   }
   if constexpr (WRITE_GRAD) {
-    const float scale = in_range ? grad_scale[0] : NAN;
+    const float scale = in_range ? row_weight[row * row_weight_stride] : NAN;
     write_row_gradient<VEC>(grad + row * V, x, V, target, false, lse, scale);
   }
 }
@@ -220,7 +222,7 @@ std::vector<at::Tensor> cross_entropy_forward(const at::Tensor& logits, const at
     cross_entropy_forward_kernel<T, Index, vec_width<T>(), false>
         <<<unsigned(rows), THREADS, 0, current_stream()>>>(
             data_as<float>(losses), data_as<float>(lse), nullptr, const_data_as<T>(logits),
-            const_data_as<Index>(targets), nullptr, V, ignore_index);
+            const_data_as<Index>(targets), nullptr, 0, V, ignore_index);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {losses, lse};
@@ -258,12 +260,13 @@ at::Tensor cross_entropy_backward(const at::Tensor& dlosses, const at::Tensor& l
 }
 
 at::Tensor cross_entropy_forward_backward_(at::Tensor& logits, const at::Tensor& targets,
-                                           const at::Tensor& grad_scale, int64_t ignore_index) {
+                                           const at::Tensor& row_weight, int64_t ignore_index) {
   check_logits_targets(logits, targets);
-  check_same_device(logits, "logits", grad_scale, "grad_scale");
-  TORCH_CHECK(grad_scale.scalar_type() == at::kFloat && grad_scale.numel() == 1,
-              "grad_scale must be a 1-element float32 tensor, got ", grad_scale.scalar_type(),
-              " ", grad_scale.sizes());
+  check_same_device(logits, "logits", row_weight, "row_weight");
+  TORCH_CHECK(row_weight.scalar_type() == at::kFloat && row_weight.dim() == 1 &&
+                  row_weight.size(0) == logits.size(0),
+              "row_weight must be a float32 tensor of shape (", logits.size(0), ",), got ",
+              row_weight.scalar_type(), " ", row_weight.sizes());
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t rows = logits.size(0);
   at::Tensor losses = at::empty({rows}, logits.options().dtype(at::kFloat));
@@ -275,7 +278,8 @@ at::Tensor cross_entropy_forward_backward_(at::Tensor& logits, const at::Tensor&
     cross_entropy_forward_kernel<T, Index, vec_width<T>(), true>
         <<<unsigned(rows), THREADS, 0, current_stream()>>>(
             data_as<float>(losses), nullptr, data_as<T>(logits), const_data_as<T>(logits),
-            const_data_as<Index>(targets), const_data_as<float>(grad_scale), V, ignore_index);
+            const_data_as<Index>(targets), const_data_as<float>(row_weight),
+            row_weight.stride(0), V, ignore_index);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return losses;

@@ -29,12 +29,14 @@ std::vector<at::Tensor> layer_norm_backward(const at::Tensor& dy,
                                             const at::Tensor& x, const at::Tensor& weight,
                                             const at::Tensor& mean, const at::Tensor& rstd);
 
-// gelu_tanh(pre + bias) for pre (..., H) and bias (H,).
-at::Tensor bias_gelu_forward(const at::Tensor& pre, const std::optional<at::Tensor>& bias);
+// gelu(pre + bias) for pre (..., H) and bias (H,): GPT-2's tanh approximation when
+// approximate_tanh, else the exact erf form.
+at::Tensor bias_gelu_forward(const at::Tensor& pre, const std::optional<at::Tensor>& bias,
+                             bool approximate_tanh);
 
-// d pre = d out * gelu_tanh'(pre + bias).
+// d pre = d out * gelu'(pre + bias), in the same flavour.
 at::Tensor bias_gelu_backward(const at::Tensor& dout, const at::Tensor& pre,
-                              const std::optional<at::Tensor>& bias);
+                              const std::optional<at::Tensor>& bias, bool approximate_tanh);
 
 // Per-row cross-entropy of logits (N, V) against targets (N,): returns {losses, lse} (fp32;
 // 0 loss for ignored rows).
@@ -47,19 +49,21 @@ at::Tensor cross_entropy_backward(const at::Tensor& dlosses, const at::Tensor& l
                                   int64_t ignore_index);
 
 // The fused pass: returns the per-row losses and overwrites logits with
-// grad_scale * d(loss_row)/d(logits) (grad_scale: a 1-element fp32 tensor on the device).
+// row_weight[row] * d(loss_row)/d(logits) (row_weight: fp32 (rows,) on the device, any
+// stride: an expanded scalar weighs every row alike).
 at::Tensor cross_entropy_forward_backward_(at::Tensor& logits, const at::Tensor& targets,
-                                           const at::Tensor& grad_scale, int64_t ignore_index);
+                                           const at::Tensor& row_weight, int64_t ignore_index);
 
 // Causal attention on (B, H, T, D) q, k, v: returns {o (B, H, T, D), lse (B, H, T) fp32, in
-// log2 units}.
+// log2 units}. `version` (1 or 2) picks the bf16 kernels (attention.cu); fp32 has one.
 std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k,
-                                          const at::Tensor& v, double scale);
+                                          const at::Tensor& v, double scale, int64_t version);
 
-// Returns {dq, dk, dv}.
+// Returns {dq, dk, dv}. `deterministic` gives version 2 a dQ without atomics (run-to-run
+// identical); version 1 and fp32 are deterministic anyway.
 std::vector<at::Tensor> attention_backward(const at::Tensor& dout, const at::Tensor& q,
                                            const at::Tensor& k, const at::Tensor& v,
                                            const at::Tensor& out, const at::Tensor& lse,
-                                           double scale);
+                                           double scale, int64_t version, bool deterministic);
 
 }  // namespace gptk

@@ -17,6 +17,8 @@ from gpt.model import GPT, GPTConfig
 _COMPILED_PREFIX = "_orig_mod."  # what torch.compile adds to every state-dict key
 _MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")
 _HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# Hugging Face's activation_function names -> our gelu_approximate (GPT-2's is gelu_new).
+_HF_GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
 
 
 def clean_state_dict(state: dict) -> dict:
@@ -31,24 +33,46 @@ def clean_state_dict(state: dict) -> dict:
     return out
 
 
+class CheckpointError(ValueError):
+    """A file that should be a checkpoint cannot be read as one (truncated, corrupted, or
+    not a GPT checkpoint at all)."""
+
+
 def load_checkpoint_file(path, map_location="cpu") -> dict:
     path = Path(path)
     if path.is_dir():
         path = path / "ckpt.pt"
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # torch.load raises whatever the unpickler or zip reader did
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupted? "
+                              f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
-        raise ValueError(f"{path} is not a GPT checkpoint (expected a dict with 'model' and "
-                         f"'model_args')")
+        raise CheckpointError(f"{path} is not a GPT checkpoint (expected a dict with 'model' "
+                              f"and 'model_args')")
     return ckpt
+
+
+def model_config(model_args: dict, **overrides) -> GPTConfig:
+    """The GPTConfig of a checkpoint's model_args, with `overrides` applied.
+
+    model_args without `gelu_approximate` predate the field: nanoGPT's (which have no
+    `backend` either) were trained with nn.GELU(), the exact GELU; ours (which have a
+    `backend`) with GPT-2's tanh approximation. Evaluating a model with the other flavour
+    shifts every MLP activation by up to ~1e-3."""
+    args = dict(model_args)
+    if "gelu_approximate" not in args:
+        args["gelu_approximate"] = "tanh" if "backend" in args else "none"
+    return GPTConfig.from_dict({**args, **overrides})
 
 
 def load_model(path, map_location="cpu", **overrides) -> GPT:
     """A GPT from our checkpoint or nanoGPT's ckpt.pt (a file, or a directory holding one).
     `overrides` replace model_args fields (e.g. backend="triton", dropout=0.0)."""
     ckpt = load_checkpoint_file(path, map_location)
-    model = GPT(GPTConfig.from_dict({**ckpt["model_args"], **overrides}))
+    model = GPT(model_config(ckpt["model_args"], **overrides))
     model.load_state_dict(clean_state_dict(ckpt["model"]))
     return model
 
@@ -97,8 +121,13 @@ def load_hf_gpt2(path, **overrides) -> GPT:
     hf = _read_hf_config(path)
     if hf.get("model_type", "gpt2") != "gpt2":
         raise ValueError(f"{path} holds a {hf['model_type']!r} model, not GPT-2")
+    activation = hf.get("activation_function", "gelu_new")
+    if activation not in _HF_GELU:
+        raise ValueError(f"{path}: activation_function {activation!r} is not a GELU this model "
+                         f"implements ({sorted(_HF_GELU)})")
     args = dict(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
-                block_size=hf["n_positions"], vocab_size=hf["vocab_size"], bias=True, dropout=0.0)
+                block_size=hf["n_positions"], vocab_size=hf["vocab_size"], bias=True, dropout=0.0,
+                gelu_approximate=_HF_GELU[activation])
     model = GPT(GPTConfig(**{**args, **overrides}))
     weights = {k.removeprefix("transformer."): v
                for k, v in clean_state_dict(_read_hf_weights(path)).items()}

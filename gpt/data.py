@@ -10,9 +10,7 @@ A prepared dataset is a directory holding
 Sources: a text file, a URL (downloaded once, into the directory, as input.txt), or
 "default", the embedded corpus of `gpt.corpus` (no network needed).
 
-GPT-2 BPE uses tiktoken, which downloads its vocabulary files once and keeps them in
-TIKTOKEN_CACHE_DIR (default: a data-gym-cache folder in the temp directory); offline and
-without them, preparing or decoding GPT-2 BPE fails with a message saying so.
+GPT-2 BPE is tiktoken's `gpt2` encoding, offline too (see `gpt.tokenizer`).
 
     python -m gpt.data input.txt data/mytext --tokenizer=char     # or: gpt-prepare ...
 """
@@ -31,6 +29,7 @@ import numpy as np
 import torch
 
 from gpt.corpus import CORPUS_ID, default_corpus_text
+from gpt.tokenizer import ENDOFTEXT, gpt2_encoding
 
 TOKENIZERS = ("char", "gpt2")
 SPLITS = ("train", "val")
@@ -43,7 +42,7 @@ _DOWNLOAD_NAME = "input.txt"
 
 
 class DataError(RuntimeError):
-    """A dataset cannot be prepared or read (bad text, no network, no tokenizer files)."""
+    """A dataset cannot be prepared or read (bad text, no network)."""
 
 
 # ----------------------------------------------------------------------------- preparing
@@ -73,7 +72,7 @@ def prepare(source, out_dir, tokenizer: str = "char", val_fraction: float = 0.1)
     if tokenizer == "char":
         meta, encode = _char_vocabulary(text)
     else:
-        encoding = _gpt2_encoding()
+        encoding = gpt2_encoding()
         meta = {"vocab_size": encoding.n_vocab, "tokenizer": "gpt2"}
         encode = encoding.encode_ordinary
     for split, part in zip(SPLITS, (text[:cut], text[cut:])):
@@ -140,17 +139,6 @@ def _codepoints(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
 
 
-def _gpt2_encoding():
-    import tiktoken
-
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as exc:  # tiktoken raises whatever its download raised
-        raise DataError(f"GPT-2 BPE needs tiktoken's 'gpt2' vocabulary files, which could "
-                        f"not be loaded ({type(exc).__name__}: {exc}). Fetch them once online, "
-                        f"or point TIKTOKEN_CACHE_DIR at a directory holding them") from exc
-
-
 # ----------------------------------------------------------------------------- reading
 
 def load_meta(data_dir) -> dict:
@@ -191,8 +179,8 @@ def tokenizer_from_meta(meta: dict) -> tuple[Encoder, Decoder]:
 
         return encode, lambda ids: "".join(itos[i] for i in ids)
     if meta.get("tokenizer") == "gpt2":
-        encoding = _gpt2_encoding()
-        return (lambda text: encoding.encode(text, allowed_special={"<|endoftext|>"}),
+        encoding = gpt2_encoding()
+        return (lambda text: encoding.encode(text, allowed_special={ENDOFTEXT}),
                 encoding.decode)
     raise ValueError(f"unrecognized meta (keys {sorted(meta)}): expected a char vocabulary "
                      f"('stoi', 'itos') or tokenizer='gpt2'")

@@ -6,7 +6,8 @@ transposed weights), so its checkpoints load as they are. Differences from nanoG
 - the residual add before each block's second LayerNorm is fused with it (`add_layer_norm`);
 - the loss fuses the lm_head with cross-entropy (`linear_cross_entropy`), so training never
   holds the full (B*T, vocab) logits;
-- a KV cache makes generation cost one token's work per step instead of the whole prefix.
+- a KV cache makes generation cost one token's work per step instead of the whole prefix;
+- `run_with_cache` returns the named activations of a forward pass (`gpt.hooks`).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import kernels
+from gpt.hooks import ActivationCache
 
 
 @dataclass
@@ -30,6 +32,9 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # biases in the Linears and LayerNorms, as GPT-2
     backend: str = "torch"  # kernels backend for every op: torch | triton | cuda | auto
+    # The MLP's GELU: "tanh" is GPT-2's approximation (Hugging Face GPT-2 uses it too),
+    # "none" the exact erf form of nanoGPT's nn.GELU(). Checkpoints record it.
+    gelu_approximate: str = "tanh"
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -40,6 +45,9 @@ class GPTConfig:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.gelu_approximate not in ("tanh", "none"):
+            raise ValueError(f"gelu_approximate must be 'tanh' or 'none', got "
+                             f"{self.gelu_approximate!r}")
         if self.backend not in kernels.BACKENDS + (kernels.AUTO,):
             raise ValueError(f"unknown backend {self.backend!r}; choose one of "
                              f"{kernels.BACKENDS + (kernels.AUTO,)}")
@@ -102,12 +110,15 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.backend = config.backend
 
-    def forward(self, x, kv_cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, kv_cache: KVCache | None = None, layer: int = 0,
+                activations: ActivationCache | None = None):
         B, T, C = x.shape
         # (B, T, 3, H, D) -> three (B, H, T, D) views: strided, no transposed copies.
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         if kv_cache is not None:
             k, v = kv_cache.append(layer, k, v)
+        if activations is not None:
+            activations.record_attention(layer, q, k)
         y = kernels.causal_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
                                      backend=self.backend)
         y = y.transpose(1, 2).reshape(B, T, C)
@@ -121,10 +132,11 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
         self.backend = config.backend
+        self.gelu_approximate = config.gelu_approximate
 
     def forward(self, x):
         y = kernels.mlp_gelu(x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight,
-                             self.c_proj.bias, backend=self.backend)
+                             self.c_proj.bias, self.gelu_approximate, backend=self.backend)
         return self.dropout(y)
 
 
@@ -136,9 +148,16 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, config.bias, config.backend)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv_cache: KVCache | None = None, layer: int = 0):
-        x, h = self.ln_2.add_forward(self.attn(self.ln_1(x), kv_cache, layer), x)
-        return x + self.mlp(h)
+    def forward(self, x, kv_cache: KVCache | None = None, layer: int = 0,
+                activations: ActivationCache | None = None):
+        attn_out = self.attn(self.ln_1(x), kv_cache, layer, activations)
+        resid_mid, h = self.ln_2.add_forward(attn_out, x)
+        mlp_out = self.mlp(h)
+        resid_post = resid_mid + mlp_out
+        if activations is not None:
+            activations.record_block(layer, resid_pre=x, attn_out=attn_out, resid_mid=resid_mid,
+                                     mlp_out=mlp_out, resid_post=resid_post)
+        return resid_post
 
 
 class GPT(nn.Module):
@@ -176,8 +195,10 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def hidden_states(self, idx, kv_cache: KVCache | None = None):
-        """The final-LayerNorm output (B, T, C) for token ids idx (B, T)."""
+    def hidden_states(self, idx, kv_cache: KVCache | None = None,
+                      activations: ActivationCache | None = None):
+        """The final-LayerNorm output (B, T, C) for token ids idx (B, T); the forward's
+        activations are recorded into `activations` when one is given."""
         if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"idx must be a (batch, seq) tensor of token ids, got "
                              f"{idx.dtype} of shape {tuple(idx.shape)}")
@@ -187,12 +208,18 @@ class GPT(nn.Module):
             raise ValueError(f"cannot forward {start + T} positions, block_size is "
                              f"{self.config.block_size}")
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        tok_emb, pos_emb = self.transformer.wte(idx), self.transformer.wpe(pos)
+        if activations is not None:
+            activations.record(embed=tok_emb, pos_embed=pos_emb)
+        x = self.transformer.drop(tok_emb + pos_emb)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, kv_cache, layer)
+            x = block(x, kv_cache, layer, activations)
         if kv_cache is not None:
             kv_cache.length += T
-        return self.transformer.ln_f(x)
+        x = self.transformer.ln_f(x)
+        if activations is not None:
+            activations.record(ln_f=x)
+        return x
 
     def forward(self, idx, targets=None, kv_cache: KVCache | None = None):
         """Returns (logits, loss).
@@ -211,6 +238,12 @@ class GPT(nn.Module):
     def logits(self, idx):
         """Logits of every position (B, T, V)."""
         return self.lm_head(self.hidden_states(idx))
+
+    def run_with_cache(self, idx) -> tuple[torch.Tensor, ActivationCache]:
+        """Logits of every position (B, T, V), the same as `logits(idx)`, and the named
+        activations of that forward pass (see `gpt.hooks` for the names)."""
+        activations = ActivationCache()
+        return self.lm_head(self.hidden_states(idx, activations=activations)), activations
 
     def crop_block_size(self, block_size: int) -> None:
         """Shrink the context length (e.g. to fine-tune GPT-2 with a shorter block)."""

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 import kernels
-from gpt.checkpoint import clean_state_dict, load_checkpoint_file
+from gpt.checkpoint import clean_state_dict, load_checkpoint_file, model_config
 from gpt.configurator import ConfigError, configure, usage
 from gpt.data import DataError, load_meta, tokenizer_from_meta
-from gpt.model import GPT, GPTConfig
+from gpt.model import GPT
 from gpt.train import DTYPES, default_device, default_dtype
 
 GPT2_META = {"vocab_size": 50257, "tokenizer": "gpt2"}
@@ -56,25 +56,36 @@ def check_config(config: SampleConfig) -> None:
         raise ConfigError(f"top_k must be >= 0 (0 = no top-k filtering), got {config.top_k}")
     if config.dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {tuple(DTYPES)}, got {config.dtype!r}")
-    if config.backend not in kernels.BACKENDS + (kernels.AUTO,):
+    check_device_and_backend(config.device, config.backend)
+
+
+def check_device_and_backend(device: str, backend: str) -> None:
+    if backend not in kernels.BACKENDS + (kernels.AUTO,):
         raise ConfigError(f"backend must be one of {kernels.BACKENDS + (kernels.AUTO,)}, "
-                          f"got {config.backend!r}")
+                          f"got {backend!r}")
     try:
-        device = torch.device(config.device)
+        device_type = torch.device(device).type
     except RuntimeError:
-        raise ConfigError(f"device {config.device!r} is not a torch device") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} is not a torch device") from None
+    if device_type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device is cuda but CUDA is not available here; pass --device=cpu")
 
 
 def load_for_sampling(config: SampleConfig) -> tuple[GPT, dict]:
     """(model, meta of its vocabulary) for config.init_from."""
-    source = Path(config.out_dir if config.init_from == "resume" else config.init_from)
-    overrides = dict(dropout=0.0, backend=config.backend)
+    source = config.out_dir if config.init_from == "resume" else config.init_from
+    return load_with_vocabulary(source, config.backend)
+
+
+def load_with_vocabulary(source, backend: str) -> tuple[GPT, dict]:
+    """(model without dropout, meta of its vocabulary) from a checkpoint file or a directory
+    holding ckpt.pt (ours or nanoGPT's), or a Hugging Face GPT-2 directory."""
+    source = Path(source)
+    overrides = dict(dropout=0.0, backend=backend)
     if (source / "config.json").is_file() or source.suffix == ".safetensors":  # Hugging Face
         return GPT.from_pretrained(source, **overrides), GPT2_META
     checkpoint = load_checkpoint_file(source)
-    model = GPT(GPTConfig.from_dict({**checkpoint["model_args"], **overrides}))
+    model = GPT(model_config(checkpoint["model_args"], **overrides))
     model.load_state_dict(clean_state_dict(checkpoint["model"]))
     return model, checkpoint_meta(checkpoint)
 

@@ -39,7 +39,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import kernels
-from gpt.checkpoint import clean_state_dict, load_checkpoint_file, save_checkpoint
+from kernels import gpus
+from gpt.checkpoint import (CheckpointError, clean_state_dict, load_checkpoint_file, model_config,
+                            save_checkpoint)
 from gpt.configurator import ConfigError, configure, usage
 from gpt.data import (DEFAULT_SOURCE, TINY_SHAKESPEARE_URL, TOKENIZERS, DataError, batch_at,
                       load_meta, load_split, prepare)
@@ -48,9 +50,6 @@ from gpt.model import GPT, GPTConfig
 # ../shared/data/tinyshakespeare.txt, relative to the repository
 TINY_SHAKESPEARE_FILE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# bf16 dense tensor-core peaks (FLOP/s), matched against the device name, most specific first.
-BF16_PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
-                   ("H200", 989e12), ("A100", 312e12))
 # Independent random streams of one iteration (see iteration_seed).
 DATA_STREAM, DROPOUT_STREAM, EVAL_STREAM = 0, 1, 2
 
@@ -99,6 +98,7 @@ class TrainConfig:
     # numbers were published; its train.py now defaults to False, which ends ~0.03 higher
     # in val loss on the CPU Shakespeare run: bench/results/shakespeare_char/README.md).
     bias: bool = True
+    gelu_approximate: str = "tanh"  # GPT-2's GELU; "none" = exact (nanoGPT's nn.GELU())
     backend: str = "auto"  # kernels: torch | triton | cuda | auto
     # AdamW
     learning_rate: float = 6e-4
@@ -162,6 +162,9 @@ def check_config(config: TrainConfig, world_size: int) -> None:
     if config.gradient_accumulation_steps % world_size:
         fail(f"gradient_accumulation_steps ({config.gradient_accumulation_steps}) must be "
              f"divisible by the number of processes ({world_size})")
+    if config.gelu_approximate not in ("tanh", "none"):
+        fail(f"gelu_approximate must be 'tanh' (GPT-2) or 'none' (exact), got "
+             f"{config.gelu_approximate!r}")
     if config.dtype not in DTYPES:
         fail(f"dtype must be one of {tuple(DTYPES)}, got {config.dtype!r}")
     if config.tokenizer not in TOKENIZERS:
@@ -212,11 +215,12 @@ def build_model(config: TrainConfig, meta: dict | None, device) -> tuple[GPT, di
         vocab_size = meta["vocab_size"] if meta else 50304  # nanoGPT: GPT-2's, padded
         model = GPT(GPTConfig(block_size=config.block_size, vocab_size=vocab_size,
                               n_layer=config.n_layer, n_head=config.n_head,
-                              n_embd=config.n_embd, bias=config.bias, **overrides))
+                              n_embd=config.n_embd, bias=config.bias,
+                              gelu_approximate=config.gelu_approximate, **overrides))
         how = "Initializing a new model from scratch"
     elif config.init_from == "resume":
         checkpoint = load_checkpoint_file(config.out_dir, map_location=device)
-        model = GPT(GPTConfig.from_dict({**checkpoint["model_args"], **overrides}))
+        model = GPT(model_config(checkpoint["model_args"], **overrides))
         model.load_state_dict(clean_state_dict(checkpoint["model"]))
         how = f"Resuming training from {config.out_dir} at iter {checkpoint['iter_num']}"
     else:
@@ -318,9 +322,10 @@ def device_peak_flops(config: TrainConfig, device: torch.device) -> tuple[float 
         return config.peak_flops, f"{config.peak_flops / 1e12:g} TFLOP/s (--peak_flops)"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, peak in BF16_PEAK_FLOPS:
-            if key in name:
-                return peak, f"{peak / 1e12:g} TFLOP/s, the bf16 dense peak of {name}"
+        gpu = gpus.gpu_by_name(name)  # the project's one table of datasheet peaks
+        if gpu is not None:
+            peak = gpu.flops["bf16"]
+            return peak, f"{peak / 1e12:g} TFLOP/s, the bf16 dense peak of {name}"
         return None, f"n/a: the peak of {name} is unknown (pass --peak_flops=FLOP/s)"
     return None, f"n/a: no known peak for {device.type} (pass --peak_flops=FLOP/s)"
 
@@ -503,7 +508,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         train(configure(TrainConfig(), argv, verbose=Distributed.from_env().master))
-    except (ConfigError, DataError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as exc:
         print(f"gpt-train: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -3,10 +3,11 @@
     import kernels
     kernels.available_backends()            # which backends run here, and why not
     y = kernels.layer_norm(x, w, b, backend="triton")
-    kernels.set_default_backend("auto")     # fastest available per op and device
+    kernels.set_default_backend("auto")     # per call, the first backend that supports it
 """
-from kernels.backends import (AUTO, BACKENDS, BackendStatus, BackendUnavailableError,
-                              available_backends, get_default_backend, set_default_backend)
+from kernels.availability import BackendStatus, BackendUnavailableError
+from kernels.backends import (AUTO, BACKENDS, available_backends, get_default_backend,
+                              set_default_backend)
 from kernels.ops import (OPS, add_layer_norm, causal_attention, cross_entropy, layer_norm,
                          linear_cross_entropy, mlp_gelu)
 

@@ -1,51 +1,53 @@
-"""The one place that knows which kernel backends exist, which are usable here, and why not.
+"""The one place that knows which kernel backends exist, which can run here and why not,
+and which one runs a given call.
 
-A backend is a module that defines a function per op it implements, each with the
-op's public signature (see `kernels.ops`). Three exist:
+A backend is a package that provides, for the ops it implements, a function with the
+op's canonical signature (`OPS`, keyed by op name; see `kernels.specs`), and declares
+which calls it supports: `unsupported(call)` returns None, or the limit the call exceeds
+(a dtype it lacks, a head dim too large, ...). Three exist:
 
-- ``torch``  — pure PyTorch (`kernels.torch_backend`): runs anywhere, the CPU fallback.
+- ``torch``  — pure PyTorch (`kernels.torch_backend`): every op, every call, anywhere; the
+  CPU fallback.
 - ``triton`` — Triton kernels (`kernels.triton`): needs a CUDA GPU, or the Triton
   interpreter (``TRITON_INTERPRET=1``) on the CPU, which is slow and meant for tests.
 - ``cuda``   — the compiled C++/CUDA extension (`kernels.cuda`): needs the built
   extension and a CUDA GPU.
 
-``"auto"`` picks, per call, the fastest backend that is available, implements the op
-and runs on the inputs' device (cuda > triton > torch; never the interpreter).
-The process-wide default is ``"torch"``; change it with `set_default_backend` or the
-``KERNELS_BACKEND`` environment variable.
+``"auto"`` runs each call on the first backend, in the order cuda, triton, torch, that is
+available, runs on the inputs' device (never the interpreter) and supports the call, so
+it never picks a backend that would then refuse. An explicitly named backend that cannot
+run a call raises `BackendUnavailableError` naming the limit, with one exception: a call
+using a feature only the `torch` backend implements (attention dropout, queries shorter
+than keys) runs there, with a warning the first time. The process-wide default is
+``"auto"``; change it with `set_default_backend` or the ``KERNELS_BACKEND`` variable.
 """
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import importlib.util
 import os
-from dataclasses import dataclass
+import warnings
 from types import ModuleType
+from typing import Callable
 
 import torch
+
+from kernels.availability import (BackendStatus, BackendUnavailableError,
+                                  triton_interpreter_enabled)
+from kernels.specs import OPS, Call
 
 BACKENDS = ("torch", "triton", "cuda")
 AUTO = "auto"
 _AUTO_PREFERENCE = ("cuda", "triton", "torch")
 _MODULES = {"torch": "kernels.torch_backend", "triton": "kernels.triton", "cuda": "kernels.cuda"}
 
-
-class BackendUnavailableError(RuntimeError):
-    """A backend was asked for that cannot run here (or cannot run this op / these inputs)."""
-
-
-@dataclass(frozen=True)
-class BackendStatus:
-    name: str
-    available: bool
-    reason: str  # why it is unavailable, or what it runs on when it is available
-
-    def __str__(self) -> str:
-        return f"{self.name:6s} {'yes' if self.available else 'no ':3s}  {self.reason}"
+__all__ = ["AUTO", "BACKENDS", "BackendStatus", "BackendUnavailableError", "available_backends",
+           "backend_status", "get_default_backend", "prepare", "resolve", "resolve_name",
+           "set_default_backend", "triton_interpreter_enabled", "why_unsupported"]
 
 
-def triton_interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
+# ----------------------------------------------------------------------------- availability
 
 def _probe_torch() -> BackendStatus:
     device = "CUDA GPU and CPU" if torch.cuda.is_available() else "CPU"
@@ -53,10 +55,10 @@ def _probe_torch() -> BackendStatus:
 
 
 def _probe_triton() -> BackendStatus:
-    try:
-        import triton
-    except ImportError as exc:
-        return BackendStatus("triton", False, f"triton is not installed ({exc})")
+    # Without importing triton (slow): a CPU run that never uses it should not pay for it.
+    if importlib.util.find_spec("triton") is None:
+        return BackendStatus("triton", False, "triton is not installed")
+    version = importlib.metadata.version("triton")
     if torch.cuda.is_available():
         where = f"CUDA GPU ({torch.cuda.get_device_name()})"
     elif triton_interpreter_enabled():
@@ -64,17 +66,13 @@ def _probe_triton() -> BackendStatus:
     else:
         return BackendStatus("triton", False, "no CUDA GPU (set TRITON_INTERPRET=1 to run the "
                                               "kernels on the CPU under the Triton interpreter)")
-    if not _module("triton").OPS:
-        return BackendStatus("triton", False, "no Triton kernels are implemented yet")
-    return BackendStatus("triton", True, f"triton {triton.__version__} on {where}")
+    return BackendStatus("triton", True, f"triton {version} on {where}")
 
 
 def _probe_cuda() -> BackendStatus:
-    from kernels import cuda as cuda_backend
+    from kernels.cuda import extension
 
-    if not cuda_backend.OPS:
-        return BackendStatus("cuda", False, "no CUDA extension kernels are implemented yet")
-    reason = cuda_backend.unavailable_reason()
+    reason = extension.unavailable_reason()
     if reason is not None:
         return BackendStatus("cuda", False, reason)
     return BackendStatus("cuda", True, f"compiled extension on {torch.cuda.get_device_name()}")
@@ -84,21 +82,28 @@ _PROBES = {"torch": _probe_torch, "triton": _probe_triton, "cuda": _probe_cuda}
 
 # Probe results and imported backend modules, filled on first use. Plain dicts rather than
 # lru_cache: torch.compile traces a lookup in a filled dict, not a cached call (see `prepare`).
-_STATUS: dict[str, BackendStatus] = {}
+_STATUS: dict[str, tuple[int, BackendStatus]] = {}
 _LOADED: dict[str, ModuleType] = {}
 
 
+def _probe_generation(name: str) -> int:
+    """Changes when what a probe depends on may have changed: a JIT build of the cuda
+    extension (`kernels.cuda.build_jit`) makes the cached cuda status stale."""
+    if name != "cuda":
+        return 0
+    from kernels.cuda import extension
+    return extension.generation()
+
+
 def backend_status(name: str) -> BackendStatus:
-    if name not in _STATUS:
-        if name not in _PROBES:
-            raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS + (AUTO,)}")
-        _STATUS[name] = _PROBES[name]()
-    return _STATUS[name]
-
-
-def forget_status(name: str) -> None:
-    """Probe `name` again on next use (after something changed, e.g. a JIT build)."""
-    _STATUS.pop(name, None)
+    """Whether backend `name` can run here, and why (not)."""
+    if name not in _PROBES:
+        raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS + (AUTO,)}")
+    generation = _probe_generation(name)
+    cached = _STATUS.get(name)
+    if cached is None or cached[0] != generation:
+        cached = _STATUS[name] = (generation, _PROBES[name]())
+    return cached[1]
 
 
 def available_backends() -> dict[str, BackendStatus]:
@@ -121,6 +126,8 @@ def prepare(backend: str | None) -> None:
             _module(candidate)
 
 
+# ----------------------------------------------------------------------------- the default
+
 _default_backend = os.environ.get("KERNELS_BACKEND", "torch")
 
 
@@ -141,41 +148,90 @@ def _check_name(name: str) -> str:
     return name
 
 
+# ----------------------------------------------------------------------------- choosing
+
 def _runs_on(name: str, device: torch.device) -> bool:
     if name == "torch":
         return True
     if name == "cuda":
         return device.type == "cuda"
-    return device.type == "cuda" or triton_interpreter_enabled()  # triton
+    return device.type == "cuda" or (device.type == "cpu" and triton_interpreter_enabled())
 
 
-def _implements(name: str, op: str) -> bool:
-    return op in _module(name).OPS
+def _can_take(name: str, op: str, device: torch.device) -> bool:
+    """Available, implementing `op` and running on `device`: the checks that do not
+    depend on the call's arguments."""
+    return (backend_status(name).available and _runs_on(name, device)
+            and op in _module(name).OPS)
+
+
+def _auto_candidates(device: torch.device):
+    for name in _AUTO_PREFERENCE:
+        if name == "triton" and device.type != "cuda":
+            continue  # the interpreter is for tests, never an automatic choice
+        yield name
 
 
 def resolve_name(op: str, backend: str | None, device: torch.device) -> str:
-    """The backend that will run `op` on `device` when `backend` is asked for."""
+    """The backend `backend` stands for when running `op` on `device` with arguments it
+    supports (for describing a run; `resolve` decides per call)."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; ops: {OPS}")
     name = _check_name(backend or get_default_backend())
     if name == AUTO:
-        for candidate in _AUTO_PREFERENCE:
-            if candidate == "triton" and device.type != "cuda":
-                continue  # the interpreter is for tests, never an automatic choice
-            if backend_status(candidate).available and _implements(candidate, op) \
-                    and _runs_on(candidate, device):
-                return candidate
-        return "torch"
+        return next(n for n in _auto_candidates(device) if _can_take(n, op, device))
+    _explain_if_unable(name, op, device)
+    return name
+
+
+def _explain_if_unable(name: str, op: str, device: torch.device) -> None:
     status = backend_status(name)
     if not status.available:
         raise BackendUnavailableError(f"backend {name!r} is not available: {status.reason}")
-    if not _implements(name, op):
+    if op not in _module(name).OPS:
         raise BackendUnavailableError(f"backend {name!r} does not implement {op!r}")
     if not _runs_on(name, device):
         need = "CUDA tensors" if name == "cuda" else "CUDA tensors (or TRITON_INTERPRET=1)"
         raise BackendUnavailableError(
             f"backend {name!r} needs {need} for {op!r}, got tensors on {device}")
-    return name
 
 
-def resolve(op: str, backend: str | None, device: torch.device):
-    """The function that runs `op` for `backend` on `device` (see `resolve_name`)."""
-    return _module(resolve_name(op, backend, device)).OPS[op]
+def why_unsupported(backend: str, call: Call) -> str | None:
+    """Why the explicitly named `backend` would refuse `call`, or None when it runs it
+    (on itself, or on `torch` for a torch-only feature)."""
+    try:
+        _explain_if_unable(_check_name(backend), call.op, call.device)
+    except BackendUnavailableError as exc:
+        return str(exc)
+    if call.torch_only:
+        return None
+    return _module(backend).unsupported(call)
+
+
+_warned_torch_only: set[tuple[str, str]] = set()
+
+
+def resolve(call: Call, backend: str | None) -> Callable:
+    """The function that runs `call` when `backend` (None: the default) is asked for."""
+    name = _check_name(backend or get_default_backend())
+    if name == AUTO:
+        for candidate in _auto_candidates(call.device):
+            if candidate != "torch" and call.torch_only:
+                continue
+            if _can_take(candidate, call.op, call.device) \
+                    and _module(candidate).unsupported(call) is None:
+                return _module(candidate).OPS[call.op]
+        return _module("torch").OPS[call.op]
+    _explain_if_unable(name, call.op, call.device)
+    if call.torch_only and name != "torch":
+        if (name, call.torch_only) not in _warned_torch_only:
+            _warned_torch_only.add((name, call.torch_only))
+            warnings.warn(f"{call.op}: backend {name!r} does not implement {call.torch_only}; "
+                          f"running the 'torch' backend for such calls", stacklevel=3)
+        return _module("torch").OPS[call.op]
+    reason = _module(name).unsupported(call)
+    if reason is not None:
+        raise BackendUnavailableError(f"backend {name!r} cannot run this {call.op} call: "
+                                      f"{reason} (backend='auto' would run it on another "
+                                      f"backend)")
+    return _module(name).OPS[call.op]

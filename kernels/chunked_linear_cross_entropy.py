@@ -1,4 +1,5 @@
-"""Linear + cross-entropy (the lm_head and its loss) without materializing the logits.
+"""Linear + cross-entropy (the lm_head and its loss) without materializing the logits: the
+one chunk loop every backend runs, each with its own per-chunk cross-entropy step.
 
 The full logits of a GPT-2 batch, (B*T, V) = (8192, 50257), are 1.6 GB in fp32, and eager
 cross-entropy keeps several tensors that size alive (logits, log-softmax, their grads).
@@ -21,20 +22,27 @@ writes all of the fp32 dW (V x C) once, so many thin chunks would turn the dW up
 the bottleneck (Liger's ceil(V / C) chunks of ~125 rows at GPT-2 size move 20 GB for it;
 13 chunks of 631 rows move 4 GB).
 
-Gradients in the forward: for reduction mean/sum the upstream gradient is one scalar g for
-every row, so the forward computes the gradients with row weight 1/n_kept (mean) or 1
-(sum) and the backward only scales dx, dW, db by g — no second pass over the vocabulary.
-For reduction 'none' each row has its own upstream gradient g_i, which cannot be factored
-out of dW = sum_i g_i dlogits_i^T x_i, so the forward computes only the losses and the
-backward runs the chunk loop again with row weights g_i.
+Gradients in the forward, scaled in the backward. For reduction mean/sum the upstream
+gradient is one scalar g for every row, so the forward computes the gradients of the
+*sum* of the losses (row weight 1) and the backward scales dx, dW, db by g / n_kept (mean)
+or g (sum) — no second pass over the vocabulary. The scale is applied last on purpose:
+in fp16, dlogits_c = softmax - onehot are stored in the logits' dtype, and folding 1/n
+into them before the GradScaler's 2^16 arrives would flush every probability below
+~6e-8 * n to zero (a ~20x larger dW error than eager fp16 at 8192 x 4096). Unscaled, they
+are probabilities, well inside fp16's range; the scaling happens in fp32. For reduction
+'none' each row has its own upstream gradient g_i, which cannot be factored out of
+dW = sum_i g_i dlogits_i^T x_i, so the forward computes only the losses and the backward
+runs the chunk loop again with row weights g_i.
 
-The chunk's cross-entropy step is pluggable: `torch_chunk_cross_entropy` here (the `torch`
-backend, also the CPU fallback), a Triton kernel in `kernels.triton.linear_cross_entropy`.
+The chunk's cross-entropy step is pluggable (`ChunkCrossEntropy`): `torch_chunk_cross_entropy`
+here (the `torch` backend), a Triton kernel (`kernels.triton.linear_cross_entropy`), a CUDA
+kernel (`kernels.cuda.linear_cross_entropy`). `chunk_loop_op` wraps a loop into one
+torch.library custom op, so torch.compile sees the whole loop as one node.
 """
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -43,8 +51,9 @@ SINGLE_CHUNK_LOGITS = 1 << 22  # up to 16 MB of fp32 logits: one chunk does ever
 MIN_CHUNKS = 8                 # beyond that, at least 8 chunks...
 MAX_CHUNK_LOGITS = 1 << 25     # ...of at most 128 MB of fp32 logits each
 
-# (logits chunk, targets chunk, ignore_index, row weights or None, compute_grad) -> losses
-ChunkCrossEntropy = Callable[[torch.Tensor, torch.Tensor, int, "torch.Tensor | None", bool],
+# (logits chunk, targets chunk, ignore_index, row weights or None, compute_grad) -> losses;
+# with compute_grad the logits are overwritten with row_weight * d loss / d logits.
+ChunkCrossEntropy = Callable[[torch.Tensor, torch.Tensor, int, Optional[torch.Tensor], bool],
                              torch.Tensor]
 
 
@@ -55,6 +64,11 @@ def chunk_rows(n_rows: int, vocab: int) -> int:
         return max(n_rows, 1)
     n_chunks = min(n_rows, max(MIN_CHUNKS, -(-logits // MAX_CHUNK_LOGITS)))
     return -(-n_rows // n_chunks)
+
+
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Losses and gradient sums are fp32 for 16-bit and fp32 inputs, fp64 for fp64."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def reduce_losses(losses: torch.Tensor, targets: torch.Tensor, ignore_index: int,
@@ -68,16 +82,15 @@ def reduce_losses(losses: torch.Tensor, targets: torch.Tensor, ignore_index: int
 
 
 def torch_chunk_cross_entropy(logits, targets, ignore_index, row_weight, compute_grad):
-    """Per-row losses (fp32) of a chunk of logits; with compute_grad, overwrites logits with
-    row_weight * d loss / d logits. Math in fp32 whatever the logits' dtype."""
-    logits_f = logits.float()  # logits itself when already fp32
+    """Per-row losses of a chunk of logits; with compute_grad, overwrites logits with
+    row_weight * d loss / d logits. Math in fp32 for 16-bit logits (fp64 for fp64)."""
+    logits_f = logits.to(accumulator_dtype(logits.dtype))  # logits itself when already so
     keep = targets != ignore_index
-    safe_targets = torch.where(keep, targets, 0).unsqueeze(1)
+    safe_targets = torch.where(keep, targets, 0).long().unsqueeze(1)
     lse = torch.logsumexp(logits_f, dim=1)
     losses = torch.where(keep, lse - logits_f.gather(1, safe_targets).squeeze(1), 0.0)
     if compute_grad:
-        # softmax - onehot, scaled per row; ignored rows get weight 0 (also keeps a mean's
-        # 1/0 weight from reaching them when every target is ignored).
+        # softmax - onehot, weighted per row; ignored rows get weight 0.
         grad = logits_f.sub_(lse.unsqueeze(1)).exp_()
         grad.scatter_add_(1, safe_targets, grad.new_full(safe_targets.shape, -1.0))
         grad.mul_(torch.where(keep, row_weight, 0.0).unsqueeze(1))
@@ -88,16 +101,18 @@ def torch_chunk_cross_entropy(logits, targets, ignore_index, row_weight, compute
 
 def chunked_linear_cross_entropy(x, weight, targets, bias, ignore_index, row_weight,
                                  compute_grad, chunk_cross_entropy: ChunkCrossEntropy):
-    """(losses (n,) fp32, dx, dweight, dbias) of rows x (n, C) against targets (n,) int64,
-    the gradients being those of sum_i row_weight[i] * loss_i (None without compute_grad;
-    dbias None without bias)."""
+    """(losses (n,) fp32, dx, dweight, dbias) of rows x (n, C) against targets (n,), the
+    gradients being those of sum_i row_weight[i] * loss_i (None without compute_grad;
+    dbias None without bias). dx is in x's dtype; dweight and dbias are in the accumulator
+    dtype (the caller scales them, then casts)."""
     n_rows, vocab = x.shape[0], weight.shape[0]
-    losses = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    accumulator = accumulator_dtype(x.dtype)
+    losses = torch.empty(n_rows, dtype=accumulator, device=x.device)
     dx = dweight = dbias = None
     if compute_grad:
         dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-        dweight = torch.zeros(weight.shape, dtype=torch.float32, device=x.device)
-        dbias = None if bias is None else torch.zeros(vocab, dtype=torch.float32, device=x.device)
+        dweight = torch.zeros(weight.shape, dtype=accumulator, device=x.device)
+        dbias = None if bias is None else torch.zeros(vocab, dtype=accumulator, device=x.device)
     rows = chunk_rows(n_rows, vocab)
     for start in range(0, n_rows, rows):
         end = min(start + rows, n_rows)
@@ -110,60 +125,117 @@ def chunked_linear_cross_entropy(x, weight, targets, bias, ignore_index, row_wei
             continue
         dlogits = logits  # overwritten in place by the chunk step
         torch.mm(dlogits, weight, out=dx[start:end])
-        if dlogits.dtype == torch.float32:
+        if dlogits.dtype == accumulator:
             dweight.addmm_(dlogits.t(), x_c)
         else:  # 16-bit: the matmul accumulates in fp32 inside, the chunks add up in fp32
             dweight.add_(torch.mm(dlogits.t(), x_c))
         if dbias is not None:
-            dbias.add_(dlogits.sum(0, dtype=torch.float32))
-    if compute_grad:
-        dweight = dweight.to(weight.dtype)
-        dbias = None if dbias is None else dbias.to(bias.dtype)
+            dbias.add_(dlogits.sum(0, dtype=accumulator))
     return losses, dx, dweight, dbias
 
 
-def make_linear_cross_entropy(loop: Callable):
-    """The public op (the signature of `kernels.ops.linear_cross_entropy`) around a chunk
-    loop with the signature of `chunked_linear_cross_entropy` minus its last argument."""
+ChunkLoop = Callable[..., tuple]  # chunked_linear_cross_entropy minus its last argument
+
+
+def chunk_loop_op(name: str, chunk_cross_entropy: ChunkCrossEntropy) -> ChunkLoop:
+    """The chunk loop with `chunk_cross_entropy`, registered as the custom op `name`
+    (e.g. "gptk::triton_linear_cross_entropy"): torch.compile then treats the whole loop
+    as one node with known output shapes, instead of tracing into kernel launchers."""
+
+    @torch.library.custom_op(name, mutates_args=())
+    def loop_op(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                bias: Optional[torch.Tensor], ignore_index: int,
+                row_weight: Optional[torch.Tensor], compute_grad: bool
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        losses, dx, dweight, dbias = chunked_linear_cross_entropy(
+            x, weight, targets, bias, ignore_index, row_weight, compute_grad,
+            chunk_cross_entropy)
+        # A custom op returns tensors, never None, and its outputs may not alias each other.
+        return (losses, x.new_empty(0) if dx is None else dx,
+                x.new_empty(0) if dweight is None else dweight,
+                x.new_empty(0) if dbias is None else dbias)
+
+    @loop_op.register_fake
+    def _(x, weight, targets, bias, ignore_index, row_weight, compute_grad):
+        accumulator = accumulator_dtype(x.dtype)
+        losses = x.new_empty(x.shape[0], dtype=accumulator)
+        if not compute_grad:
+            return losses, x.new_empty(0), x.new_empty(0), x.new_empty(0)
+        return (losses, x.new_empty(x.shape), weight.new_empty(weight.shape, dtype=accumulator),
+                x.new_empty(0) if bias is None else bias.new_empty(bias.shape, dtype=accumulator))
+
+    def loop(x, weight, targets, bias, ignore_index, row_weight, compute_grad):
+        losses, dx, dweight, dbias = loop_op(x, weight, targets, bias, ignore_index, row_weight,
+                                             compute_grad)
+        if not compute_grad:
+            return losses, None, None, None
+        return losses, dx, dweight, None if bias is None else dbias
+
+    loop.op = loop_op
+    return loop
+
+
+def make_linear_cross_entropy(loop: ChunkLoop):
+    """The backend function for the op (canonical arguments: see `kernels.specs`) around a
+    chunk loop with the signature of `chunked_linear_cross_entropy` minus its last
+    argument."""
 
     class LinearCrossEntropy(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x, weight, targets, bias, ignore_index, reduction, compute_grad):
             ctx.ignore_index, ctx.reduction = ignore_index, reduction
+            ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
             if reduction == "none":  # the backward recomputes with per-row weights
                 losses, *_ = loop(x, weight, targets, bias, ignore_index, None, False)
                 ctx.save_for_backward(x, weight, targets, bias)
                 return losses
-            n_rows = x.shape[0]
-            n_kept = (targets != ignore_index).sum()
-            row_weight = (1.0 / n_kept if reduction == "mean"
-                          else torch.ones((), device=x.device)).float().expand(n_rows)
+            # The gradients of the sum of the losses; the backward scales them (see the
+            # module docstring for why the scale is not applied here).
+            ones = torch.ones((), dtype=torch.float32, device=x.device).expand(x.shape[0])
             losses, dx, dweight, dbias = loop(x, weight, targets, bias, ignore_index,
-                                              row_weight, compute_grad)
-            ctx.save_for_backward(dx, dweight, dbias)
-            return reduce_losses(losses, targets, ignore_index, reduction)
+                                              ones if compute_grad else None, compute_grad)
+            n_kept = (targets != ignore_index).sum()
+            ctx.save_for_backward(dx, dweight, dbias, n_kept)
+            total = losses.sum()
+            return total if reduction == "sum" else total / n_kept
 
         @staticmethod
         def backward(ctx, grad_loss):
+            x_dtype, w_dtype, b_dtype = ctx.dtypes
             if ctx.reduction == "none":
                 x, weight, targets, bias = ctx.saved_tensors
                 _, dx, dweight, dbias = loop(x, weight, targets, bias, ctx.ignore_index,
-                                             grad_loss, True)
-            else:  # new tensors, not in-place: the saved ones serve a retain_graph backward
-                dx, dweight, dbias = (None if g is None else g * grad_loss
-                                      for g in ctx.saved_tensors)
-            return dx, dweight, None, dbias, None, None, None
+                                             grad_loss.to(accumulator_dtype(grad_loss.dtype))
+                                             .contiguous(), True)
+                scale = None
+            else:
+                dx, dweight, dbias, n_kept = ctx.saved_tensors
+                scale = grad_loss.to(accumulator_dtype(grad_loss.dtype))
+                if ctx.reduction == "mean":  # a mean over no kept target has no gradient
+                    scale = torch.where(n_kept > 0, scale / n_kept, 0.0)
+            # New tensors, never in place: the saved ones serve a retain_graph backward.
+            return (_scaled(dx, scale, x_dtype), _scaled(dweight, scale, w_dtype), None,
+                    _scaled(dbias, scale, b_dtype), None, None, None)
 
-    def linear_cross_entropy(x, weight, targets, bias=None, ignore_index=-100,
-                             reduction="mean"):
+    def linear_cross_entropy(x, weight, targets, bias, ignore_index, reduction):
         compute_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, weight, bias))
-        flat_targets = targets.reshape(-1).to(torch.int64)
+        flat_targets = targets.reshape(-1)
         loss = LinearCrossEntropy.apply(x.reshape(-1, x.shape[-1]), weight, flat_targets, bias,
                                         ignore_index, reduction, compute_grad)
         return loss.view(targets.shape) if reduction == "none" else loss
 
     return linear_cross_entropy
+
+
+def _scaled(grad, scale, dtype):
+    """grad * scale in the scale's (fp32 or wider) dtype (scale None: grad as is), then in
+    `dtype`; None stays None."""
+    if grad is None:
+        return None
+    if scale is not None:
+        grad = grad.to(scale.dtype) * scale
+    return grad.to(dtype)
 
 
 linear_cross_entropy = make_linear_cross_entropy(

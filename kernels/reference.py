@@ -9,8 +9,9 @@ dtype; outputs come back in the input dtype (losses in fp32).
 Shapes (C = channels, V = vocabulary, D = head dim):
 - layer_norm(x[..., C], weight[C], bias[C] | None)                      -> [..., C]
 - add_layer_norm(x[..., C], residual[..., C], weight, bias)             -> (x + residual, its layer_norm)
-- mlp_gelu(x[..., C], w_fc[H, C], b_fc[H], w_proj[C, H], b_proj[C])     -> [..., C]
-  (nn.Linear weight layout; GPT-2's tanh-approximated GELU between the two linears)
+- mlp_gelu(x[..., C], w_fc[H, C], b_fc[H], w_proj[C, H], b_proj[C], approximate) -> [..., C]
+  (nn.Linear weight layout; GELU between the two linears: GPT-2's tanh approximation,
+   approximate="tanh", or the exact erf form, approximate="none", as nanoGPT's nn.GELU())
 - causal_attention(q[B, h, Tq, D], k[B, h, Tk, D], v[B, h, Tk, D])      -> [B, h, Tq, D]
   (Tk >= Tq; the causal mask is aligned to the bottom-right corner, so query i
    sees keys 0 .. i + Tk - Tq, which is what decoding with a KV cache needs)
@@ -50,9 +51,18 @@ def gelu_tanh(x):
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
 
 
-def mlp_gelu(x, w_fc, b_fc, w_proj, b_proj):
+def gelu_exact(x):
+    """The exact GELU: x Phi(x) = 0.5 x (1 + erf(x / sqrt(2)))."""
+    return 0.5 * x * (1.0 + torch.erf(x * math.sqrt(0.5)))
+
+
+def gelu(x, approximate="tanh"):
+    return gelu_tanh(x) if approximate == "tanh" else gelu_exact(x)
+
+
+def mlp_gelu(x, w_fc, b_fc, w_proj, b_proj, approximate="tanh"):
     hidden = F.linear(x, w_fc, b_fc)
-    return F.linear(gelu_tanh(_wide(hidden)).to(hidden.dtype), w_proj, b_proj)
+    return F.linear(gelu(_wide(hidden), approximate).to(hidden.dtype), w_proj, b_proj)
 
 
 def causal_mask(t_q, t_k, device):
@@ -73,7 +83,7 @@ def causal_attention(q, k, v, scale=None, dropout_p=0.0):
 def cross_entropy(logits, targets, ignore_index=-100, reduction="mean"):
     """-log softmax(logits)[target] per row; rows whose target is ignore_index count 0."""
     logits = _wide(logits.reshape(-1, logits.shape[-1]))
-    flat_targets = targets.reshape(-1)
+    flat_targets = targets.reshape(-1).long()
     keep = flat_targets != ignore_index
     picked = logits.gather(1, torch.where(keep, flat_targets, 0).unsqueeze(1)).squeeze(1)
     losses = torch.where(keep, torch.logsumexp(logits, dim=-1) - picked, 0.0)

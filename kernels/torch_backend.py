@@ -1,9 +1,12 @@
 """The `torch` backend: each op through PyTorch's own fused built-ins.
 
 This is the CPU fallback and the baseline the other backends are measured against. It
-must agree with `kernels.reference` (the tests check it), but it is written for speed:
-`F.layer_norm`, `F.gelu(approximate="tanh")`, `F.scaled_dot_product_attention` (which
-picks flash / memory-efficient / math kernels itself) and `F.cross_entropy`.
+implements every op of `kernels.specs` and supports every legal call (`unsupported` is
+always None), so `auto` always has somewhere to go. It must agree with
+`kernels.reference` (the conformance suite checks it), but it is written for speed:
+`F.layer_norm`, `F.gelu`, `F.scaled_dot_product_attention` (which picks flash /
+memory-efficient / math kernels itself), `F.cross_entropy`, and the chunked linear +
+cross-entropy of `kernels.chunked_linear_cross_entropy`.
 """
 from __future__ import annotations
 
@@ -12,25 +15,26 @@ import torch.nn.functional as F
 
 from kernels.chunked_linear_cross_entropy import linear_cross_entropy
 from kernels.reference import causal_mask
+from kernels.specs import OPS as SPEC_OPS
 
 
-def layer_norm(x, weight, bias=None, eps=1e-5):
+def layer_norm(x, weight, bias, eps):
     if weight.dtype != x.dtype:  # the residual stream may be fp32 while weights are not
         weight = weight.to(x.dtype)
         bias = None if bias is None else bias.to(x.dtype)
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
-def add_layer_norm(x, residual, weight, bias=None, eps=1e-5):
+def add_layer_norm(x, residual, weight, bias, eps):
     summed = x + residual
     return summed, layer_norm(summed, weight, bias, eps)
 
 
-def mlp_gelu(x, w_fc, b_fc, w_proj, b_proj):
-    return F.linear(F.gelu(F.linear(x, w_fc, b_fc), approximate="tanh"), w_proj, b_proj)
+def mlp_gelu(x, w_fc, b_fc, w_proj, b_proj, approximate):
+    return F.linear(F.gelu(F.linear(x, w_fc, b_fc), approximate=approximate), w_proj, b_proj)
 
 
-def causal_attention(q, k, v, scale=None, dropout_p=0.0):
+def causal_attention(q, k, v, scale, dropout_p):
     t_q, t_k = q.shape[-2], k.shape[-2]
     if t_q == t_k:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
@@ -40,17 +44,25 @@ def causal_attention(q, k, v, scale=None, dropout_p=0.0):
                                           scale=scale, dropout_p=dropout_p)
 
 
-def cross_entropy(logits, targets, ignore_index=-100, reduction="mean"):
-    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                             ignore_index=ignore_index, reduction=reduction)
+def cross_entropy(logits, targets, ignore_index, reduction):
+    losses = F.cross_entropy(_at_least_fp32(logits.reshape(-1, logits.shape[-1])),
+                             targets.reshape(-1).long(), ignore_index=ignore_index,
+                             reduction=reduction)
     return losses.view(targets.shape) if reduction == "none" else losses
 
 
-OPS = {
-    "layer_norm": layer_norm,
-    "add_layer_norm": add_layer_norm,
-    "mlp_gelu": mlp_gelu,
-    "causal_attention": causal_attention,
-    "cross_entropy": cross_entropy,
-    "linear_cross_entropy": linear_cross_entropy,
-}
+def _at_least_fp32(t):
+    """The loss math runs in fp32 for 16-bit inputs (and stays fp64 for fp64 ones)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+# Every declared op, by name (a KeyError here: an op without a torch version).
+OPS = {op: globals()[op] for op in SPEC_OPS}
+
+__all__ = ["OPS", "add_layer_norm", "causal_attention", "cross_entropy", "layer_norm",
+           "linear_cross_entropy", "mlp_gelu", "unsupported"]
+
+
+def unsupported(call) -> None:
+    """Every legal call runs here."""
+    return None

@@ -1,31 +1,114 @@
-"""The GPU runbook's plumbing (stages, report, $OUT), without a GPU."""
+"""The GPU runbook without a GPU: the plan and its budget, the dry run, stages that are
+logged, stopped at their slice or skipped, the record and $OUT."""
+import json
+import subprocess
 import sys
 import tarfile
 
+import pytest
+
 from bench import gpu_check
+from bench.gpu_check import Stage
+
+PY = sys.executable
 
 
-def test_stages_are_logged_reported_and_published(tmp_path, monkeypatch):
+def _stage(name, code="print('hi')", estimate=1.0, needs=None):
+    return Stage(name, [PY, "-c", code], estimate, f"what {name} answers", needs)
+
+
+def test_plan_is_in_order_of_value(tmp_path):
+    names = [stage.name for stage in gpu_check.stages(PY, tmp_path)]
+    expected = ["install", "gpu-tests", "attention", "memory", "train", "kernels",
+                "kernels-vs-static", "e2e", "tests", "sweep"]
+    if (gpu_check.REPO_ROOT / gpu_check.CONFORMANCE_TESTS).exists():
+        expected.insert(1, "conformance")  # the conformance suite, before any other test
+    assert names == expected
+    gpu_tests = next(s for s in gpu_check.stages(PY, tmp_path) if s.name == "gpu-tests")
+    assert "-m" in gpu_tests.command and "gpu" in gpu_tests.command
+
+
+def test_conformance_stage_only_when_the_suite_exists(tmp_path):
+    assert "conformance" not in [s.name for s in gpu_check.stages(PY, tmp_path, repo=tmp_path)]
+    (tmp_path / "tests").mkdir()
+    (tmp_path / gpu_check.CONFORMANCE_TESTS).write_text("")
+    assert [s.name for s in gpu_check.stages(PY, tmp_path, repo=tmp_path)][:2] == \
+        ["install", "conformance"]
+
+
+def test_time_slices_and_skips():
+    stage = _stage("s", estimate=100)
+    assert gpu_check.time_slice(stage, 500) == 200       # twice the estimate
+    assert gpu_check.time_slice(stage, 150) == 150       # at most what is left
+    assert gpu_check.time_slice(stage, 99) is None       # the estimate does not fit
+
+
+def test_select_and_measured_estimates(tmp_path):
+    plan = [_stage("a"), _stage("b"), _stage("c")]
+    assert [s.name for s in gpu_check.select(plan, ["a", "c"], [])] == ["a", "c"]
+    assert [s.name for s in gpu_check.select(plan, None, ["b"])] == ["a", "c"]
+    with pytest.raises(SystemExit, match="unknown stage"):
+        gpu_check.select(plan, None, ["nope"])
+    record = tmp_path / "h100-2026-01-01" / gpu_check.RECORD
+    record.parent.mkdir()
+    record.write_text(json.dumps({"outcomes": [
+        {"stage": "a", "status": "passed", "seconds": 42.0},
+        {"stage": "b", "status": "stopped", "seconds": 999.0}]}))
+    measured = gpu_check.measured_durations(tmp_path)
+    assert measured == {"a": 42.0}
+    assert [s.estimate_s for s in gpu_check.with_estimates(plan, measured)] == [42.0, 1.0, 1.0]
+
+
+def test_plan_rendering_fits_the_budget():
+    plan = [_stage("build", estimate=150), _stage("tests", estimate=300),
+            _stage("bench", estimate=100)]
+    text = gpu_check.render_plan(plan, budget_s=300)
+    lines = [line for line in text.splitlines() if line[:3].strip().rstrip(".").isdigit()]
+    assert "run, ends at ~150 s" in lines[0]
+    assert "skip: needs ~300 s, 150 s left" in lines[1]
+    assert "run, ends at ~250 s" in lines[2]  # a later, shorter stage still fits
+
+
+def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path):
+    done = subprocess.run([PY, str(gpu_check.REPO_ROOT / "bench" / "gpu_check.py"), "--dry-run",
+                           "--budget", "600"], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "budget 600 s" in done.stdout and "bench.headline attention" in done.stdout
+    assert not list(tmp_path.iterdir())
+    assert "<gpu>" in done.stdout  # no device was looked up
+
+
+def test_stages_are_logged_stopped_skipped_recorded_and_published(tmp_path, monkeypatch):
     folder = tmp_path / "nvidia-test-2026-01-01"
     folder.mkdir()
-    ok = gpu_check._run_stage("hello", [sys.executable, "-c", "print('hi')"],
-                              folder / "hello.log", timeout_s=None)
-    failed = gpu_check._run_stage("boom", [sys.executable, "-c", "raise SystemExit(3)"],
-                                  folder / "boom.log", timeout_s=None)
-    slow = gpu_check._run_stage("slow", [sys.executable, "-c", "import time; time.sleep(30)"],
-                                folder / "slow.log", timeout_s=0.5)
-    assert (ok["returncode"], ok["last_line"]) == (0, "hi")
-    assert failed["returncode"] == 3
-    assert slow["returncode"] == "stopped after 0.5 s" and slow["seconds"] < 20
-    report = gpu_check._write_report(folder, [ok, failed, slow]).read_text()
-    assert "| hello (`hello.log`) | passed |" in report
-    assert "| boom (`boom.log`) | **FAILED** (3) |" in report
-
+    plan = [_stage("hello", estimate=5),
+            _stage("boom", "raise SystemExit(3)", estimate=5),
+            _stage("slow", "import time; time.sleep(30)", estimate=0.25),
+            _stage("huge", estimate=10_000),
+            _stage("after", estimate=5, needs=str(folder / "missing.json"))]
     out = tmp_path / "out"
     out.mkdir()
     monkeypatch.setenv("OUT", str(out))
-    gpu_check._publish(folder)
+    outcomes = {o.stage: o for o in gpu_check.run(plan, folder, budget_s=60)}
+    assert (outcomes["hello"].status, outcomes["hello"].detail) == ("passed", "hi")
+    assert (outcomes["boom"].status, outcomes["boom"].returncode) == ("failed", 3)
+    assert outcomes["slow"].status == "stopped" and outcomes["slow"].seconds < 20
+    assert outcomes["huge"].status == "skipped" and "left in the budget" in outcomes["huge"].detail
+    assert outcomes["after"].status == "skipped" and "missing.json" in outcomes["after"].detail
+
+    record = json.loads((folder / gpu_check.RECORD).read_text())
+    assert [o["stage"] for o in record["outcomes"]] == [s.name for s in plan]
+    report = (folder / "gpu-check.md").read_text()
+    assert "| hello (`hello.log`) | passed |" in report
+    assert "| boom (`boom.log`) | **FAILED** (3) |" in report
+    assert "| huge | skipped |" in report
     assert sorted(p.name for p in out.iterdir()) == ["gpu-check.md",
                                                      "nvidia-test-2026-01-01.tar.gz"]
     with tarfile.open(out / "nvidia-test-2026-01-01.tar.gz") as tar:
         assert "nvidia-test-2026-01-01/hello.log" in tar.getnames()
+
+
+def test_no_tests_collected_is_not_a_failure(tmp_path):
+    outcome = gpu_check.run_stage(_stage("empty", "raise SystemExit(5)"), tmp_path / "e.log", None)
+    assert outcome.status == "passed"

@@ -14,6 +14,8 @@ import torch
 
 import kernels
 import kernels.cuda as cuda_backend
+from kernels import versions
+from kernels.cuda import extension
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPORTED = {"layer_norm_forward", "add_layer_norm_forward", "layer_norm_backward",
@@ -24,15 +26,15 @@ EXPORTED = {"layer_norm_forward", "add_layer_norm_forward", "layer_norm_backward
 
 @pytest.fixture
 def build():
-    return cuda_backend.load_build_config()
+    return extension.load_build_config()
 
 
 @pytest.fixture
 def fresh_loader():
     """Forget the loaded extension around a test."""
-    cuda_backend._load.cache_clear()
+    extension.forget()
     yield
-    cuda_backend._load.cache_clear()
+    extension.forget()
 
 
 def fake_toolkit(root: Path, top: Path) -> Path:
@@ -122,7 +124,7 @@ def test_every_source_exists(build):
 
 
 def test_skip_record_names_agree(build):
-    assert cuda_backend.SKIP_RECORD.name == build.SKIP_RECORD
+    assert extension.SKIP_RECORD.name == build.SKIP_RECORD
 
 
 # ----------------------------------------------------------------------------- setup.py
@@ -151,8 +153,8 @@ def test_setup_py_skips_the_extension_cleanly(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="describes a machine without a GPU")
 def test_unavailable_without_gpu_says_why():
-    reason = cuda_backend.unavailable_reason()
-    if cuda_backend.extension_path() is None:
+    reason = extension.unavailable_reason()
+    if extension.extension_path() is None:
         assert "is not built" in reason
     else:
         assert reason == "no CUDA GPU is visible to torch (torch.cuda.is_available() is False)"
@@ -161,18 +163,19 @@ def test_unavailable_without_gpu_says_why():
 
 
 def test_reason_when_the_extension_is_missing(fresh_loader, monkeypatch, tmp_path):
-    monkeypatch.setattr(cuda_backend, "EXTENSION", "kernels._C_not_there")
-    monkeypatch.setattr(cuda_backend, "SKIP_RECORD", tmp_path / "_C_build_skipped.txt")
-    reason = cuda_backend.unavailable_reason()
+    monkeypatch.setattr(extension, "EXTENSION", "kernels._C_not_there")
+    monkeypatch.setattr(extension, "SKIP_RECORD", tmp_path / "_C_build_skipped.txt")
+    reason = extension.unavailable_reason()
     assert "kernels._C_not_there is not built" in reason and "pip install" in reason
-    cuda_backend._load.cache_clear()
-    cuda_backend.SKIP_RECORD.write_text("torch 2.14.1+cpu is a CPU-only build\n")
-    assert cuda_backend.unavailable_reason() == (
+    extension.forget()
+    extension.SKIP_RECORD.write_text("torch 2.14.1+cpu is a CPU-only build\n")
+    assert extension.unavailable_reason() == (
         "the CUDA extension kernels._C_not_there is not built "
         "(setup.py skipped it: torch 2.14.1+cpu is a CPU-only build)")
-    assert cuda_backend.extension_path() is None
+    assert extension.extension_path() is None
+    assert kernels.available_backends()["cuda"].reason == extension.unavailable_reason()
     with pytest.raises(kernels.BackendUnavailableError, match="CPU-only build"):
-        cuda_backend._ext()
+        extension.ext()
 
 
 @pytest.mark.parametrize("op", kernels.OPS)
@@ -201,27 +204,35 @@ def test_built_extension_exports_every_kernel(build):
     reason = build.skip_reason()
     if reason is not None:
         pytest.skip(f"the extension is not built here: {reason}")
-    path = cuda_backend.extension_path()
+    path = extension.extension_path()
     assert path is not None and path.is_file(), \
         "a CUDA torch and nvcc are present, so `pip install` should have built kernels._C"
-    extension = cuda_backend._ext()  # importing a CUDA extension needs no GPU
-    assert EXPORTED <= set(dir(extension))
+    module = extension.ext()  # importing a CUDA extension needs no GPU
+    assert EXPORTED <= set(dir(module))
 
 
 def test_kernels_reject_cpu_tensors_with_clear_errors():
-    if cuda_backend.extension_path() is None:
+    if extension.extension_path() is None:
         pytest.skip("the extension is not built here")
-    ext = cuda_backend._ext()
+    ext = extension.ext()
     x = torch.randn(4, 8)
     with pytest.raises(RuntimeError, match="x must be a CUDA tensor, got a tensor on cpu"):
         ext.layer_norm_forward(x, torch.ones(8), None, 1e-5)
+    q = torch.randn(1, 1, 4, 8)
     with pytest.raises(RuntimeError, match="q must be a CUDA tensor"):
-        ext.attention_forward(torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8),
-                              torch.randn(1, 1, 4, 8), 1.0)
+        ext.attention_forward(q, q, q, 1.0, 1)
+    with pytest.raises(RuntimeError, match="has versions 1 and 2, got 3"):
+        ext.attention_forward(q, q, q, 1.0, 3)
+    with pytest.raises(RuntimeError, match="has versions 1 and 2, got 0"):
+        ext.attention_backward(q, q, q, q, q, torch.zeros(1, 1, 4), 1.0, 0, False)
+    with pytest.raises(RuntimeError, match="q must be a CUDA tensor"):
+        ext.attention_backward(q, q, q, q, q, torch.zeros(1, 1, 4), 1.0, 2, True)
+    with pytest.raises(TypeError):  # the version is a required argument
+        ext.attention_forward(q, q, q, 1.0)
     with pytest.raises(RuntimeError, match="logits must be a CUDA tensor"):
         ext.cross_entropy_forward(x, torch.zeros(4, dtype=torch.long), -100)
     with pytest.raises(RuntimeError, match="pre must be a CUDA tensor"):
-        ext.bias_gelu_forward(x, None)
+        ext.bias_gelu_forward(x, None, True)
 
 
 # ----------------------------------------------------------------------------- meta tensors
@@ -245,29 +256,49 @@ def _assert_grads_match(grads):
         assert (grad_shape, grad_dtype) == (shape, dtype)
 
 
+OPS = cuda_backend.OPS
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_meta_layer_norms(dtype):
     x = torch.empty(3, 5, 96, dtype=dtype)
     w, b = torch.empty(96), torch.empty(96)  # fp32 parameters with bf16 activations
-    y, grads = _fake_grads(cuda_backend.layer_norm, x, w, b)
+    y, grads = _fake_grads(lambda *a: OPS["layer_norm"](*a, 1e-5), x, w, b)
     assert y.shape == x.shape and y.dtype == dtype
     _assert_grads_match(grads)
-    (s, y), grads = _fake_grads(lambda a, r, w: cuda_backend.add_layer_norm(a, r, w, None), x, x, w)
+    (s, y), grads = _fake_grads(lambda a, r, w: OPS["add_layer_norm"](a, r, w, None, 1e-5),
+                                x, x, w)
     assert s.shape == y.shape == x.shape
     _assert_grads_match(grads)
 
 
-def test_meta_mlp_and_attention():
+def test_meta_add_layer_norm_of_an_autocast_branch_onto_the_fp32_stream():
+    """Under autocast a block adds its bf16 attention output to the fp32 residual stream;
+    the kernels take one activation dtype (the fake impls check what the C++ checks), so
+    the backend promotes both to the sum's dtype, and each input gets its gradient in its
+    own dtype back through the cast."""
+    x = torch.empty(2, 4, 64, dtype=torch.bfloat16)
+    residual, w, b = torch.empty(2, 4, 64), torch.empty(64), torch.empty(64)
+    (s, y), grads = _fake_grads(lambda *a: OPS["add_layer_norm"](*a, 1e-5), x, residual, w, b)
+    assert s.dtype == y.dtype == torch.float32
+    _assert_grads_match(grads)
+    with pytest.raises(RuntimeError, match="residual must have x's dtype"):
+        cuda_backend.layer_norm._add_layer_norm_fwd(x.to("meta"), residual.to("meta"),
+                                                    w.to("meta"), b.to("meta"), 1e-5)
+
+
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_meta_mlp_and_attention(approximate):
     x = torch.empty(2, 7, 32, dtype=torch.bfloat16)
     weights = [torch.empty(128, 32, dtype=torch.bfloat16), torch.empty(128, dtype=torch.bfloat16),
                torch.empty(32, 128, dtype=torch.bfloat16), torch.empty(32, dtype=torch.bfloat16)]
-    y, grads = _fake_grads(cuda_backend.mlp_gelu, x, *weights)
+    y, grads = _fake_grads(lambda *a: OPS["mlp_gelu"](*a, approximate), x, *weights)
     assert y.shape == x.shape
     _assert_grads_match(grads)
 
     def attention(qkv):  # the model's strided views of one (B, T, 3, H, D) projection
         q, k, v = qkv.view(2, 7, 3, 4, 16).permute(2, 0, 3, 1, 4)
-        return cuda_backend.causal_attention(q, k, v)
+        return OPS["causal_attention"](q, k, v, 0.25, 0.0)
 
     out, grads = _fake_grads(attention, torch.empty(2, 7, 3 * 64, dtype=torch.bfloat16))
     assert out.shape == (2, 4, 7, 16)
@@ -275,34 +306,130 @@ def test_meta_mlp_and_attention():
     _assert_grads_match(grads)
 
 
+@pytest.fixture
+def restore_versions():
+    """Put every kernel back at the version it ran at before the test."""
+    before = {k["name"]: k["selected"] for k in versions.table()}
+    yield
+    for name, number in before.items():
+        versions.select(name, number)
+
+
+def test_cuda_kernel_versions_are_declared():
+    table = {k["name"]: k for k in versions.table()}
+    assert table["cuda_attention"]["versions"].keys() == {1, 2}
+    assert table["cuda_attention"]["variable"] == "GPTK_CUDA_ATTENTION_VERSION"
+    assert table["cuda_mlp"]["versions"].keys() == {1, 2}
+    assert table["cuda_mlp"]["variable"] == "GPTK_CUDA_MLP_VERSION"
+
+
+def _qkv_views(dtype=torch.bfloat16):
+    return torch.empty(2, 7, 3 * 64, dtype=dtype)
+
+
+def _attention_through_views(qkv, scale=0.25):
+    q, k, v = qkv.view(2, 7, 3, 4, 16).permute(2, 0, 3, 1, 4)
+    return OPS["causal_attention"](q, k, v, scale, 0.0)
+
+
+@pytest.mark.parametrize("number", [1, 2])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_meta_attention_passes_version_and_mode_to_both_kernels(number, deterministic,
+                                                                 restore_versions, monkeypatch):
+    """The selected version reaches the forward op and, through autograd, the backward op,
+    with torch's deterministic mode as version 2's choice of dQ."""
+    seen = []
+    backward_op = cuda_backend.attention._attention_bwd
+
+    def recording(*args):
+        seen.append(args[-2:])
+        return backward_op(*args)
+
+    monkeypatch.setattr(cuda_backend.attention, "_attention_bwd", recording)
+    versions.select("cuda_attention", number)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        out, grads = _fake_grads(_attention_through_views, _qkv_views())
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert out.shape == (2, 4, 7, 16)
+    _assert_grads_match(grads)
+    assert seen == [(number, deterministic)]
+
+
+def test_attention_fake_impls_check_what_the_kernels_check():
+    fwd, bwd = cuda_backend.attention._attention_fwd, cuda_backend.attention._attention_bwd
+    q = torch.empty(1, 2, 5, 16, dtype=torch.bfloat16, device="meta")
+    lse = torch.empty(1, 2, 5, device="meta")
+    with pytest.raises(RuntimeError, match="has versions 1 and 2, got 3"):
+        fwd(q, q, q, 0.25, 3)
+    with pytest.raises(RuntimeError, match="multiple of 8 and at most 128, got 12"):
+        fwd(*(torch.empty(1, 2, 5, 12, device="meta"),) * 3, 0.25, 1)
+    with pytest.raises(RuntimeError, match="q, k, v of one shape"):
+        fwd(q, torch.empty(1, 2, 6, 16, dtype=torch.bfloat16, device="meta"), q, 0.25, 2)
+    with pytest.raises(RuntimeError, match="must share a dtype"):
+        fwd(q, q.float(), q, 0.25, 1)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        fwd(*(q.half(),) * 3, 0.25, 1)
+    with pytest.raises(RuntimeError, match="has versions 1 and 2, got 0"):
+        bwd(q, q, q, q, q, lse, 0.25, 0, False)
+    with pytest.raises(RuntimeError, match="lse must be the forward's contiguous float32"):
+        bwd(q, q, q, q, q, lse.bfloat16(), 0.25, 2, False)
+    with pytest.raises(RuntimeError, match="dout must match q"):
+        bwd(q.float(), q, q, q, q, lse, 0.25, 2, True)
+    dq, dk, dv = bwd(q, q, q, q, q, lse, 0.25, 2, False)
+    assert dq.shape == dk.shape == dv.shape == q.shape
+
+
+@pytest.mark.parametrize("number", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_mlp_version_2_takes_only_inference_with_the_tanh_gelu_in_bf16(number, dtype,
+                                                                       approximate,
+                                                                       restore_versions):
+    """Version 2's cuBLASLt GELU epilogue returns no pre-activation (so no backward), is the
+    tanh GELU, and is left to bf16: every other call runs version 1 (kernels/cuda/mlp.py)."""
+    versions.select("cuda_mlp", number)
+    x = torch.empty(2, 7, 32, dtype=dtype, device="meta")
+    w_fc = torch.empty(128, 32, dtype=dtype, device="meta")
+    b_fc = torch.empty(128, dtype=dtype, device="meta")
+    w_proj, b_proj = torch.empty(32, 128, dtype=dtype, device="meta"), torch.empty(32, dtype=dtype, device="meta")
+    takes = number == 2 and approximate == "tanh" and dtype == torch.bfloat16
+    uses = cuda_backend.mlp.uses_gelu_epilogue
+    assert uses(x, w_fc, b_fc, approximate) == takes
+    assert not uses(x, w_fc, None, approximate)                          # no bias to fuse
+    assert not uses(x, w_fc.requires_grad_(), b_fc, approximate)        # a backward follows
+    with torch.no_grad():
+        assert uses(x, w_fc, b_fc, approximate) == takes                 # ...unless no_grad
+        y = OPS["mlp_gelu"](x, w_fc, b_fc, w_proj, b_proj, approximate)
+        assert y.shape == x.shape and y.dtype == dtype
+        one_row = OPS["mlp_gelu"](x[0, 0], w_fc, b_fc, w_proj, b_proj, approximate)
+        assert one_row.shape == (32,)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_meta_cross_entropies(reduction):
     logits = torch.empty(2, 5, 11)
     targets = torch.zeros(2, 5, dtype=torch.long)
-    loss, grads = _fake_grads(lambda z, t: cuda_backend.cross_entropy(z, t, -1, reduction),
+    loss, grads = _fake_grads(lambda z, t: OPS["cross_entropy"](z, t, -1, reduction),
                               logits, targets)
     assert loss.shape == ((2, 5) if reduction == "none" else ()) and loss.dtype == torch.float32
     _assert_grads_match(grads)
     x = torch.empty(2, 5, 8, dtype=torch.bfloat16)
     w, b = torch.empty(11, 8, dtype=torch.bfloat16), torch.empty(11, dtype=torch.bfloat16)
     loss, grads = _fake_grads(
-        lambda x, w, b, t: cuda_backend.linear_cross_entropy(x, w, t, b, -1, reduction),
+        lambda x, w, b, t: OPS["linear_cross_entropy"](x, w, t, b, -1, reduction),
         x, w, b, targets)
     assert loss.shape == ((2, 5) if reduction == "none" else ()) and loss.dtype == torch.float32
     _assert_grads_match(grads)
 
 
-def test_linear_cross_entropy_in_several_chunks_on_meta_tensors(monkeypatch):
-    monkeypatch.setattr(cuda_backend, "LOGITS_CHUNK_BYTES", 3 * 11 * 4)  # 3 rows per chunk
-    assert cuda_backend._chunk_rows(10, 11, 4) == 3
-    x, w = torch.empty(10, 8), torch.empty(11, 8)
-    targets = torch.zeros(10, dtype=torch.long)
-    _, grads = _fake_grads(lambda x, w, t: cuda_backend.linear_cross_entropy(x, w, t), x, w, targets)
-    _assert_grads_match(grads)
-
-
-def test_mixed_dtypes_are_refused_with_a_clear_error():
-    x = torch.empty(4, 8, device="meta", dtype=torch.bfloat16)
-    w = torch.empty(16, 8, device="meta")
-    with pytest.raises(TypeError, match="one dtype.*autocast"):
-        cuda_backend.mlp_gelu(x, w, None, torch.empty(8, 16, device="meta"), None)
+def test_every_op_has_a_cuda_implementation_and_a_limit_check():
+    assert set(OPS) == set(kernels.OPS)
+    fp16 = kernels.specs.SPECS["layer_norm"].canonicalize(
+        torch.empty(2, 8, dtype=torch.float16), torch.empty(8, dtype=torch.float16))
+    assert "fp16" in cuda_backend.unsupported(fp16)
+    q = torch.empty(1, 2, 4, 12, dtype=torch.bfloat16)
+    odd_head = kernels.specs.SPECS["causal_attention"].canonicalize(q, q, q)
+    assert "multiple of 8" in cuda_backend.unsupported(odd_head)

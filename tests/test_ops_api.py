@@ -43,15 +43,42 @@ def test_default_backend_is_used_when_none_is_given(monkeypatch):
 
 
 def test_backend_without_the_op_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(backends, "_implements", lambda name, op: False)
+    module = backends._module("torch")
+    monkeypatch.setattr(module, "OPS", {k: v for k, v in module.OPS.items() if k != "layer_norm"})
     with pytest.raises(kernels.BackendUnavailableError, match="does not implement 'layer_norm'"):
         backends.resolve_name("layer_norm", "torch", torch.device("cpu"))
+
+
+def test_every_op_is_declared_once_and_implemented_by_torch():
+    """The specs are the list of ops; the public functions, the `torch` backend and the
+    benchmark problems all cover exactly that list."""
+    from bench.problems import PROBLEMS
+    from kernels.specs import SPECS
+
+    assert kernels.OPS == tuple(SPECS)
+    assert set(backends._module("torch").OPS) == set(SPECS) == set(PROBLEMS)
+    for op in kernels.OPS:
+        assert callable(getattr(kernels, op))
+
+
+def test_backend_packages_do_not_import_the_registry():
+    """The registry imports the backends, never the other way round (no import cycle)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(kernels.__file__).parent
+    for path in [*root.glob("cuda/*.py"), *root.glob("triton/*.py"), root / "torch_backend.py"]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert node.module not in ("kernels.backends", "kernels.ops"), path
+                assert not (node.module == "kernels" and any(
+                    a.name in ("backends", "ops") for a in node.names)), path
 
 
 @pytest.mark.parametrize("call, error, message", [
     (lambda: kernels.layer_norm(torch.randn(2, 4), torch.ones(5)), ValueError, r"weight must have shape \(4,\)"),
     (lambda: kernels.layer_norm(torch.ones(2, 4, dtype=torch.long), torch.ones(4)), TypeError, "x must be a floating"),
-    (lambda: kernels.layer_norm(torch.randn(2, 4), torch.ones(4), eps=0.0), ValueError, "eps must be positive"),
+    (lambda: kernels.layer_norm(torch.randn(2, 4), torch.ones(4), eps=0.0), ValueError, "eps must be a positive"),
     (lambda: kernels.layer_norm(torch.randn(2, 4).tolist(), torch.ones(4)), TypeError, "x must be a torch.Tensor"),
     (lambda: kernels.add_layer_norm(torch.randn(2, 4), torch.randn(2, 3), torch.ones(4)), ValueError,
      r"residual must have shape \(2, 4\)"),
@@ -59,6 +86,10 @@ def test_backend_without_the_op_is_a_clear_error(monkeypatch):
      ValueError, r"w_fc must have shape \(hidden, 4\)"),
     (lambda: kernels.mlp_gelu(torch.randn(2, 4), torch.randn(16, 4), None, torch.randn(16, 4), None),
      ValueError, r"w_proj must have shape \(4, 16\)"),
+    (lambda: kernels.mlp_gelu(torch.randn(2, 4), torch.randn(16, 4), None, torch.randn(4, 16), None,
+                              approximate="erf"), ValueError, "approximate must be one of"),
+    (lambda: kernels.mlp_gelu(torch.randn(2, 4), torch.randn(16, 4), torch.randn(16).bfloat16(),
+                              torch.randn(4, 16), None), TypeError, "one dtype"),
     (lambda: kernels.causal_attention(torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.randn(2, 3, 4)),
      ValueError, "q must be 4-D"),
     (lambda: kernels.causal_attention(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)),
@@ -68,12 +99,19 @@ def test_backend_without_the_op_is_a_clear_error(monkeypatch):
     (lambda: kernels.causal_attention(torch.randn(1, 1, 2, 8), torch.randn(1, 1, 2, 8),
                                       torch.randn(1, 1, 2, 8, dtype=torch.float64)), TypeError, "share a dtype"),
     (lambda: kernels.causal_attention(*[torch.randn(1, 1, 2, 8)] * 3, dropout_p=1.0), ValueError, "dropout_p"),
+    (lambda: kernels.causal_attention(*[torch.randn(1, 1, 2, 8)] * 3, scale=float("inf")), ValueError,
+     "scale must be a finite"),
     (lambda: kernels.cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 2.0])), TypeError, "int64 or int32"),
     (lambda: kernels.cross_entropy(torch.randn(3, 5), torch.tensor([0, 1])), ValueError, r"targets must have shape \(3,\)"),
     (lambda: kernels.cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 5])), ValueError, r"out of range \[0, 5\)"),
     (lambda: kernels.cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 2]), reduction="avg"), ValueError, "reduction"),
     (lambda: kernels.linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 3), torch.tensor([0, 1, 2])),
      ValueError, r"weight must have shape \(vocab, 4\)"),
+    (lambda: kernels.linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4).double(),
+                                          torch.tensor([0, 1, 2])), TypeError, "one dtype"),
+    (lambda: kernels.cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 2]), ignore_index=1.5),
+     TypeError, "ignore_index must be an int"),
+    (lambda: kernels.layer_norm(torch.tensor(1.0), torch.ones(1)), ValueError, "at least one dim"),
 ])
 def test_bad_input_gets_a_clear_error(call, error, message):
     with pytest.raises(error, match=message):
@@ -101,12 +139,22 @@ def test_matmul_ops_follow_autocast():
     torch.testing.assert_close(y.float(), kernels.mlp_gelu(x, w_fc, None, w_proj, None), atol=0.1, rtol=0.05)
 
 
+@pytest.mark.skipif(not kernels.available_backends()["triton"].available,
+                    reason="triton backend unavailable")
 def test_attention_with_dropout_falls_back_to_torch_with_one_warning(monkeypatch, recwarn):
-    from kernels import ops
-    monkeypatch.setattr(ops, "resolve_name", lambda op, backend, device: "triton")
-    monkeypatch.setattr(ops, "_warned_attention_fallback", set())
+    """Attention dropout and a KV cache are torch-only features: an explicitly named kernel
+    backend hands such calls to `torch`, saying so once."""
+    monkeypatch.setattr(backends, "_warned_torch_only", set())
     q = torch.randn(1, 1, 4, 8)
     for _ in range(3):
-        kernels.causal_attention(q, q, q, dropout_p=0.5)
+        out = kernels.causal_attention(q, q, q, dropout_p=0.5, backend="triton")
+    assert out.shape == q.shape
     messages = [str(w.message) for w in recwarn.list if "attention dropout" in str(w.message)]
     assert len(messages) == 1 and "'torch' backend" in messages[0]
+
+
+def test_auto_sends_torch_only_calls_to_torch():
+    q, kv = torch.randn(1, 1, 4, 8), torch.randn(1, 1, 6, 8)
+    call = kernels.specs.SPECS["causal_attention"].canonicalize(q, kv, kv)
+    assert call.torch_only == "queries shorter than keys (KV cache)"
+    assert backends.resolve(call, "auto") is backends._module("torch").OPS["causal_attention"]

@@ -2,9 +2,9 @@
 import pickle
 
 import pytest
-import tiktoken
 import torch
 
+import gpt.data
 from gpt import sample
 from gpt.checkpoint import save_checkpoint
 from gpt.model import GPT, GPTConfig
@@ -86,7 +86,7 @@ def test_samples_from_a_hugging_face_directory(tmp_path, capsys, monkeypatch):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     encoding = tiny_bpe_encoding()  # stands in for GPT-2's BPE, which needs the network
-    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: encoding)
+    monkeypatch.setattr(gpt.data, "gpt2_encoding", lambda: encoding)
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64,
                                     vocab_size=encoding.n_vocab))

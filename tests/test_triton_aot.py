@@ -1,19 +1,19 @@
-"""Every Triton kernel compiles ahead of time for sm_80 and sm_90, and none spills.
+"""Every Triton kernel compiles ahead of time for sm_80 and sm_90.
 
-One fixture compiles everything once (`kernels.triton.aot.compile_all`: worker processes
-without the interpreter, an empty Triton cache): every `AotSpec` of every kernels.triton
-module, plus this file's own kernels, which test the machinery itself - a vector add that
-must compile cleanly, a kernel that must spill, and specs that must fail to compile.
+One compile serves this file and test_static_report.py (`aot_session.project_report`:
+worker processes without the interpreter, an empty Triton cache): every `AotSpec` of
+every kernels.triton module, plus this file's own kernels, which test the machinery
+itself - a vector add that must compile cleanly, a kernel that must spill, and specs that
+must fail to compile. That no project kernel spills, at any config its launcher accepts,
+is test_static_report.py's check.
 """
-import shutil
-import subprocess
-
 import pytest
 import triton
 import triton.language as tl
 
-from bench.resources import cuda_extension_rows, render_markdown, triton_rows
-from kernels.triton.aot import TARGET_ARCHS, AotSpec, compile_all, package_modules
+from aot_session import MACHINERY_SOURCES, project_report
+from bench.resources import render_markdown, triton_rows
+from kernels.triton.aot import TARGET_ARCHS, AotSpec, launch_configs, package_modules
 
 
 @triton.jit
@@ -63,14 +63,13 @@ FAILING_SPECS = [
     AotSpec("vector_add[missing N]", _vector_add_kernel,
             {"X": "*fp32", "Y": "*fp32", "Out": "*fp32", "BLOCK": "constexpr"}, {"BLOCK": 256}),
 ]
-OWN_SOURCES = {name: f"{__file__}:{name}" for name in ("AOT_SPECS", "SPILLING_SPECS",
-                                                         "FAILING_SPECS")}
+OWN_SOURCES = MACHINERY_SOURCES
 KERNEL_MODULES = package_modules()
 
 
 @pytest.fixture(scope="module")
 def report():
-    return compile_all(extra_sources=tuple(OWN_SOURCES.values()))
+    return project_report()
 
 
 def _results(report, source, arch):
@@ -85,6 +84,7 @@ def test_clean_kernel_compiles_with_its_resources(report, arch):
     assert sorted(results) == sorted(spec.name for spec in AOT_SPECS)
     for result in results.values():
         assert result.error is None, result.error
+        assert result.kernel.endswith("._vector_add_kernel")  # "module.function"
         assert 0 < result.resources.registers <= 255
         assert result.resources.spill_stores == result.resources.spill_loads == 0
         assert result.resources.stack_bytes == 0
@@ -123,31 +123,6 @@ def test_resource_table_has_a_row_per_compile(report):
     assert table.count("FAILED: ") == len(report.failures())
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc to build a fat binary")
-def test_cuda_fat_binary_resources_are_read_per_arch(tmp_path):
-    source = tmp_path / "scale.cu"
-    source.write_text(
-        "template <typename T> __global__ void scale_kernel(T* x, float s, int n) {\n"
-        "  __shared__ float tile[256];\n"
-        "  tile[threadIdx.x] = s;\n"
-        "  __syncthreads();\n"
-        "  int i = blockIdx.x * blockDim.x + threadIdx.x;\n"
-        "  if (i < n) x[i] = x[i] * tile[255 - threadIdx.x];\n"
-        "}\n"
-        "template __global__ void scale_kernel<float>(float*, float, int);\n")
-    library = tmp_path / "libscale.so"
-    subprocess.run(["nvcc", "-shared", "-Xcompiler", "-fPIC", "-o", str(library), str(source),
-                    *[flag for arch in TARGET_ARCHS
-                      for flag in ("-gencode", f"arch=compute_{arch},code=sm_{arch}")]],
-                   check=True, capture_output=True)
-    rows = cuda_extension_rows(library)
-    assert sorted(row["arch"] for row in rows) == [f"sm_{arch}" for arch in TARGET_ARCHS]
-    for row in rows:
-        assert row["kernel"] in ("scale_kernel<float>", "_Z12scale_kernelIfEvPT_fi")
-        assert row["registers"] > 0 and row["shared_bytes"] >= 256 * 4
-        assert row["stack_bytes"] == 0 and not row["spills"]
-
-
 # ---- the project's kernels ---------------------------------------------------------------
 
 def test_every_kernel_module_exports_its_specs(report):
@@ -173,11 +148,11 @@ def test_kernel_module_compiles(report, module, arch):
     assert not failed, f"{len(failed)} specs of {module} fail for sm_{arch}:\n" + "\n\n".join(failed)
 
 
-@pytest.mark.parametrize("arch", TARGET_ARCHS, ids=lambda arch: f"sm_{arch}")
-@pytest.mark.parametrize("module", KERNEL_MODULES, ids=lambda module: module.rsplit(".")[-1])
-def test_kernel_module_does_not_spill(report, module, arch):
-    spilling = [f"{r.name} (warps={r.num_warps}, stages={r.num_stages}): "
-                f"{r.resources.spill_stores} B spill stores, {r.resources.registers} registers"
-                for r in _module_results(report, module, arch) if r.spills]
-    assert not spilling, (f"{len(spilling)} configs of {module} spill on sm_{arch}; drop them "
-                          "from the autotune list:\n" + "\n".join(spilling))
+def test_launch_configs_are_every_distinct_config_until_the_launcher_refuses():
+    def tiles(size):
+        if size > 100:
+            raise ValueError("too wide")
+        return min(64, triton.next_power_of_2(size))
+
+    assert launch_configs(tiles) == {1: 1, 2: 2, 4: 3, 8: 5, 16: 9, 32: 17, 64: 33}
+    assert launch_configs(lambda size: size // 1000, max_size=2500) == {0: 1, 1: 1000, 2: 2000}

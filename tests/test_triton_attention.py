@@ -2,8 +2,13 @@
 
 Without a GPU these run under the Triton interpreter (tests/conftest.py), so shapes are
 small but awkward: T not a multiple of any tile (1, 7, 33, 65, 130), head dims 32/64/128
-plus a non-power-of-two one, fp32 / bf16 / fp16. The `gpu` tests repeat the checks at
-training shapes with the autotuned tiles and measure memory with the CUDA allocator.
+plus a non-power-of-two one, fp32 / bf16 / fp16. Every check runs on each version
+(`attention.VERSIONS`: the single-pass backward with atomic dQ, the deterministic
+three-kernel one, and the single pass with TMA descriptor loads, which the interpreter
+emulates), and the whole conformance suite of the op runs again with each version
+tests/test_conformance.py does not (it runs the selected one). The `gpu` tests repeat the
+checks at training shapes with the autotuned tiles and measure memory with the CUDA
+allocator.
 """
 import gc
 
@@ -12,24 +17,38 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import kernels
-from kernels import reference
+from kernels import reference, versions
+from kernels.specs import SPECS
+from kernels.testing import assert_close, run_case
 from kernels.triton import attention
 from kernels.triton.attention import attention_forward
+from test_conformance import DTYPES, _refusal
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(not kernels.available_backends()["triton"].available,
+                                reason="triton backend unavailable")
+VERSIONS = sorted(attention.VERSIONS.versions)
+# The versions tests/test_conformance.py leaves out: it runs the one selected.
+OTHER_VERSIONS = [v for v in VERSIONS if v != attention.VERSIONS.current()]
 
-# Tolerances against the fp64 reference: fp32 runs exact IEEE products, so only summation
-# order differs; 16-bit inputs round P and dS to 16 bits before their matmuls.
-TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+@pytest.fixture
+def version(request):
+    """Run the test with attention version request.param, then restore the selection."""
+    before = attention.VERSIONS.current()
+    versions.select("triton_attention", request.param)
+    yield request.param
+    versions.select("triton_attention", before)
 
 
 def reference_attention(q, k, v, scale):
-    """Causal attention and its log-sum-exp, written out in fp64."""
+    """Causal attention and its log-sum-exp, written out in q's dtype (fp64 for the
+    reference; the inputs' own 16-bit dtype for eager PyTorch, the allowance)."""
     t = q.shape[-2]
-    scores = (q.double() @ k.double().transpose(-2, -1)) * scale
+    scores = (q @ k.transpose(-2, -1)) * scale
     visible = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
     scores = scores.masked_fill(~visible, float("-inf"))
-    return torch.softmax(scores, dim=-1) @ v.double(), torch.logsumexp(scores, dim=-1)
+    return torch.softmax(scores, dim=-1) @ v, torch.logsumexp(scores, dim=-1)
 
 
 def random_qkv(b, h, t, d, dtype):
@@ -38,50 +57,70 @@ def random_qkv(b, h, t, d, dtype):
 
 
 def check_against_reference(q, k, v, scale=None):
-    """Output, LSE and the gradients of q, k, v (through both o and lse) vs fp64."""
+    """Output, LSE and the gradients of q, k, v (through both o and lse) against fp64,
+    judged by kernels.testing (eager attention in the same dtype as the allowance)."""
     d = q.shape[-1]
     scale = d ** -0.5 if scale is None else scale
     o, lse = attention_forward(q, k, v, scale)
-    grad_o, grad_lse = torch.randn_like(o), torch.randn_like(lse)
-    torch.autograd.backward([o, lse], [grad_o, grad_lse])
-
-    ref_inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref_o, ref_lse = reference_attention(*ref_inputs, scale)
-    torch.autograd.backward([ref_o, ref_lse], [grad_o.double(), grad_lse.double()])
-
-    tol = TOLERANCE[q.dtype]
     assert o.dtype == q.dtype and lse.dtype == torch.float32
-    torch.testing.assert_close(o.double(), ref_o, atol=tol, rtol=tol)
-    torch.testing.assert_close(lse.double(), ref_lse, atol=tol, rtol=tol)
-    for name, t, ref in zip("qkv", (q, k, v), ref_inputs):
-        # Gradients sum over up to T terms: compare relative to their own magnitude.
-        scaled_tol = tol * max(1.0, ref.grad.abs().max().item())
-        torch.testing.assert_close(t.grad.double(), ref.grad, atol=scaled_tol, rtol=tol,
-                                   msg=lambda m, name=name: f"d{name}: {m}")
+    upstream = [torch.randn_like(o), torch.randn_like(lse)]
+    grads = torch.autograd.grad([o, lse], (q, k, v), upstream)
+    results = {}
+    for name, dtype in (("reference", torch.float64), ("eager", q.dtype)):
+        inputs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        outputs = reference_attention(*inputs, scale)
+        results[name] = list(outputs) + list(torch.autograd.grad(
+            outputs, inputs, [u.to(out.dtype) for u, out in zip(upstream, outputs)]))
+    for name, got, want, eager in zip(("o", "lse", "dq", "dk", "dv"), [o, lse, *grads],
+                                      results["reference"], results["eager"]):
+        assert_close(got, want, eager, name)
 
 
 # A covering set rather than the full product: every T (including 1 and non-multiples of
 # both 16 and 32), every head dim, every dtype, without the slow large ones together.
+@pytest.mark.parametrize("version", VERSIONS, indirect=True)
 @pytest.mark.parametrize("b, h, t, d, dtype", [
     (1, 2, 1, 32, torch.float32),
     (2, 1, 7, 64, torch.float32),
     (1, 1, 65, 128, torch.float32),
     (1, 2, 130, 32, torch.float32),
     (1, 1, 33, 20, torch.float32),    # head dim padded to 32 inside the kernels
+    (1, 1, 33, 24, torch.bfloat16),   # padded, and TMA-eligible (48-byte rows): zero-filled
     (1, 1, 130, 64, torch.bfloat16),
     (2, 1, 65, 32, torch.bfloat16),
     (1, 1, 7, 128, torch.bfloat16),
     (1, 1, 65, 64, torch.float16),
 ])
-def test_matches_fp64_reference(b, h, t, d, dtype):
+def test_matches_fp64_reference(version, b, h, t, d, dtype):
     check_against_reference(*random_qkv(b, h, t, d, dtype))
 
 
-def test_custom_scale():
+def _conformance_cases():
+    for case in SPECS["causal_attention"].cases:
+        for dtype_name, dtype in DTYPES.items():
+            if case.raises is None and case.applies_to(dtype):
+                yield pytest.param(case.name, dtype_name, id=f"{case.name}-{dtype_name}")
+
+
+@pytest.mark.parametrize("version", OTHER_VERSIONS, indirect=True)
+@pytest.mark.parametrize("case_name, dtype_name", list(_conformance_cases()))
+def test_conformance_of_the_other_versions(version, case_name, dtype_name):
+    """tests/test_conformance.py's cases of causal_attention, on the versions it skips."""
+    spec, dtype = SPECS["causal_attention"], DTYPES[dtype_name]
+    case = spec.case(case_name)
+    if _refusal("causal_attention", case, "triton", dtype) is not None:
+        pytest.skip("the triton backend refuses this call (tests/test_conformance.py checks how)")
+    failed = [str(v) for v in run_case(spec, case, "triton", dtype, DEVICE) if not v.passed]
+    assert not failed, "; ".join(failed)
+
+
+@pytest.mark.parametrize("version", VERSIONS, indirect=True)
+def test_custom_scale(version):
     check_against_reference(*random_qkv(1, 1, 33, 32, torch.float32), scale=0.3)
 
 
-def test_reads_strided_qkv_views_in_place():
+@pytest.mark.parametrize("version", VERSIONS, indirect=True)
+def test_reads_strided_qkv_views_in_place(version):
     """The model's layout: q, k, v are permuted views of one (B, T, 3, H, D) projection."""
     b, t, h, d = 2, 37, 2, 32
     qkv = torch.randn(b, t, 3, h, d, device=DEVICE, requires_grad=True)
@@ -136,7 +175,8 @@ def test_bad_input_is_named(call, error, match):
         call(q)
 
 
-def test_opcheck_fwd_and_bwd_ops():
+@pytest.mark.parametrize("version", VERSIONS, indirect=True)
+def test_opcheck_fwd_and_bwd_ops(version):
     """Schema, fake (meta) impls, autograd registration and AOT dispatch of the custom ops."""
     q, k, v = random_qkv(1, 2, 5, 16, torch.float32)
     torch.library.opcheck(torch.ops.gptk.triton_attention_fwd.default, (q, k, v, 0.25))
@@ -154,7 +194,7 @@ def test_torch_compile_traces_the_custom_ops():
     ref = [x.detach().double().requires_grad_() for x in (q, k, v)]
     reference_attention(*ref, 16 ** -0.5)[0].square().sum().backward()
     for x, r in zip((q, k, v), ref):
-        torch.testing.assert_close(x.grad.double(), r.grad, atol=1e-5, rtol=1e-5)
+        assert_close(x.grad, r.grad)
 
 
 # ----------------------------------------------------------------------------- memory
@@ -200,7 +240,7 @@ def test_aot_specs_cover_every_kernel_tile_dtype_and_head_dim():
         for d in attention.AOT_HEAD_DIMS:
             group = attention._tile_group(dtype, attention._block_d(d))
             for kernel, tiles in attention.AUTOTUNE_TILES.items():
-                for bm, bn, warps, stages in tiles[group]:
+                for bm, bn, warps, stages in tiles.get(group, ()):  # TMA: 16-bit only
                     assert (f"attention_{kernel}[{type_name},D={d},BLOCK_M={bm},BLOCK_N={bn},"
                             f"warps={warps},stages={stages}]") in names
             assert any(n.startswith(f"attention_bwd_preprocess[{type_name},D={d},") for n in names)
@@ -211,23 +251,79 @@ def test_aot_specs_cover_every_kernel_tile_dtype_and_head_dim():
 
 def test_tiles_respect_the_causal_split():
     """Forward and dQ walk key blocks that must tile a query block (BLOCK_N | BLOCK_M);
-    dK/dV walks query blocks that must tile a key block (BLOCK_M | BLOCK_N)."""
-    tiles = {kernel: [tile[:2] for group in groups.values() for tile in group]
-             for kernel, groups in attention.AUTOTUNE_TILES.items()}
-    for kernel in tiles:
-        tiles[kernel].append(attention.INTERPRETER_TILES[kernel])
-    for bm, bn in tiles["fwd"] + tiles["dq"]:
-        assert bm % bn == 0, (bm, bn)
-    for bm, bn in tiles["dkdv"]:
-        assert bn % bm == 0, (bm, bn)
+    dK/dV (and the single pass) walk query blocks that must tile a key block
+    (BLOCK_M | BLOCK_N)."""
+    for kernel, groups in attention.AUTOTUNE_TILES.items():
+        tiles = [tile[:2] for group in groups.values() for tile in group]
+        for bm, bn in tiles + [attention.INTERPRETER_TILES[kernel]]:
+            assert (bn % bm if kernel.startswith("dkdv") else bm % bn) == 0, (kernel, bm, bn)
+
+
+@pytest.mark.parametrize("d, dtype, tma", [(16, torch.bfloat16, True),
+                                          (20, torch.bfloat16, False),
+                                          (16, torch.float32, False)])
+def test_each_version_launches_its_kernels(monkeypatch, d, dtype, tma):
+    """Version 2's backward is Delta + one single-pass kernel (5 GEMM-equivalents);
+    version 1's is Delta + dK/dV + dQ; version 3 is version 2 with TMA loads for 16-bit
+    operands where TMA's 16-byte rules hold (rows of 20 bf16 are 40 bytes apart). In
+    deterministic mode every version's backward is version 1's."""
+    launched = []
+    real_launch = attention._launch
+
+    def launch(kernel, *args, **kwargs):
+        launched.append(kernel)
+        real_launch(kernel, *args, **kwargs)
+    monkeypatch.setattr(attention, "_launch", launch)
+    q, k, v = random_qkv(1, 1, 9, d, dtype)
+    tma = ["fwd_tma", "dkdv_dq_tma"] if tma else ["fwd", "dkdv_dq"]
+    for version, expected in ((1, ["fwd", "dkdv", "dq"]), (2, ["fwd", "dkdv_dq"]), (3, tma)):
+        before = attention.VERSIONS.current()
+        versions.select("triton_attention", version)
+        try:
+            launched.clear()
+            attention.causal_attention(q, k, v).sum().backward()
+        finally:
+            versions.select("triton_attention", before)
+        assert launched == expected, version
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:  # every version then takes version 1's single-owner dQ
+        launched.clear()
+        attention.causal_attention(q, k, v).sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert launched[1:] == ["dkdv", "dq"]
+
+
+def test_autotuning_is_keyed_on_the_length_bucket():
+    """T_BUCKET = next_power_of_2(T) is the autotuner's key, not T; the single pass zeroes
+    its atomically accumulated dQ buffer before every trial."""
+    for kernel in attention.AUTOTUNE_TILES:
+        tuner = attention._autotuned(kernel, ("16bit", 64))
+        assert tuner.keys == ["T_BUCKET", "HEAD_DIM"], kernel
+        assert tuner.reset_to_zero == (["DQ_ACCUM"] if kernel.startswith("dkdv_dq") else []), kernel
+    for spec in attention.AOT_SPECS:
+        if "T" in spec.signature and "preprocess" not in spec.name:
+            assert spec.signature["T_BUCKET"] == "i32", spec.name
 
 
 # ----------------------------------------------------------------------------- GPU
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("version", VERSIONS, indirect=True)
 @pytest.mark.parametrize("t, d", [(1024, 64), (777, 128), (2048, 32)])
-def test_gpu_autotuned_matches_reference(t, d):
+def test_gpu_autotuned_matches_reference(version, t, d):
     check_against_reference(*random_qkv(2, 4, t, d, torch.bfloat16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("version", [1], indirect=True)
+def test_gpu_deterministic_version_gives_the_same_bits(version):
+    q, k, v = random_qkv(2, 4, 1024, 64, torch.bfloat16)
+    grad_o = torch.randn_like(q)
+    first = torch.autograd.grad(attention.causal_attention(q, k, v), (q, k, v), grad_o)
+    second = torch.autograd.grad(attention.causal_attention(q, k, v), (q, k, v), grad_o)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
 @pytest.mark.gpu

@@ -1,10 +1,24 @@
-"""The `triton` backend: Triton kernels, their launchers and autograd Functions.
+"""The `triton` backend: Triton kernels, their launchers and autograd wiring.
 
 One module per op; `OPS` maps each implemented op name to its entry point, which takes
-the op's public arguments (see `kernels.ops`). Kernels run on a CUDA GPU, or on the CPU
-under the Triton interpreter when TRITON_INTERPRET=1 is set before triton is imported.
+the op's canonical arguments (see `kernels.specs`), and `unsupported(call)` names the
+limit a call exceeds. Kernels run on a CUDA GPU, or on the CPU under the Triton
+interpreter when TRITON_INTERPRET=1 is set before triton is imported. Every launch runs
+under a guard for the tensors' own device, so tensors on cuda:1 are computed on cuda:1
+whatever the current device is.
 """
-from kernels.triton import attention, cross_entropy, layer_norm, linear_cross_entropy, mlp
+from __future__ import annotations
+
+import torch
+
+from kernels.availability import triton_interpreter_enabled
+from kernels.triton import (attention, cross_entropy, interpreter, layer_norm,
+                            linear_cross_entropy, mlp)
+
+if triton_interpreter_enabled():
+    interpreter.install()  # bf16 rounding as on the GPU (see kernels.triton.interpreter)
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 OPS: dict = {
     "layer_norm": layer_norm.layer_norm,
@@ -14,3 +28,24 @@ OPS: dict = {
     "causal_attention": attention.causal_attention,
     "mlp_gelu": mlp.mlp_gelu,
 }
+
+
+def unsupported(call) -> str | None:
+    """None when the Triton kernels run `call`, else the limit it exceeds."""
+    dtypes = call.dtypes() - set(SUPPORTED_DTYPES)
+    if dtypes:
+        return f"the Triton kernels compute in fp32, bf16 and fp16, got {sorted(map(str, dtypes))}"
+    if call.op in ("layer_norm", "add_layer_norm"):
+        channels = call["x"].shape[-1]
+        if channels > layer_norm.MAX_CHANNELS:
+            return (f"the Triton layer_norm keeps a row in registers and supports up to "
+                    f"{layer_norm.MAX_CHANNELS} channels, got {channels}")
+    if call.op == "causal_attention":
+        _, _, seq_len, head_dim = call["q"].shape
+        if head_dim > attention.MAX_HEAD_DIM:
+            return (f"the Triton attention supports head dims up to {attention.MAX_HEAD_DIM}, "
+                    f"got {head_dim}")
+        if seq_len > attention.MAX_SEQ_LEN:
+            return (f"the Triton attention supports sequences up to {attention.MAX_SEQ_LEN}, "
+                    f"got {seq_len}")
+    return None

@@ -9,9 +9,14 @@ that very compile tells how many registers each thread uses and whether it spill
 (a spill is a register ptxas had to park in per-thread local memory, i.e. DRAM behind
 L1: the most common silent slowdown of a too-large tile or too few warps).
 
-    compile_spec(spec, arch) -> Resources     one spec, in this process (needs real JITFunctions)
+    compile_spec(spec, arch) -> Compiled      one spec, in this process (needs real JITFunctions):
+                                              ptxas's resources and, on request, the SASS
+                                              opcode counts of the cubin
     compile_all(...)         -> AotReport     every spec of kernels.triton (+ extra sources),
                                               for every arch, in fresh worker processes
+    launch_configs(config_fn)                 the distinct configs a launcher's config function
+                                              picks over every size it accepts (for AOT_SPECS
+                                              that cover a launcher's whole range)
 
 Why worker processes: the test suite runs without a GPU under TRITON_INTERPRET=1, where
 `@triton.jit` returns interpreter objects that cannot be compiled. `compile_all` starts
@@ -24,9 +29,10 @@ count) is the code the GPU will run: the JIT specializes each pointer that is 16
 aligned and each integer that is a multiple of 16 (tt.divisibility=16), and at GPT-2 shapes
 all are: tensors from PyTorch's allocator and the views the ops pass are aligned, and every
 size and stride (C=768, 3C, 4C, T=1024, B*T, the vocabulary padded to 50304) is a multiple
-of 16. Parameters a kernel excludes with `do_not_specialize[_on_alignment]` get no hint, as
-in the JIT. Without these hints a matmul cannot use aligned vector or cp.async loads, and
-its software pipeline keeps the prefetched tiles in registers: the 128x128x32 bf16 tile then
+of 16. Parameters a kernel excludes with `do_not_specialize[_on_alignment]`, and those a
+spec lists as `unaligned` (sizes that real shapes leave odd), get no hint, as in the JIT.
+Without these hints a matmul cannot use aligned vector or cp.async loads, and its software
+pipeline keeps the prefetched tiles in registers: the 128x128x32 bf16 tile then
 spills kilobytes on sm_80 where the real launch, with hints, uses 240 registers and none.
 """
 from __future__ import annotations
@@ -73,6 +79,13 @@ class AotSpec:
     constexprs: dict[str, object] = field(default_factory=dict)
     num_warps: int = 4
     num_stages: int = 2
+    # Integer/pointer parameters that real launches may pass with no 16-divisibility (an
+    # unpadded vocabulary's row stride, say): compiled without the alignment hint, as the
+    # JIT would, to show the code those shapes get.
+    unaligned: tuple[str, ...] = ()
+    # Whether GPT-2's shapes pick this config. Every config a launcher accepts is checked
+    # for spills and limits; the static report's speed findings look at the GPT-2 ones.
+    gpt2: bool = True
 
 
 @dataclass(frozen=True)
@@ -86,15 +99,26 @@ class Resources:
 
 
 @dataclass(frozen=True)
+class Compiled:
+    resources: Resources
+    # SASS opcode with its modifiers ("LDG.E.128", "HMMA.16816.F32.BF16") -> how many times
+    # it appears in the cubin (static count: a loop body counts once); None if not asked for.
+    sass_opcodes: dict[str, int] | None = None
+
+
+@dataclass(frozen=True)
 class AotResult:
     """One spec compiled for one arch: its resources, or why it did not compile."""
     source: str          # where the spec came from, "module:AOT_SPECS"
     name: str
+    kernel: str          # the @triton.jit function, "module.function"
     arch: int
     num_warps: int
     num_stages: int
     compile_seconds: float
+    gpt2: bool = True    # the spec's `gpt2`: GPT-2's shapes pick this config
     resources: Resources | None = None
+    sass_opcodes: dict[str, int] | None = None
     error: str | None = None
 
     @property
@@ -125,8 +149,9 @@ class AotReport:
 # Compiling one spec
 
 
-def compile_spec(spec: AotSpec, arch: int) -> Resources:
-    """Compile `spec` for sm_`arch` and read ptxas's report of registers, spills, stack."""
+def compile_spec(spec: AotSpec, arch: int, sass: bool = False) -> Compiled:
+    """Compile `spec` for sm_`arch` and read ptxas's report of registers, spills, stack;
+    with `sass`, also count the SASS opcodes of the cubin."""
     fn = _jit_function(spec)
     signature, attrs = _triton_signature(spec, fn)
     source = ASTSource(fn=fn, signature=signature, constexprs=dict(spec.constexprs), attrs=attrs)
@@ -138,7 +163,31 @@ def compile_spec(spec: AotSpec, arch: int) -> Resources:
             kernel = triton.compile(source, target=GPUTarget("cuda", arch, _WARP_SIZE),
                                     options={"num_warps": spec.num_warps,
                                              "num_stages": spec.num_stages})
-    return parse_ptxas_report(report.getvalue(), dynamic_shared=kernel.metadata.shared)
+    resources = parse_ptxas_report(report.getvalue(), dynamic_shared=kernel.metadata.shared)
+    return Compiled(resources, _cubin_opcodes(kernel.asm["cubin"]) if sass else None)
+
+
+def _cubin_opcodes(cubin: bytes) -> dict[str, int]:
+    """SASS opcode counts of a cubin, disassembled by the cuobjdump Triton ships."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        sass = subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", file.name], check=True,
+                              capture_output=True, text=True).stdout
+    return sass_opcode_counts(sass)
+
+
+# One instruction of `cuobjdump -sass`: "/*0040*/  @!P0 LDG.E.128 R4, desc[UR14][R2.64] ;"
+# (the encoding lines that follow, "/* 0x000e22... */", have a space after "/*").
+_SASS_INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)")
+
+
+def sass_opcode_counts(sass: str) -> dict[str, int]:
+    """Opcode (with modifiers) -> count over the instructions of a `cuobjdump -sass` text."""
+    counts: dict[str, int] = {}
+    for opcode in _SASS_INSTRUCTION.findall(sass):
+        counts[opcode] = counts.get(opcode, 0) + 1
+    return counts
 
 
 def _jit_function(spec: AotSpec) -> JITFunction:
@@ -170,9 +219,12 @@ def _triton_signature(spec: AotSpec, fn: JITFunction) -> tuple[dict[str, str], d
         raise ValueError(f"AotSpec {spec.name!r}: constexprs must give a value to exactly the "
                          f"'constexpr' parameters; no value for {without_value}, "
                          f"not 'constexpr' in the signature {not_constexpr}")
+    not_params = [p for p in spec.unaligned if p not in params]
+    if not_params:
+        raise ValueError(f"AotSpec {spec.name!r}: unaligned names non-parameters {not_params}")
     signature = {p: spec.signature[p] for p in params}
     attrs = {(i,): [["tt.divisibility", 16]] for i, (p, param) in enumerate(zip(params, fn.params))
-             if _SPECIALIZED_TYPE.match(signature[p])
+             if _SPECIALIZED_TYPE.match(signature[p]) and p not in spec.unaligned
              and not (param.do_not_specialize or param.do_not_specialize_on_alignment)}
     return signature, attrs
 
@@ -205,6 +257,22 @@ def parse_ptxas_report(report: str, dynamic_shared: int) -> Resources:
         stack_bytes=sum(int(stack) for stack, _, _ in frames),
         shared_bytes=dynamic_shared + (int(static_smem.group(1)) if static_smem else 0),
     )
+
+
+def launch_configs(config_fn, max_size: int = 1 << 17) -> dict[object, int]:
+    """Every distinct result of a launcher's config function (e.g. a size -> tile function)
+    over the sizes it accepts, with the smallest size that gets it: sizes 1, 2, ... until
+    the function raises ValueError (how a launcher rejects a size) or `max_size` (a
+    function whose configs stop changing, like a capped block size). AOT_SPECS built from
+    these cover every config the launcher can pick, not only those of GPT-2's shapes."""
+    configs: dict[object, int] = {}
+    for size in range(1, max_size + 1):
+        try:
+            config = config_fn(size)
+        except ValueError:
+            break
+        configs.setdefault(config, size)
+    return configs
 
 
 # ----------------------------------------------------------------------------------------
@@ -253,6 +321,8 @@ def _import_source(where: str):
     if not where.endswith(".py"):
         return importlib.import_module(where)
     path = Path(where).resolve()
+    if str(path.parent) not in sys.path:  # it may import its neighbours, as a script would
+        sys.path.insert(0, str(path.parent))
     name = f"_aot_source_{path.stem}"
     module_spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(module_spec)
@@ -315,6 +385,13 @@ def _called_names(jit: JITFunction) -> set[str]:
             if isinstance(node, ast.Call) and isinstance(node.func, (ast.Name, ast.Attribute))}
 
 
+def _kernel_name(fn: object) -> str:
+    """"module.function" of a spec's kernel, as reported alongside its results."""
+    fn = _unwrap(fn)
+    python_fn = getattr(fn, "fn", fn)
+    return f"{getattr(python_fn, '__module__', '?')}.{getattr(python_fn, '__name__', repr(fn))}"
+
+
 def _describe(exc: BaseException) -> str:
     return "".join(traceback.format_exception_only(type(exc), exc)).strip()[-3000:]
 
@@ -325,9 +402,10 @@ def _describe(exc: BaseException) -> str:
 
 def compile_all(archs: tuple[int, ...] = TARGET_ARCHS, extra_sources: tuple[str, ...] = (),
                 include_package: bool = True, workers: int | None = None,
-                timeout_s: float = 1200) -> AotReport:
+                timeout_s: float = 1200, sass: bool = False) -> AotReport:
     """Compile every spec of kernels.triton (and of `extra_sources`, each "module:ATTR" or
-    "path/to/file.py:ATTR") for every arch, in `workers` fresh processes."""
+    "path/to/file.py:ATTR") for every arch, in `workers` fresh processes; with `sass`,
+    each result also counts its cubin's SASS opcodes (about half a second more per compile)."""
     workers = workers or min(2, os.cpu_count() or 1)
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     with tempfile.TemporaryDirectory(prefix="triton-aot-") as tmp:
@@ -339,6 +417,7 @@ def compile_all(archs: tuple[int, ...] = TARGET_ARCHS, extra_sources: tuple[str,
             argv += [arg for arch in archs for arg in ("--arch", str(arch))]
             argv += [arg for source in extra_sources for arg in ("--source", source)]
             argv += [] if include_package else ["--no-package"]
+            argv += ["--sass"] if sass else []
             with open(log, "w") as log_file:
                 process = subprocess.Popen([sys.executable, "-c", _WORKER_BOOT, *argv],
                                            cwd=_REPO_ROOT, env=env, stdout=log_file,
@@ -373,6 +452,7 @@ def _worker(argv: list[str]) -> int:
     parser.add_argument("--arch", type=int, action="append", required=True)
     parser.add_argument("--source", action="append", default=[])
     parser.add_argument("--no-package", action="store_true")
+    parser.add_argument("--sass", action="store_true")
     args = parser.parse_args(argv)
     collection = _collect(args.source, include_package=not args.no_package)
     pairs = [(source, spec, arch) for source, spec in collection.specs for arch in args.arch]
@@ -383,13 +463,16 @@ def _worker(argv: list[str]) -> int:
         print(f"compiling {source} {spec.name} for sm_{arch}", flush=True)
         start = time.perf_counter()
         try:
-            resources, error = compile_spec(spec, arch), None
+            compiled, error = compile_spec(spec, arch, sass=args.sass), None
         except Exception as exc:  # noqa: BLE001 - a failing spec is a result, not a crash
-            resources, error = None, _describe(exc)
-        result = AotResult(source=source, name=spec.name, arch=arch, num_warps=spec.num_warps,
-                           num_stages=spec.num_stages,
+            compiled, error = None, _describe(exc)
+        result = AotResult(source=source, name=spec.name, kernel=_kernel_name(spec.fn),
+                           arch=arch, num_warps=spec.num_warps, num_stages=spec.num_stages,
                            compile_seconds=round(time.perf_counter() - start, 3),
-                           resources=resources, error=error)
+                           gpt2=spec.gpt2,
+                           resources=None if compiled is None else compiled.resources,
+                           sass_opcodes=None if compiled is None else compiled.sass_opcodes,
+                           error=error)
         results.append((index, asdict(result)))
     Path(args.out).write_text(json.dumps({"results": results, "spec_counts": collection.spec_counts,
                                           "problems": collection.problems}))

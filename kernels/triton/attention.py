@@ -21,10 +21,43 @@ Backward, with P = exp(S - lse), dP = dO V^T:
   Delta_i = sum_j P_ij dP_ij is the softmax Jacobian's correction term; FlashAttention-2
   gets it from O and dO alone (one pass, `_attn_bwd_preprocess_kernel`) instead of from
   P. A gradient of the log-sum-exp itself enters through the same term: d lse_i / d s_ij
-  = P_ij, so it simply subtracts from Delta_i. Then two kernels recompute P tile by tile:
-  one program per key block accumulates dK and dV over the query blocks at or below it,
-  one program per query block accumulates dQ over the key blocks at or below it. Each
-  output tile has a single owner: no atomics, no T x T buffer.
+  = P_ij, so it simply subtracts from Delta_i. Then P is recomputed tile by tile, two ways
+  (`VERSIONS`, GPTK_TRITON_ATTENTION_VERSION=1|2|3):
+  version 2 (default), FlashAttention-2's single pass: one program per key block keeps
+    its K, V tiles and its dK, dV accumulators in registers and walks the query blocks at
+    or below it; per (query, key) tile it computes S^T, dV += P^T dO, dP^T, dK += dS^T Q
+    and dQ += dS K: 5 GEMM-equivalents, the minimum. dQ rows are shared by every key
+    block, so they are accumulated with fp32 atomic adds into a zeroed fp32 buffer (cast
+    to the inputs' dtype afterwards; fp32 inputs accumulate into dQ itself). Atomics
+    make dQ's last bits depend on the order the key blocks arrive in: not deterministic.
+  version 1, deterministic: the same dK/dV kernel without the dQ product, then one
+    program per query block recomputes S and dP over the key blocks at or below it and
+    accumulates dQ in registers: every output tile has a single owner, no atomics, the
+    same bits on every run, for 7 GEMM-equivalents (S and dP computed twice). Kept
+    selectable until a GPU record shows version 2 correct and faster, and after that as
+    the deterministic mode: under torch.use_deterministic_algorithms(True) every version
+    runs this backward.
+  Neither stores a T x T buffer.
+
+TMA (version 3, opt-in until a GPU record): version 2's forward and single-pass kernels
+with USE_TMA, on sm_90+. Each program makes a tensor descriptor (tl.make_tensor_descriptor)
+over its (batch, head)'s (T, D) slice of Q, K, V, dO, and loads tiles through it: the
+Tensor Memory Accelerator copies a whole box into shared memory asynchronously, with no
+per-thread address arithmetic or masks (it zero-fills rows past T and columns past D),
+and the pipeliner overlaps those copies with the wgmma of the previous tile. Stores and
+the dQ atomics stay pointer-based. TMA needs each slice 16-byte aligned with rows 16
+bytes apart (`_tma_rules_hold`; the model's qkv views meet that for D % 8 == 0 in
+16-bit), a triton with device-side descriptors (3.6 and 3.8 have them), and a global
+scratch allocator for the descriptors (`_ensure_scratch_allocator`). Anywhere else
+version 3 runs version 2 unchanged. On sm_80 the descriptor loads compile to the same
+cp.async code as pointer loads (the AOT specs compile both archs); the interpreter
+emulates descriptors, so the CPU tests check the TMA indexing.
+
+Autotuning: each kernel picks its tile (`AUTOTUNE_TILES`) per GPU, dtype, head dim and
+T_BUCKET = next_power_of_2(T), a parameter only the autotuner's key reads (excluded
+from specialization, as kernels/triton/matmul.py does for M_BUCKET): a new sequence
+length in a known bucket reuses the tuned tile instead of benchmarking again (generation
+without a KV cache grows T by one at every step).
 
 All matmuls accumulate in fp32 and the softmax statistics are fp32. 16-bit inputs feed
 the tensor cores; fp32 inputs use exact IEEE fp32 products (not TF32), so the fp32 path
@@ -39,13 +72,26 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.backends import triton_interpreter_enabled
+from kernels import versions
+from kernels.availability import triton_interpreter_enabled
 from kernels.triton.aot import AotSpec
+from kernels.triton.device import on_device_of
 
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) == exp2(x * LOG2E)
 LN2 = tl.constexpr(0.6931471805599453)    # ln(2):   log(x) == log2(x) * LN2
 MAX_HEAD_DIM = 128
+# Blocks of the sequence go on grid axis 1 (at most 65535 programs) and the smallest
+# block any tile list uses is 16 rows.
+MAX_SEQ_LEN = 65535 * 16
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+VERSIONS = versions.declare("triton_attention", {
+    1: "backward in 3 kernels (Delta, dK/dV, dQ): 7 GEMM-equivalents, deterministic",
+    2: "FlashAttention-2 single-pass backward (Delta, then dK/dV/dQ): 5 GEMM-equivalents, "
+       "dQ accumulated with fp32 atomics",
+    3: "version 2 with TMA tensor-descriptor loads of Q, K, V, dO on sm_90+ (where the "
+       "installed triton has tl.make_tensor_descriptor and the tensors meet TMA's 16-byte "
+       "rules; otherwise exactly version 2)",
+}, default=2)
 
 
 # ----------------------------------------------------------------------------- tile helpers
@@ -94,6 +140,30 @@ def _load_tile(base, rows, stride_t, offs_d, T, HEAD_DIM: tl.constexpr, BLOCK_D:
 
 
 @triton.jit
+def _row_source(base, stride_t, T, HEAD_DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                BLOCK_D: tl.constexpr, USE_TMA: tl.constexpr):
+    """What a kernel reads tiles of BLOCK_ROWS rows of a (T, HEAD_DIM) matrix from: a TMA
+    tensor descriptor over it (USE_TMA: version 3 on sm_90), or its base pointer."""
+    if USE_TMA:
+        return tl.make_tensor_descriptor(base, shape=[T, HEAD_DIM], strides=[stride_t, 1],
+                                         block_shape=[BLOCK_ROWS, BLOCK_D])
+    else:
+        return base
+
+
+@triton.jit
+def _load_rows(source, start, rows, stride_t, offs_d, T, HEAD_DIM: tl.constexpr,
+               BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr, USE_TMA: tl.constexpr):
+    """Rows rows = start + arange of `source` (see _row_source), zero outside the matrix.
+    A TMA load copies the whole box to shared memory asynchronously, with no address
+    arithmetic in registers, and zero-fills rows >= T and columns >= HEAD_DIM itself."""
+    if USE_TMA:
+        return source.load([start, 0])
+    else:
+        return _load_tile(source, rows, stride_t, offs_d, T, HEAD_DIM, BLOCK_D, CHECK_ROWS)
+
+
+@triton.jit
 def _store_tile(base, tile, rows, stride_t, offs_d, T, HEAD_DIM: tl.constexpr,
                 BLOCK_D: tl.constexpr):
     ptrs = base + rows[:, None] * stride_t + offs_d[None, :]
@@ -110,15 +180,18 @@ def _head_offset(stride_b, stride_h, batch, head):
 # ----------------------------------------------------------------------------- forward
 
 @triton.jit
-def _attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, rows, offs_n, offs_d,
+def _attn_fwd_inner(acc, m_i, l_i, q, k_src, v_src, stride_kt, stride_vt, rows, offs_n, offs_d,
                     key_lo, key_hi, T, qk_scale_log2, HEAD_DIM: tl.constexpr,
-                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DIAGONAL: tl.constexpr):
+                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DIAGONAL: tl.constexpr,
+                    USE_TMA: tl.constexpr):
     """Fold keys [key_lo, key_hi) into the running (acc, m_i, l_i) of the online softmax.
     Off the diagonal every key precedes every query row and lies below T: no masks."""
     for start_n in range(key_lo, key_hi, BLOCK_N):
         cols = start_n + offs_n
-        k = _load_tile(k_base, cols, stride_kt, offs_d, T, HEAD_DIM, BLOCK_D, DIAGONAL)
-        v = _load_tile(v_base, cols, stride_vt, offs_d, T, HEAD_DIM, BLOCK_D, DIAGONAL)
+        k = _load_rows(k_src, start_n, cols, stride_kt, offs_d, T, HEAD_DIM, BLOCK_D, DIAGONAL,
+                       USE_TMA)
+        v = _load_rows(v_src, start_n, cols, stride_vt, offs_d, T, HEAD_DIM, BLOCK_D, DIAGONAL,
+                       USE_TMA)
         s = _dot(q, tl.trans(k)) * qk_scale_log2          # log2-domain scores, fp32
         if DIAGONAL:  # key j is visible to row i iff j <= i (which also keeps j below T)
             s = tl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
@@ -132,37 +205,43 @@ def _attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, rows
     return acc, m_i, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T_BUCKET"])
 def _attn_fwd_kernel(Q, K, V, O, LSE,
                      stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                      stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
-                     H, T, qk_scale_log2,
+                     H, T, T_BUCKET, qk_scale_log2,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # Grid (query blocks, B * H). The last query blocks visit the most keys: launch them
-    # first so the short ones fill the tail of the wave.
-    start_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
+    # Grid (B * H, query blocks): B * H on axis 0, whose limit is 2^31 - 1 (axis 1 allows
+    # only 65535). Programs start in order of axis 0 first, so every head's last query
+    # block, the one that visits the most keys, goes first and the short ones fill the
+    # tail of the wave.
+    bh = tl.program_id(0)
+    start_m = tl.num_programs(1) - 1 - tl.program_id(1)
     batch, head = bh // H, bh % H
-    q_base = Q + _head_offset(stride_qb, stride_qh, batch, head)
-    k_base = K + _head_offset(stride_kb, stride_kh, batch, head)
-    v_base = V + _head_offset(stride_vb, stride_vh, batch, head)
+    q_src = _row_source(Q + _head_offset(stride_qb, stride_qh, batch, head), stride_qt, T,
+                        HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
+    k_src = _row_source(K + _head_offset(stride_kb, stride_kh, batch, head), stride_kt, T,
+                        HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
+    v_src = _row_source(V + _head_offset(stride_vb, stride_vh, batch, head), stride_vt, T,
+                        HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
 
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_tile(q_base, rows, stride_qt, offs_d, T, HEAD_DIM, BLOCK_D, True)
+    q = _load_rows(q_src, start_m * BLOCK_M, rows, stride_qt, offs_d, T, HEAD_DIM, BLOCK_D, True,
+                   USE_TMA)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     diag_lo = start_m * BLOCK_M  # BLOCK_N divides BLOCK_M, so key blocks align with it
-    acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, rows,
+    acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_src, v_src, stride_kt, stride_vt, rows,
                                     offs_n, offs_d, 0, diag_lo, T, qk_scale_log2,
-                                    HEAD_DIM, BLOCK_D, BLOCK_N, False)
-    acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, rows,
+                                    HEAD_DIM, BLOCK_D, BLOCK_N, False, USE_TMA)
+    acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_src, v_src, stride_kt, stride_vt, rows,
                                     offs_n, offs_d, diag_lo, tl.minimum(diag_lo + BLOCK_M, T), T,
-                                    qk_scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, True)
+                                    qk_scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, True, USE_TMA)
 
     o_base = O + _head_offset(stride_ob, stride_oh, batch, head)
     _store_tile(o_base, acc / l_i[:, None], rows, stride_ot, offs_d, T, HEAD_DIM, BLOCK_D)
@@ -179,9 +258,9 @@ def _attn_bwd_preprocess_kernel(O, DO, DLSE, DELTA,
                                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                                 BLOCK_M: tl.constexpr):
     """Delta_i = rowsum(dO_i * O_i) - dlse_i, in fp32 (see the module docstring)."""
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)
     batch, head = bh // H, bh % H
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     o = _load_tile(O + _head_offset(stride_ob, stride_oh, batch, head), rows, stride_ot, offs_d,
                    T, HEAD_DIM, BLOCK_D, True)
@@ -194,17 +273,23 @@ def _attn_bwd_preprocess_kernel(O, DO, DLSE, DELTA,
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
-                         stride_dot, cols, offs_m, offs_d, query_lo, query_hi, T, qk_scale_log2,
+def _attn_bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, dq_base, lse_base, delta_base,
+                         stride_qt, stride_dot, stride_dqt, cols, offs_m, offs_d, query_lo,
+                         query_hi, T, qk_scale_log2, scale,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                         DIAGONAL: tl.constexpr):
+                         DIAGONAL: tl.constexpr, ACCUMULATE_DQ: tl.constexpr,
+                         USE_TMA: tl.constexpr):
     """Accumulate into one key block's dK, dV the query rows [query_lo, query_hi), working
-    on transposed tiles (keys x queries) so P^T and dS^T come out ready for the dots."""
+    on transposed tiles (keys x queries) so P^T and dS^T come out ready for the dots; with
+    ACCUMULATE_DQ, also add each query tile's share of dQ, scale * dS K, to the fp32 dQ
+    buffer (the 5th GEMM of version 2)."""
     for start_m in range(query_lo, query_hi, BLOCK_M):
         rows = start_m + offs_m
         # Rows past T load q = dO = 0 and lse = +inf, so their p = 0: they add nothing.
-        q = _load_tile(q_base, rows, stride_qt, offs_d, T, HEAD_DIM, BLOCK_D, True)
-        do = _load_tile(do_base, rows, stride_dot, offs_d, T, HEAD_DIM, BLOCK_D, True)
+        q = _load_rows(q_src, start_m, rows, stride_qt, offs_d, T, HEAD_DIM, BLOCK_D, True,
+                       USE_TMA)
+        do = _load_rows(do_src, start_m, rows, stride_dot, offs_d, T, HEAD_DIM, BLOCK_D, True,
+                        USE_TMA)
         lse_log2 = tl.load(lse_base + rows, mask=rows < T, other=float("inf")) * LOG2E
         delta = tl.load(delta_base + rows, mask=rows < T, other=0.0)
         p_t = tl.math.exp2(_dot(k, tl.trans(q)) * qk_scale_log2 - lse_log2[None, :])
@@ -214,33 +299,50 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, st
         dp_t = _dot(v, tl.trans(do))
         ds_t = p_t * (dp_t - delta[None, :])
         dk += _dot(ds_t.to(q.dtype), q)
+        if ACCUMULATE_DQ:
+            # Every key block adds into these rows: fp32 atomics, relaxed (a sum needs no
+            # ordering); rows past T hold p = 0 and are masked off anyway.
+            dq = _dot(tl.trans(ds_t.to(k.dtype)), k) * scale
+            dq_ptrs = dq_base + rows[:, None] * stride_dqt + offs_d[None, :]
+            tl.atomic_add(dq_ptrs, dq, mask=_tile_mask(rows, offs_d, T, HEAD_DIM, BLOCK_D),
+                          sem="relaxed")
     return dk, dv
 
 
-@triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
+@triton.jit(do_not_specialize=["T_BUCKET"])
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQ_ACCUM, LSE, DELTA,
                           stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                           stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
                           stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
-                          H, T, qk_scale_log2, scale,
+                          stride_dqb, stride_dqh, stride_dqt,
+                          H, T, T_BUCKET, qk_scale_log2, scale,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # Grid (key blocks, B * H); key block 0 is seen by every query: the heaviest go first.
-    start_n = tl.program_id(0)
-    bh = tl.program_id(1)
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          ACCUMULATE_DQ: tl.constexpr, USE_TMA: tl.constexpr):
+    # Grid (B * H, key blocks); key block 0 is seen by every query: the heaviest go first.
+    # DQ_ACCUM (fp32, zeroed) is read only with ACCUMULATE_DQ (version 2).
+    bh = tl.program_id(0)
+    start_n = tl.program_id(1)
     batch, head = bh // H, bh % H
-    q_base = Q + _head_offset(stride_qb, stride_qh, batch, head)
-    do_base = DO + _head_offset(stride_dob, stride_doh, batch, head)
+    q_src = _row_source(Q + _head_offset(stride_qb, stride_qh, batch, head), stride_qt, T,
+                        HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
+    do_src = _row_source(DO + _head_offset(stride_dob, stride_doh, batch, head), stride_dot, T,
+                         HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
+    dq_base = DQ_ACCUM + _head_offset(stride_dqb, stride_dqh, batch, head)
     lse_base = LSE + bh.to(tl.int64) * T
     delta_base = DELTA + bh.to(tl.int64) * T
 
     cols = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_tile(K + _head_offset(stride_kb, stride_kh, batch, head), cols, stride_kt, offs_d,
-                   T, HEAD_DIM, BLOCK_D, True)
-    v = _load_tile(V + _head_offset(stride_vb, stride_vh, batch, head), cols, stride_vt, offs_d,
-                   T, HEAD_DIM, BLOCK_D, True)
+    k_src = _row_source(K + _head_offset(stride_kb, stride_kh, batch, head), stride_kt, T,
+                        HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
+    v_src = _row_source(V + _head_offset(stride_vb, stride_vh, batch, head), stride_vt, T,
+                        HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
+    k = _load_rows(k_src, start_n * BLOCK_N, cols, stride_kt, offs_d, T, HEAD_DIM, BLOCK_D, True,
+                   USE_TMA)
+    v = _load_rows(v_src, start_n * BLOCK_N, cols, stride_vt, offs_d, T, HEAD_DIM, BLOCK_D, True,
+                   USE_TMA)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
@@ -248,12 +350,14 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,
     # every later query sees all of it.
     diag_lo = start_n * BLOCK_N
     diag_hi = tl.minimum(diag_lo + BLOCK_N, T)
-    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
-                                  stride_dot, cols, offs_m, offs_d, diag_lo, diag_hi, T,
-                                  qk_scale_log2, HEAD_DIM, BLOCK_D, BLOCK_M, True)
-    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt,
-                                  stride_dot, cols, offs_m, offs_d, diag_hi, T, T,
-                                  qk_scale_log2, HEAD_DIM, BLOCK_D, BLOCK_M, False)
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, dq_base, lse_base, delta_base,
+                                  stride_qt, stride_dot, stride_dqt, cols, offs_m, offs_d,
+                                  diag_lo, diag_hi, T, qk_scale_log2, scale,
+                                  HEAD_DIM, BLOCK_D, BLOCK_M, True, ACCUMULATE_DQ, USE_TMA)
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, dq_base, lse_base, delta_base,
+                                  stride_qt, stride_dot, stride_dqt, cols, offs_m, offs_d,
+                                  diag_hi, T, T, qk_scale_log2, scale,
+                                  HEAD_DIM, BLOCK_D, BLOCK_M, False, ACCUMULATE_DQ, USE_TMA)
 
     _store_tile(DK + _head_offset(stride_dkb, stride_dkh, batch, head), dk * scale, cols,
                 stride_dkt, offs_d, T, HEAD_DIM, BLOCK_D)
@@ -279,16 +383,17 @@ def _attn_bwd_dq_inner(dq, q, do, lse_log2, delta, k_base, v_base, stride_kt, st
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T_BUCKET"])
 def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
                         stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                         stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
                         stride_dqb, stride_dqh, stride_dqt,
-                        H, T, qk_scale_log2, scale,
+                        H, T, T_BUCKET, qk_scale_log2, scale,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest query blocks first
-    bh = tl.program_id(1)
+    # Version 1 only (see the module docstring).
+    bh = tl.program_id(0)
+    start_m = tl.num_programs(1) - 1 - tl.program_id(1)  # heaviest query blocks first
     batch, head = bh // H, bh % H
     k_base = K + _head_offset(stride_kb, stride_kh, batch, head)
     v_base = V + _head_offset(stride_vb, stride_vh, batch, head)
@@ -322,14 +427,16 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
 # Autotune candidates, (BLOCK_M, BLOCK_N, num_warps, num_stages), per kernel, per operand
 # width and per padded head dim (16 uses the 32 list). BLOCK_M counts queries and
 # BLOCK_N keys in every kernel; the causal split needs BLOCK_N | BLOCK_M in the forward
-# and dQ kernels and BLOCK_M | BLOCK_N in the dK/dV kernel. Every candidate compiles for
-# both sm_80 and sm_90 without register spills (checked by the AOT compile of AOT_SPECS),
-# and the autotuner picks per GPU, sequence length, head dim and dtype. The 16-bit tiles
-# follow FlashAttention-2: wide query tiles for the forward and dQ, wide key tiles for
-# dK/dV (each program keeps its own K/V or Q/dO tile in registers and streams the other),
-# 3-4 pipeline stages to hide the loads behind the tensor cores, 8 warps where a 128-row
-# fp32 accumulator would not fit 4 warps' registers. fp32 runs exact IEEE products on the
-# FMA units, whose operand layout needs many registers: one small tile each, 1 stage.
+# and dQ kernels and BLOCK_M | BLOCK_N in the dK/dV kernels ("dkdv": version 1, "dkdv_dq":
+# version 2's single pass, the same kernel with ACCUMULATE_DQ). Every candidate compiles
+# for both sm_80 and sm_90 without register spills (checked by the AOT compile of
+# AOT_SPECS), and the autotuner picks per GPU, sequence-length bucket, head dim and
+# dtype. The 16-bit tiles follow FlashAttention-2: wide query tiles for the forward and
+# dQ, wide key tiles for dK/dV (each program keeps its own K/V or Q/dO tile in registers
+# and streams the other), 3-4 pipeline stages to hide the loads behind the tensor cores,
+# 8 warps where a 128-row fp32 accumulator would not fit 4 warps' registers. fp32 runs
+# exact IEEE products on the FMA units, whose operand layout needs many registers: one
+# small tile each, 1 stage.
 AUTOTUNE_TILES = {
     "fwd": {
         ("16bit", 32): [(128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3)],
@@ -348,6 +455,16 @@ AUTOTUNE_TILES = {
         ("fp32", 64): [(32, 32, 8, 1)],
         ("fp32", 128): [(16, 16, 4, 1)],
     },
+    # The dQ product and its atomics need registers of their own: (32, 64, 4, 2) spills at
+    # D = 128, and at D = 64 4-warp tiles wider than 16 queries reach 255 on sm_80.
+    "dkdv_dq": {
+        ("16bit", 32): [(32, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3)],
+        ("16bit", 64): [(32, 128, 8, 3), (32, 64, 8, 3), (16, 64, 4, 3)],
+        ("16bit", 128): [(32, 64, 8, 3), (16, 32, 4, 3)],
+        ("fp32", 32): [(32, 32, 8, 1)],
+        ("fp32", 64): [(32, 32, 8, 1)],
+        ("fp32", 128): [(16, 16, 4, 1)],
+    },
     "dq": {
         ("16bit", 32): [(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3)],
         ("16bit", 64): [(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3)],
@@ -357,12 +474,33 @@ AUTOTUNE_TILES = {
         ("fp32", 128): [(32, 16, 4, 1)],
     },
 }
+# Version 3 runs version 2's kernels with TMA loads, for 16-bit operands only, with the
+# same candidates but one (fp32, the accurate path, stays on pointer loads: with
+# descriptors its FMA-unit tiles spill, 384 B/thread in the single pass on sm_90; and the
+# single pass's (16, 32, 4, 3) spills 116 B/thread at D = 128 on sm_90).
+AUTOTUNE_TILES["fwd_tma"] = {group: tiles for group, tiles in AUTOTUNE_TILES["fwd"].items()
+                             if group[0] == "16bit"}
+AUTOTUNE_TILES["dkdv_dq_tma"] = {**{group: tiles
+                                    for group, tiles in AUTOTUNE_TILES["dkdv_dq"].items()
+                                    if group[0] == "16bit"},
+                                 ("16bit", 128): [(32, 64, 8, 3)]}
 # Delta is a memory-bound row reduction: one fixed tile.
 PREPROCESS_BLOCK_M, PREPROCESS_WARPS = 64, 4
 # Under the Triton interpreter (CPU tests): one small tile per kernel, BLOCK_M != BLOCK_N
 # so the diagonal split over several sub-blocks is exercised too.
-INTERPRETER_TILES = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
-_KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
+INTERPRETER_TILES = {"fwd": (32, 16), "fwd_tma": (32, 16), "dkdv": (16, 32),
+                     "dkdv_dq": (16, 32), "dkdv_dq_tma": (16, 32), "dq": (32, 16)}
+# Each tile list's kernel, the constexpr flags it is launched with, and the arguments its
+# autotuner must zero before each trial (atomics add into them; the final run gets a
+# zeroed buffer too).
+_KERNELS = {"fwd": _attn_fwd_kernel, "fwd_tma": _attn_fwd_kernel,
+            "dkdv": _attn_bwd_dkdv_kernel, "dkdv_dq": _attn_bwd_dkdv_kernel,
+            "dkdv_dq_tma": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
+_FLAGS = {"fwd": {"USE_TMA": False}, "fwd_tma": {"USE_TMA": True},
+          "dkdv": {"ACCUMULATE_DQ": False, "USE_TMA": False},
+          "dkdv_dq": {"ACCUMULATE_DQ": True, "USE_TMA": False},
+          "dkdv_dq_tma": {"ACCUMULATE_DQ": True, "USE_TMA": True}, "dq": {}}
+_ZEROED = {"dkdv_dq": ["DQ_ACCUM"], "dkdv_dq_tma": ["DQ_ACCUM"]}
 
 
 def _block_d(head_dim: int) -> int:
@@ -382,23 +520,72 @@ def _config(block_m, block_n, num_warps, num_stages) -> triton.Config:
 @functools.lru_cache(maxsize=None)
 def _autotuned(kernel: str, group: tuple[str, int]):
     """The kernel wrapped in an autotuner over its candidates for this dtype/head-dim group,
-    re-tuned per sequence length (the key; dtypes are always part of triton's key)."""
+    tuned once per sequence-length bucket (the key; dtypes are always part of triton's)."""
     configs = [_config(*tile) for tile in AUTOTUNE_TILES[kernel][group]]
-    return triton.autotune(configs=configs, key=["T", "HEAD_DIM"])(_KERNELS[kernel])
+    return triton.autotune(configs=configs, key=["T_BUCKET", "HEAD_DIM"],
+                           reset_to_zero=_ZEROED.get(kernel))(_KERNELS[kernel])
 
 
 def _launch(kernel: str, tiled_dim: str, T: int, num_heads_total: int, dtype: torch.dtype,
             block_d: int, *args, **constexprs) -> None:
-    """Run `kernel` on a grid of (T / tile[tiled_dim], B * H) programs: autotuned on a
+    """Run `kernel` on a grid of (B * H, T / tile[tiled_dim]) programs: autotuned on a
     GPU, with the fixed interpreter tile on the CPU (no timing to tune on there)."""
+    flags = _FLAGS[kernel]
     if triton_interpreter_enabled():
         block_m, block_n = INTERPRETER_TILES[kernel]
-        grid = (triton.cdiv(T, block_m if tiled_dim == "BLOCK_M" else block_n), num_heads_total)
-        _KERNELS[kernel][grid](*args, **constexprs, BLOCK_M=block_m, BLOCK_N=block_n,
+        grid = (num_heads_total, triton.cdiv(T, block_m if tiled_dim == "BLOCK_M" else block_n))
+        _KERNELS[kernel][grid](*args, **constexprs, **flags, BLOCK_M=block_m, BLOCK_N=block_n,
                                num_warps=4, num_stages=1)
         return
-    grid = lambda meta: (triton.cdiv(T, meta[tiled_dim]), num_heads_total)  # noqa: E731
-    _autotuned(kernel, _tile_group(dtype, block_d))[grid](*args, **constexprs)
+    grid = lambda meta: (num_heads_total, triton.cdiv(T, meta[tiled_dim]))  # noqa: E731
+    _autotuned(kernel, _tile_group(dtype, block_d))[grid](*args, **constexprs, **flags)
+
+
+# ----------------------------------------------------------------------------- TMA (version 3)
+
+def _tma_rules_hold(*tensors: torch.Tensor) -> bool:
+    """TMA's rules for a (T, D) slice of each (B, H, T, D) tensor: a 16-byte aligned start
+    (so the base and the batch and head strides too) and rows 16 bytes apart."""
+    for t in tensors:
+        size = t.element_size()
+        if t.data_ptr() % 16 or any(t.stride(i) * size % 16 for i in range(3)):
+            return False
+    return True
+
+
+def _use_tma(*tensors: torch.Tensor) -> bool:
+    """Whether version 3's TMA loads run for these tensors: 16-bit ones, on an sm_90+ GPU
+    (or under the interpreter, which emulates descriptors: the CPU tests check the
+    indexing), with a triton that has device-side tensor descriptors."""
+    if (VERSIONS.current() < 3 or not hasattr(tl, "make_tensor_descriptor")
+            or tensors[0].dtype == torch.float32):
+        return False
+    on_hopper = (not triton_interpreter_enabled() and tensors[0].is_cuda
+                 and torch.cuda.get_device_capability(tensors[0].device)[0] >= 9)
+    return (on_hopper or triton_interpreter_enabled()) and _tma_rules_hold(*tensors)
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global memory Triton asks for at launch, where each program builds its descriptors
+    (from PyTorch's caching allocator, on the current device and stream)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_scratch_allocator() -> None:
+    """Device-side descriptors need triton.set_allocator: set ours unless the caller set
+    one. In triton 3.8 the setting is per thread (a ContextVar, and autograd runs the
+    backward on a thread of its own), so this runs before every TMA launch; the check
+    reads triton's private module, whose shape has changed between releases."""
+    if triton_interpreter_enabled():
+        return  # the interpreter emulates descriptors in host memory
+    try:
+        from triton.runtime._allocation import NullAllocator, _allocator
+    except ImportError:
+        triton.set_allocator(_scratch)
+        return
+    current = _allocator.get() if hasattr(_allocator, "get") else _allocator
+    if isinstance(current, NullAllocator):
+        triton.set_allocator(_scratch)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -424,33 +611,63 @@ def _forward(q, k, v, scale: float):
     b, h, t, d = q.shape
     o = _empty_bhtd(q)
     lse = q.new_empty((b, h, t), dtype=torch.float32)
+    if not o.numel():
+        return o, lse  # no program to launch (an empty grid is not a valid launch)
     block_d = _block_d(d)
-    _launch("fwd", "BLOCK_M", t, b * h, q.dtype, block_d,
-            q, k, v, o, lse, *_bht_strides(q), *_bht_strides(k), *_bht_strides(v),
-            *_bht_strides(o), h, t, scale * LOG2E.value, HEAD_DIM=d, BLOCK_D=block_d)
+    use_tma = _use_tma(q, k, v)
+    with on_device_of(q):
+        if use_tma:
+            _ensure_scratch_allocator()
+        _launch("fwd_tma" if use_tma else "fwd", "BLOCK_M", t, b * h, q.dtype, block_d,
+                q, k, v, o, lse, *_bht_strides(q), *_bht_strides(k), *_bht_strides(v),
+                *_bht_strides(o), h, t, triton.next_power_of_2(t), scale * LOG2E.value,
+                HEAD_DIM=d, BLOCK_D=block_d)
     return o, lse
 
 
 def _backward(do, q, k, v, o, lse, dlse, scale: float):
     do, q, k, v, o = (_unit_stride_d(t) for t in (do, q, k, v, o))
     b, h, t, d = q.shape
+    # Atomics make dQ's last bits vary between runs: deterministic mode takes version 1's
+    # single-owner dQ kernel, whatever the version (as the cuda backend does).
+    single_pass = VERSIONS.current() >= 2 and not torch.are_deterministic_algorithms_enabled()
+    dk, dv = _empty_bhtd(k), _empty_bhtd(v)
+    if single_pass:  # dQ accumulates in fp32: dQ itself for fp32, else a buffer cast after
+        dq_accum = _empty_bhtd(q.new_empty(q.shape, dtype=torch.float32)).zero_()
+        dq = dq_accum if q.dtype == torch.float32 else None
+    else:
+        dq = _empty_bhtd(q)
+    if not q.numel():
+        return (dq_accum.to(q.dtype) if single_pass else dq), dk, dv
     block_d = _block_d(d)
+    t_bucket = triton.next_power_of_2(t)
     delta = torch.empty_like(lse)
     dlse = dlse.to(torch.float32).contiguous()  # often an expanded zero: make it addressable
-    grid = (triton.cdiv(t, PREPROCESS_BLOCK_M), b * h)
-    _attn_bwd_preprocess_kernel[grid](o, do, dlse, delta, *_bht_strides(o), *_bht_strides(do),
-                                      h, t, HEAD_DIM=d, BLOCK_D=block_d,
-                                      BLOCK_M=PREPROCESS_BLOCK_M, num_warps=PREPROCESS_WARPS,
-                                      num_stages=1)
-    dq, dk, dv = _empty_bhtd(q), _empty_bhtd(k), _empty_bhtd(v)
-    _launch("dkdv", "BLOCK_N", t, b * h, q.dtype, block_d,
-            q, k, v, do, dk, dv, lse, delta, *_bht_strides(q), *_bht_strides(k),
-            *_bht_strides(v), *_bht_strides(do), *_bht_strides(dk), *_bht_strides(dv),
-            h, t, scale * LOG2E.value, scale, HEAD_DIM=d, BLOCK_D=block_d)
-    _launch("dq", "BLOCK_M", t, b * h, q.dtype, block_d,
-            q, k, v, do, dq, lse, delta, *_bht_strides(q), *_bht_strides(k), *_bht_strides(v),
-            *_bht_strides(do), *_bht_strides(dq), h, t, scale * LOG2E.value, scale,
-            HEAD_DIM=d, BLOCK_D=block_d)
+    use_tma = single_pass and _use_tma(q, k, v, do)
+    dkdv_kernel = "dkdv_dq_tma" if use_tma else "dkdv_dq" if single_pass else "dkdv"
+    with on_device_of(q):
+        if use_tma:
+            _ensure_scratch_allocator()
+        grid = (b * h, triton.cdiv(t, PREPROCESS_BLOCK_M))
+        _attn_bwd_preprocess_kernel[grid](o, do, dlse, delta, *_bht_strides(o),
+                                          *_bht_strides(do), h, t, HEAD_DIM=d, BLOCK_D=block_d,
+                                          BLOCK_M=PREPROCESS_BLOCK_M,
+                                          num_warps=PREPROCESS_WARPS, num_stages=1)
+        # Version 1 passes lse as DQ_ACCUM: an fp32 pointer the kernel never touches.
+        dq_target = dq_accum if single_pass else lse
+        dq_strides = _bht_strides(dq_accum) if single_pass else (0, 0, 0)
+        _launch(dkdv_kernel, "BLOCK_N", t, b * h, q.dtype, block_d,
+                q, k, v, do, dk, dv, dq_target, lse, delta, *_bht_strides(q), *_bht_strides(k),
+                *_bht_strides(v), *_bht_strides(do), *_bht_strides(dk), *_bht_strides(dv),
+                *dq_strides, h, t, t_bucket, scale * LOG2E.value, scale,
+                HEAD_DIM=d, BLOCK_D=block_d)
+        if not single_pass:
+            _launch("dq", "BLOCK_M", t, b * h, q.dtype, block_d,
+                    q, k, v, do, dq, lse, delta, *_bht_strides(q), *_bht_strides(k),
+                    *_bht_strides(v), *_bht_strides(do), *_bht_strides(dq), h, t, t_bucket,
+                    scale * LOG2E.value, scale, HEAD_DIM=d, BLOCK_D=block_d)
+    if dq is None:
+        dq = dq_accum.to(q.dtype)  # keeps the (B, T, H, D) layout
     return dq, dk, dv
 
 
@@ -539,15 +756,15 @@ def causal_attention(q, k, v, scale=None, dropout_p=0.0):
 
 AOT_HEAD_DIMS = (32, 64, 128)
 _AOT_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
-_STATS_POINTERS = ("LSE", "DELTA", "DLSE")  # always fp32, whatever the operands' dtype
-_SCALARS = {"H": "i32", "T": "i32", "qk_scale_log2": "fp32", "scale": "fp32"}
+_FP32_POINTERS = ("LSE", "DELTA", "DLSE", "DQ_ACCUM")  # fp32 whatever the operands' dtype
+_SCALARS = {"H": "i32", "T": "i32", "T_BUCKET": "i32", "qk_scale_log2": "fp32", "scale": "fp32"}
 
 
 def _aot_signature(fn, data_type: str, constexprs: dict) -> dict[str, str]:
     def type_of(name: str) -> str:
         if name in constexprs:
             return "constexpr"
-        if name in _STATS_POINTERS:
+        if name in _FP32_POINTERS:
             return "*fp32"
         if name.startswith("stride_"):
             return "i32"
@@ -565,8 +782,9 @@ def _aot_specs() -> list[AotSpec]:
             dims = {"HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim)}
             for kernel, fn in _KERNELS.items():
                 for block_m, block_n, warps, stages in \
-                        AUTOTUNE_TILES[kernel][_tile_group(dtype, dims["BLOCK_D"])]:
-                    constexprs = {**dims, "BLOCK_M": block_m, "BLOCK_N": block_n}
+                        AUTOTUNE_TILES[kernel].get(_tile_group(dtype, dims["BLOCK_D"]), ()):
+                    constexprs = {**dims, "BLOCK_M": block_m, "BLOCK_N": block_n,
+                                  **_FLAGS[kernel]}
                     specs.append(AotSpec(
                         f"attention_{kernel}[{type_name},D={head_dim},BLOCK_M={block_m},"
                         f"BLOCK_N={block_n},warps={warps},stages={stages}]",

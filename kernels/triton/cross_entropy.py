@@ -1,23 +1,48 @@
-"""Cross-entropy in Triton: loss and gradient in one kernel, with an online softmax.
+"""Cross-entropy in Triton: per-row losses with an online softmax, and the gradient
+recomputed in one pass from each row's saved max and sum of exponentials.
 
-One program per row of V logits, read in their own dtype, all math in fp32:
-  sweep 1, over the row in blocks of BLOCK_V: the running max m and the running sum
-          d = sum_j exp(x_j - m), rescaled by exp(m_old - m_new) whenever the max grows,
-          so the row is never held whole; then loss = log(d) + m - x[target].
-  sweep 2: the gradient of the loss, (softmax - onehot(target)) = exp(x_j - m) / d - [j == t],
-          times a per-row weight, written in the gradient buffer's dtype.
-The second sweep re-reads the row right after the first, from L2 on a GPU (a 50257-wide
-bf16 row is 100 KB), so the logits come from HBM about once. Rows whose target is
-ignore_index get loss 0 and gradient 0.
+Math, per row of V logits x with target t (all in fp32, whatever the logits' dtype):
+    m = max_j x_j,  d = sum_j exp(x_j - m),  loss = log(d) + (m - x_t)   (= lse - x_t)
+    d loss / d x_j = exp(x_j - m) / d - [j == t]         (softmax minus the one-hot)
+The forward sweeps the row once in blocks of BLOCK_V with the online softmax: the running
+max m and sum d, d rescaled by exp(m_old - m_new) whenever the max grows, so a row is
+never held whole. Rows whose target is ignore_index get loss 0 and gradient 0.
 
-The standalone op computes the gradient during the forward into a fresh buffer of the
-logits' dtype (not fp32, and never into the logits, which autograd may still need), with
-weight 1 per row. The upstream gradient is only known in the backward — a scalar for
-mean/sum (already divided by the number of kept targets by autograd of the mean), one
-per row for 'none' — so the backward scales the stored rows by it in one elementwise
-pass (ignored rows stay 0), writing a new tensor rather than the saved one, so a second
-backward through the same graph (retain_graph) still reads unscaled values. The fused linear + cross-entropy
-instead runs the kernel in place on its private logits chunks with the final row weights.
+The standalone op (version 2, the default) saves only each row's m and d (8 bytes per
+row) and the logits autograd already holds; its backward is one kernel that reads each
+row once and writes dlogits_ij = g_i * (exp(x_ij - m_i) / d_i - [j == t_i]) straight into
+the gradient autograd returns, g_i being the upstream gradient of loss i (1/n_kept for a
+mean). Every (N, V) tensor it touches is one the graph needs anyway: the logits, then
+their gradient. (Not lse alone: at logits ~1000, lse rounded to fp32 is off by up to
+6e-5 absolute, hence every exp(x - lse) by 6e-5 relative; x - m is exact there, and
+log(d) is small.)
+Version 1 computed the gradient during the forward into a second (N, V) buffer and
+scaled it by g in the backward into a third: at GPT-2 size (8192 x 50257, bf16) 0.8 GB
+more at the peak, and one more write and read of it. Writing dlogits over the logits
+(Liger's trick) would save the last (N, V) too, but the logits belong to the caller: the
+model may return them, another loss may read them, a retain_graph backward reads them
+again, so an op cannot know they are dead, and a silent in-place write would corrupt
+them. The place where that is safe is the fused linear + cross-entropy, whose logits
+chunks are temporaries it owns: `launch_cross_entropy` with grad=logits does it there.
+
+Vectorised for any V. A row's 16-byte vectors start wherever the row does: with V =
+50257 (GPT-2's vocabulary unpadded) row i of bf16 logits starts 2 * 50257 * i bytes in,
+8-byte aligned at best, so a plain `x[cols]` load cannot be proven aligned and compiles to
+scalar 2-byte loads. Each row is therefore split at its own 16-byte boundaries
+(`_row_partition`): a `head` of fewer than VEC elements before the first boundary, an
+aligned `body` of whole vectors (its pointer hinted 16-byte aligned with tl.multiple_of,
+its length a multiple of VEC, so its masked loads are 16-byte vector loads), and a tail
+of fewer than VEC elements; head and tail are read together as one small masked block of
+2 * VEC lanes. VEC = 16 / element size: 8 for bf16/fp16, 4 for fp32. A store goes
+through the same partition, vectorised when its row starts at the same address modulo
+16 as the logits' (GRAD_ALIGNED: in place, or a contiguous gradient of contiguous logits).
+
+Block size, for H100 (memory-bound, 3.35 TB/s): a program streams one row; to cover HBM
+latency each SM needs ~20 KB of loads in flight (bandwidth x ~700 ns / 132 SMs). A block
+is BLOCK_BYTES = 16 KB (8192 bf16 or 4096 fp32 logits) over 8 warps: four 16-byte loads
+per thread per iteration, 48-80 registers (AOT), so 3-5 programs fit per SM, 48-80 KB in
+flight. The loads of an iteration do not depend on the previous one's results, so a
+single stage suffices.
 """
 from __future__ import annotations
 
@@ -25,49 +50,187 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import versions
+from kernels.availability import triton_interpreter_enabled
 from kernels.chunked_linear_cross_entropy import reduce_losses
 from kernels.triton.aot import AotSpec
+from kernels.triton.device import on_device_of
 
-MAX_BLOCK_V = 4096     # logits per block of the sweeps: 16 per thread at 8 warps
-SCALE_BLOCK = 4096     # gradient elements per program of the backward's scaling pass
+VERSIONS = versions.declare("triton_cross_entropy", {
+    1: "gradient computed in the forward into a second (N, V) buffer, scaled into a third "
+       "by the backward (kept selectable until a GPU record compares it with 2)",
+    2: "forward saves each row's max and sum of exponentials, the backward recomputes the "
+       "gradient in one pass into the returned tensor; rows vectorised for any V",
+}, default=2)
+
+BLOCK_BYTES = 16384    # bytes of logits per block of a sweep (see the module docstring)
 NUM_WARPS = 8
+SCALE_BLOCK = 4096     # version 1's scaling pass: gradient elements per program
+# Under the interpreter (CPU tests) a block wider than the row only costs time.
+INTERPRETER_MAX_BLOCK_V = 4096
+
+
+def block_v(n_cols: int, element_size: int) -> int:
+    """Logits per block of a sweep: BLOCK_BYTES on a GPU, whatever V (one compiled config
+    per dtype); under the interpreter no wider than the row."""
+    block = BLOCK_BYTES // element_size
+    if triton_interpreter_enabled():
+        return min(block, INTERPRETER_MAX_BLOCK_V, max(16, triton.next_power_of_2(n_cols)))
+    return block
+
+
+# ----------------------------------------------------------------------------- row layout
+
+@triton.jit
+def _row_partition(row, n_cols, VEC: tl.constexpr):
+    """(head, body): row[0:head] lies before the first 16-byte boundary, row[head:head+body]
+    is whole 16-byte vectors, row[head+body:n_cols] is the tail (< VEC elements).
+
+    The hints must sit on the ops that compute the values (tl.multiple_of annotates the
+    op that produced its argument, which a function parameter or a returned value is
+    not): body is hinted here, and each caller hints its own `row + head` as 16-byte
+    aligned (on a pointer the hint counts bytes)."""
+    element_bytes: tl.constexpr = 16 // VEC
+    misaligned = (row.to(tl.int64) // element_bytes) % VEC  # elements past a boundary
+    head = tl.minimum((VEC - misaligned) % VEC, n_cols).to(tl.int32)
+    body = tl.multiple_of((n_cols - head) // VEC * VEC, VEC)
+    return head, body
 
 
 @triton.jit
-def _cross_entropy_fwd_kernel(
-    Logits, Grad, Targets, RowWeight, Losses,
-    stride_logits, stride_grad, stride_row_weight,
-    n_cols, ignore_index,
-    COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)  # row * stride can pass 2**31 at GPT-2 size
-    logits = Logits + row * stride_logits
+def _edge_columns(head, body, n_cols, VEC: tl.constexpr):
+    """The head's and the tail's columns as one block of 2 * VEC lanes (lane i < VEC: column
+    i of the head; lane VEC + i: column head + body + i of the tail), and its mask."""
+    lanes = tl.arange(0, 2 * VEC)
+    in_head = lanes < VEC
+    cols = tl.where(in_head, lanes, head + body + lanes - VEC)
+    mask = tl.where(in_head, lanes < head, cols < n_cols)
+    return cols, mask
+
+
+# ----------------------------------------------------------------------------- sweeps
+
+@triton.jit
+def _online_softmax_step(m, d, x):
+    """Fold a block of logits x (fp32, -inf where masked) into the running max m and the
+    running sum d = sum exp(x - m)."""
+    m_new = tl.maximum(m, tl.max(x, axis=0))
+    # While every logit so far is -inf, m stays -inf and exp(m - m_new) would be
+    # exp(-inf + inf) = NaN: measure from 0 instead (every term is then exp(-inf) = 0).
+    m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
+    d = d * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref), axis=0)
+    return m_new, d
+
+
+@triton.jit
+def _row_max_and_sum(logits, n_cols, BLOCK_V: tl.constexpr, VEC: tl.constexpr):
+    """(m, d) of one row: the head and tail block, then the aligned body block by block."""
+    head, body = _row_partition(logits, n_cols, VEC)
+    edge_cols, edge_mask = _edge_columns(head, body, n_cols, VEC)
+    edges = tl.load(logits + edge_cols, mask=edge_mask, other=-float("inf")).to(tl.float32)
+    m, d = _online_softmax_step(-float("inf"), 0.0, edges)
+    body_ptr = tl.multiple_of(logits + head, 16)
+    for start in range(0, body, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        x = tl.load(body_ptr + cols, mask=cols < body, other=-float("inf")).to(tl.float32)
+        m, d = _online_softmax_step(m, d, x)
+    return m, d
+
+
+@triton.jit
+def _gradient_block(logits, grad, cols, mask, shift, scale, weight, target):
+    """Store exp(x - shift) * scale - weight * [cols == target] at the pointers `grad`, x
+    loaded from the pointers `logits`; cols are the elements' columns in the row."""
+    x = tl.load(logits, mask=mask, other=0.0).to(tl.float32)
+    g = tl.exp(x - shift) * scale - tl.where(cols == target, weight, 0.0)
+    tl.store(grad, g.to(grad.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gradient_sweep(logits, grad, n_cols, shift, scale, weight, target,
+                    GRAD_ALIGNED: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr):
+    """One pass over a row writing grad_j = exp(x_j - shift) * scale - weight * [j == target]
+    (the softmax minus the one-hot, times the row's weight: scale = weight / d with shift
+    = m). grad may be logits itself."""
+    head, body = _row_partition(logits, n_cols, VEC)
+    edge_cols, edge_mask = _edge_columns(head, body, n_cols, VEC)
+    _gradient_block(logits + edge_cols, grad + edge_cols, edge_cols, edge_mask, shift, scale,
+                    weight, target)
+    body_ptr = tl.multiple_of(logits + head, 16)
+    if GRAD_ALIGNED:
+        grad_ptr = tl.multiple_of(grad + head, 16)
+    else:
+        grad_ptr = grad + head
+    for start in range(0, body, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        _gradient_block(body_ptr + cols, grad_ptr + cols, head + cols, cols < body, shift,
+                        scale, weight, target)
+
+
+@triton.jit
+def _target(Targets, row, n_cols, ignore_index):
+    """(keep, in_range, safe target) of a row. An out-of-range target (rejected before the
+    launch, or by a device-side assert on the GPU) must still not make the kernel read
+    outside the row: it reads column 0 and gets a NaN loss."""
     target = tl.load(Targets + row)
     keep = target != ignore_index
-    safe_target = tl.where(keep, target, 0)
+    in_range = (target >= 0) & (target < n_cols)
+    return keep, in_range, tl.where(keep & in_range, target, 0).to(tl.int32)
 
-    m = -float("inf")
-    d = 0.0
-    for start in range(0, n_cols, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        x = tl.load(logits + cols, mask=cols < n_cols, other=-float("inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-        m = m_new
-    # Read before sweep 2, which may overwrite the row when Grad is Logits.
-    target_logit = tl.load(logits + safe_target).to(tl.float32)
-    tl.store(Losses + row, tl.where(keep, tl.log(d) + m - target_logit, 0.0))
+
+# ----------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _cross_entropy_fwd_kernel(
+    Logits, Grad, Targets, RowWeight, Losses, Stats,
+    stride_logits, stride_grad, stride_row_weight,
+    n_cols, ignore_index,
+    COMPUTE_GRAD: tl.constexpr, GRAD_ALIGNED: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """One program per row: the loss, and (m, d) into Stats[row]; with COMPUTE_GRAD also
+    RowWeight[row] times the row's gradient, into Grad (which may be Logits: the fused
+    linear + cross-entropy)."""
+    VEC: tl.constexpr = 128 // Logits.dtype.element_ty.primitive_bitwidth
+    row = tl.program_id(0).to(tl.int64)  # row * stride can pass 2**31 at GPT-2 size
+    logits = Logits + row * stride_logits
+    keep, in_range, target = _target(Targets, row, n_cols, ignore_index)
+
+    m, d = _row_max_and_sum(logits, n_cols, BLOCK_V, VEC)
+    # Read before the gradient sweep, which may overwrite the row when Grad is Logits.
+    target_logit = tl.load(logits + target).to(tl.float32)
+    loss = tl.where(in_range, tl.log(d) + (m - target_logit), float("nan"))
+    tl.store(Losses + row, tl.where(keep, loss, 0.0))
+    tl.store(Stats + 2 * row, m)
+    tl.store(Stats + 2 * row + 1, d)
 
     if COMPUTE_GRAD:
         weight = tl.where(keep, tl.load(RowWeight + row * stride_row_weight), 0.0)
-        scale = weight / d
-        grad = Grad + row * stride_grad
-        for start in range(0, n_cols, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
-            mask = cols < n_cols
-            x = tl.load(logits + cols, mask=mask, other=0.0).to(tl.float32)
-            g = tl.exp(x - m) * scale - tl.where(cols == safe_target, weight, 0.0)
-            tl.store(grad + cols, g.to(Grad.dtype.element_ty), mask=mask)
+        _gradient_sweep(logits, Grad + row * stride_grad, n_cols, m, weight / d, weight,
+                        target, GRAD_ALIGNED, BLOCK_V, VEC)
+
+
+@triton.jit
+def _cross_entropy_bwd_kernel(
+    Logits, Stats, Targets, GradLosses, DLogits,
+    stride_logits, stride_dlogits, stride_grad_losses,
+    n_cols, ignore_index,
+    GRAD_ALIGNED: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Version 2's backward, one program per row: dlogits = g * (exp(x - m) / d - onehot)
+    with g = GradLosses[row] and the saved (m, d): one read of the row, one write."""
+    VEC: tl.constexpr = 128 // Logits.dtype.element_ty.primitive_bitwidth
+    row = tl.program_id(0).to(tl.int64)
+    keep, _in_range, target = _target(Targets, row, n_cols, ignore_index)
+    m = tl.load(Stats + 2 * row)
+    d = tl.load(Stats + 2 * row + 1)
+    # Ignored rows get exactly 0: weight and scale 0 (their upstream gradient may be inf or
+    # NaN, a mean over no kept target; d may be 0) and a finite shift, so exp(x - shift)
+    # stays finite (a row of -inf logits has m = -inf).
+    weight = tl.where(keep, tl.load(GradLosses + row * stride_grad_losses), 0.0)
+    scale = tl.where(keep, weight / d, 0.0)
+    shift = tl.where(m == -float("inf"), 0.0, m)
+    _gradient_sweep(Logits + row * stride_logits, DLogits + row * stride_dlogits, n_cols,
+                    shift, scale, weight, target, GRAD_ALIGNED, BLOCK_V, VEC)
 
 
 @triton.jit
@@ -76,6 +239,7 @@ def _scale_rows_kernel(
     stride_grad, stride_row_scale, stride_out, n_cols, ignore_index,
     BLOCK: tl.constexpr,
 ):
+    """Version 1's backward: Out = Grad with row i scaled by RowScale[i]."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -87,26 +251,39 @@ def _scale_rows_kernel(
     tl.store(Out + row * stride_out + cols, (g * scale).to(Out.dtype.element_ty), mask=mask)
 
 
-def block_v(n_cols: int) -> int:
-    return min(MAX_BLOCK_V, triton.next_power_of_2(n_cols))
+# ----------------------------------------------------------------------------- launchers
+
+def shares_alignment(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether every row of the 2-D tensors a and b starts at the same address modulo 16
+    (then one row partition aligns both: GRAD_ALIGNED)."""
+    vec = 16 // a.element_size()
+    same_rows = a.shape[0] <= 1 or (a.stride(0) - b.stride(0)) % vec == 0
+    return a.element_size() == b.element_size() and same_rows and \
+        a.data_ptr() % 16 == b.data_ptr() % 16
 
 
 def launch_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                          losses: torch.Tensor, grad: torch.Tensor | None,
-                         row_weight: torch.Tensor | None) -> None:
-    """Per-row losses of logits (n, V) into losses (n,) fp32 and, when grad is given,
-    row_weight[i] * d loss_i / d logits into grad (n, V), which may be logits itself.
-    targets: (n,) int64. row_weight: (n,) fp32, any stride (0 for one shared weight)."""
+                         row_weight: torch.Tensor | None,
+                         stats: torch.Tensor | None = None) -> None:
+    """Per-row losses of logits (n, V) into losses (n,) fp32 (and each row's max and sum
+    of exponentials into stats (n, 2) fp32, when given) and, when grad is given, row_weight[i] * d loss_i / d logits into
+    grad (n, V), which may be logits itself. targets: (n,) int64. row_weight: (n,) fp32,
+    any stride (0 for one shared weight)."""
     n_rows, n_cols = logits.shape
     if not n_rows:
         return
-    _cross_entropy_fwd_kernel[(n_rows,)](
-        logits, grad, targets, row_weight, losses,
-        logits.stride(0), 0 if grad is None else grad.stride(0),
-        0 if row_weight is None else row_weight.stride(0),
-        n_cols, ignore_index,
-        COMPUTE_GRAD=grad is not None, BLOCK_V=block_v(n_cols),
-        num_warps=NUM_WARPS, num_stages=1)
+    stats = losses.new_empty((n_rows, 2)) if stats is None else stats
+    with on_device_of(logits):
+        _cross_entropy_fwd_kernel[(n_rows,)](
+            logits, grad, targets, row_weight, losses, stats,
+            logits.stride(0), 0 if grad is None else grad.stride(0),
+            0 if row_weight is None else row_weight.stride(0),
+            n_cols, ignore_index,
+            COMPUTE_GRAD=grad is not None,
+            GRAD_ALIGNED=grad is not None and shares_alignment(logits, grad),
+            BLOCK_V=block_v(n_cols, logits.element_size()),
+            num_warps=NUM_WARPS, num_stages=1)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -114,7 +291,72 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2d if t2d.stride(-1) == 1 else t2d.contiguous()
 
 
-# ----------------------------------------------------------------------------- custom ops
+# ----------------------------------------------------------------------------- version 2 ops
+
+@torch.library.custom_op("gptk::triton_cross_entropy_stats_fwd", mutates_args=())
+def cross_entropy_stats_fwd(logits: torch.Tensor, targets: torch.Tensor,
+                            ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-row losses (n,) fp32, per-row (max, sum of exp(x - max)) (n, 2) fp32) of
+    logits (n, V)."""
+    losses = logits.new_empty(logits.shape[0], dtype=torch.float32)
+    stats = logits.new_empty((logits.shape[0], 2), dtype=torch.float32)
+    launch_cross_entropy(logits, targets, ignore_index, losses, None, None, stats)
+    return losses, stats
+
+
+@cross_entropy_stats_fwd.register_fake
+def _(logits, targets, ignore_index):
+    n_rows = logits.shape[0]
+    return (logits.new_empty(n_rows, dtype=torch.float32),
+            logits.new_empty((n_rows, 2), dtype=torch.float32))
+
+
+@torch.library.custom_op("gptk::triton_cross_entropy_stats_bwd", mutates_args=())
+def cross_entropy_stats_bwd(grad_losses: torch.Tensor, logits: torch.Tensor,
+                            targets: torch.Tensor, stats: torch.Tensor,
+                            ignore_index: int) -> torch.Tensor:
+    """d (sum_i grad_losses[i] * loss_i) / d logits, a new (n, V) tensor in the logits'
+    dtype (ignored rows zero), from the forward's stats."""
+    n_rows, n_cols = logits.shape
+    dlogits = torch.empty((n_rows, n_cols), dtype=logits.dtype, device=logits.device)
+    if n_rows:
+        with on_device_of(logits):
+            _cross_entropy_bwd_kernel[(n_rows,)](
+                logits, stats, targets, grad_losses, dlogits,
+                logits.stride(0), dlogits.stride(0), grad_losses.stride(0),
+                n_cols, ignore_index,
+                GRAD_ALIGNED=shares_alignment(logits, dlogits),
+                BLOCK_V=block_v(n_cols, logits.element_size()),
+                num_warps=NUM_WARPS, num_stages=1)
+    return dlogits
+
+
+@cross_entropy_stats_bwd.register_fake
+def _(grad_losses, logits, targets, stats, ignore_index):
+    return logits.new_empty(logits.shape)
+
+
+def _stats_setup(ctx, inputs, output):
+    logits, targets, ignore_index = inputs
+    _losses, stats = output
+    ctx.mark_non_differentiable(stats)
+    ctx.save_for_backward(logits, targets, stats)  # no (N, V) tensor of its own
+    ctx.ignore_index = ignore_index
+
+
+def _stats_backward(ctx, grad_losses, _grad_stats):
+    logits, targets, stats = ctx.saved_tensors
+    grad_losses = grad_losses.to(torch.float32)  # any stride: 0 for a mean's expanded scalar
+    return (cross_entropy_stats_bwd(grad_losses, logits, targets, stats, ctx.ignore_index),
+            None, None)
+
+
+cross_entropy_stats_fwd.register_autograd(_stats_backward, setup_context=_stats_setup)
+
+
+# ----------------------------------------------------------------------------- version 1 ops
+# Kept selectable (GPTK_TRITON_CROSS_ENTROPY_VERSION=1, or versions.select) until a GPU
+# record shows version 2 correct and faster; it runs the same forward kernel.
 
 @torch.library.custom_op("gptk::triton_cross_entropy_fwd", mutates_args=())
 def cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
@@ -141,14 +383,15 @@ def _(logits, targets, ignore_index, compute_grad):
 def cross_entropy_bwd(grad: torch.Tensor, grad_losses: torch.Tensor, targets: torch.Tensor,
                       ignore_index: int) -> torch.Tensor:
     """grad (n, V) with row i scaled by grad_losses[i] (fp32 math) and ignored rows zero,
-    as a new tensor."""
+    as a new tensor (the saved one serves a retain_graph backward)."""
     n_rows, n_cols = grad.shape
     out = torch.empty_like(grad)
     if n_rows:
-        _scale_rows_kernel[(n_rows, triton.cdiv(n_cols, SCALE_BLOCK))](
-            grad, grad_losses, targets, out,
-            grad.stride(0), grad_losses.stride(0), out.stride(0), n_cols, ignore_index,
-            BLOCK=SCALE_BLOCK, num_warps=NUM_WARPS, num_stages=1)
+        with on_device_of(grad):
+            _scale_rows_kernel[(n_rows, triton.cdiv(n_cols, SCALE_BLOCK))](
+                grad, grad_losses, targets, out,
+                grad.stride(0), grad_losses.stride(0), out.stride(0), n_cols, ignore_index,
+                BLOCK=SCALE_BLOCK, num_warps=NUM_WARPS, num_stages=1)
     return out
 
 
@@ -179,30 +422,61 @@ cross_entropy_fwd.register_autograd(_backward, setup_context=_setup)
 
 # ----------------------------------------------------------------------------- public op
 
-def cross_entropy(logits, targets, ignore_index=-100, reduction="mean"):
-    compute_grad = torch.is_grad_enabled() and logits.requires_grad
+def cross_entropy(logits, targets, ignore_index, reduction):
     flat_targets = targets.reshape(-1).to(torch.int64)
-    losses, _grad = cross_entropy_fwd(_rows(logits), flat_targets, ignore_index, compute_grad)
+    rows = _rows(logits)
+    if VERSIONS.current() == 1:
+        compute_grad = torch.is_grad_enabled() and logits.requires_grad
+        losses, _grad = cross_entropy_fwd(rows, flat_targets, ignore_index, compute_grad)
+    else:
+        losses, _stats = cross_entropy_stats_fwd(rows, flat_targets, ignore_index)
     loss = reduce_losses(losses, flat_targets, ignore_index, reduction)
     return loss.view(targets.shape) if reduction == "none" else loss
 
 
 # ----------------------------------------------------------------------------- AOT specs
+# One BLOCK_V per dtype (block_v), so the configs are the kernels' flag combinations, each
+# for a padded vocabulary (every row 16-byte aligned, as the JIT sees V = 50304) and for
+# GPT-2's unpadded 50257 (strides and V without the divisibility hint: the row partition
+# is what keeps those loads vectorised).
+
+_ROW_SIZES = ("stride_logits", "stride_grad", "stride_dlogits", "n_cols")
+
+
+def _spec(name: str, fn, dtype: str, signature: dict, constexprs: dict,
+          padded: bool) -> AotSpec:
+    flags = ",".join(f"{k}={v}" for k, v in constexprs.items())
+    unaligned = () if padded else tuple(p for p in _ROW_SIZES if p in signature)
+    return AotSpec(f"{name}[{dtype},{flags},V={50304 if padded else 50257}]", fn, signature,
+                   constexprs, num_warps=NUM_WARPS, num_stages=1, unaligned=unaligned)
+
 
 def _aot_specs() -> list[AotSpec]:
     specs = []
-    for dtype in ("fp32", "bf16"):
-        for compute_grad in (False, True):
-            signature = {"Logits": f"*{dtype}", "Grad": f"*{dtype}", "Targets": "*i64",
-                         "RowWeight": "*fp32", "Losses": "*fp32", "stride_logits": "i32",
-                         "stride_grad": "i32", "stride_row_weight": "i32", "n_cols": "i32",
-                         "ignore_index": "i32", "COMPUTE_GRAD": "constexpr",
-                         "BLOCK_V": "constexpr"}
-            specs.append(AotSpec(
-                f"cross_entropy_fwd[{dtype},grad={compute_grad},BLOCK_V={MAX_BLOCK_V}]",
-                _cross_entropy_fwd_kernel, signature,
-                {"COMPUTE_GRAD": compute_grad, "BLOCK_V": MAX_BLOCK_V},
-                num_warps=NUM_WARPS, num_stages=1))
+    for dtype, size in (("fp32", 4), ("bf16", 2)):
+        block = BLOCK_BYTES // size
+        forward = {"Logits": f"*{dtype}", "Grad": f"*{dtype}", "Targets": "*i64",
+                   "RowWeight": "*fp32", "Losses": "*fp32", "Stats": "*fp32",
+                   "stride_logits": "i32", "stride_grad": "i32", "stride_row_weight": "i32",
+                   "n_cols": "i32", "ignore_index": "i32", "COMPUTE_GRAD": "constexpr",
+                   "GRAD_ALIGNED": "constexpr", "BLOCK_V": "constexpr"}
+        backward = {"Logits": f"*{dtype}", "Stats": "*fp32", "Targets": "*i64",
+                    "GradLosses": "*fp32", "DLogits": f"*{dtype}", "stride_logits": "i32",
+                    "stride_dlogits": "i32", "stride_grad_losses": "i32", "n_cols": "i32",
+                    "ignore_index": "i32", "GRAD_ALIGNED": "constexpr", "BLOCK_V": "constexpr"}
+        for padded in (True, False):
+            # Losses only (version 2's forward, and any forward without grad); with the
+            # gradient in place or into a buffer laid out like the logits (the fused
+            # linear + cross-entropy, version 1), or into one laid out otherwise.
+            for compute_grad, grad_aligned in ((False, False), (True, True), (True, False)):
+                specs.append(_spec("cross_entropy_fwd", _cross_entropy_fwd_kernel, dtype,
+                                   forward,
+                                   {"COMPUTE_GRAD": compute_grad, "GRAD_ALIGNED": grad_aligned,
+                                    "BLOCK_V": block}, padded))
+            for grad_aligned in (True, False):
+                specs.append(_spec("cross_entropy_bwd", _cross_entropy_bwd_kernel, dtype,
+                                   backward,
+                                   {"GRAD_ALIGNED": grad_aligned, "BLOCK_V": block}, padded))
         signature = {"Grad": f"*{dtype}", "RowScale": "*fp32", "Targets": "*i64",
                      "Out": f"*{dtype}", "stride_grad": "i32", "stride_row_scale": "i32",
                      "stride_out": "i32", "n_cols": "i32", "ignore_index": "i32",

@@ -18,11 +18,25 @@ Backward, with xhat = (s - mean) * rstd and g = w * dy:
   constant vector and of xhat. In the fused variant dx = dresidual = ds.
 
 Layout: rows are the flattened leading dims with a unit column stride (any row stride).
-Each program works on tiles of BLOCK_M rows x BLOCK_N = next_pow2(C) columns, so narrow
-rows still give every thread several elements to load. dW/dB are reduced deterministically:
-each backward program walks its own contiguous range of row tiles, accumulates its partial
-sums in registers and writes them as one row of a (programs, C) fp32 buffer, which one
-`sum(0)` reduces afterwards. No atomics: the same inputs always give the same bits.
+Each program works on tiles of BLOCK_M rows x BLOCK_N columns, BLOCK_N = next_pow2(C), so
+narrow rows still give every thread several elements to load. dW/dB are reduced
+deterministically: each backward program walks its own contiguous range of row tiles,
+accumulates its partial sums in registers and writes them as one row of a (programs, C)
+fp32 buffer, which one `sum(0)` reduces afterwards. No atomics: the same inputs always
+give the same bits.
+
+Registers decide the tiles (`launch_config`; the AOT compile checks every config the
+launcher can pick, C = 1 ... MAX_CHANNELS, for spills). The forward holds one tile of s
+and keeps ~4 fp32 values per element alive: 4096-element tiles, whole rows up to
+MAX_CHANNELS = 16384 (84 registers at 16 warps). The backward holds x, dy, xhat, g and
+dx per element plus the dW/dB accumulators per column, ~6 values: its tiles give each
+thread 16 elements (BWD_ELEMENTS_PER_THREAD; 32 spilled on sm_80 at C = 129...256 and at
+C = 1), and a row wider than MAX_BWD_BLOCK_N = 8192 is split into column blocks, one per
+program of a second grid axis (a whole 16384-wide row needs ~6 x 32 values per thread at
+16 warps, over the 128 registers a 512-thread block allows: it spilled 1.1 KB/thread).
+Each column block's program first walks the whole row once for the two row means (the
+other blocks' loads of the same rows are in flight at the same time, so the re-reads
+come from L2), then computes dx and dW/dB for its own columns only.
 """
 from __future__ import annotations
 
@@ -33,11 +47,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.backends import triton_interpreter_enabled
-from kernels.triton.aot import AotSpec
+from kernels.availability import triton_interpreter_enabled
+from kernels.triton.aot import AotSpec, launch_configs
+from kernels.triton.device import on_device_of
 
-TILE_ELEMENTS = 4096      # elements per tile: BLOCK_M = TILE_ELEMENTS // BLOCK_N rows
-MAX_BLOCK_N = 16384       # a whole row lives in registers; wider rows would spill
+TILE_ELEMENTS = 4096      # forward: elements per tile, BLOCK_M = TILE_ELEMENTS // BLOCK_N rows
+MAX_CHANNELS = 16384      # the forward keeps a whole row in registers; wider rows would spill
+BWD_ELEMENTS_PER_THREAD = 16  # backward: BLOCK_M = 16 * 32 * num_warps // BLOCK_N rows
+MAX_BWD_BLOCK_N = 8192    # backward: wider rows are split into column blocks this wide
 BWD_PROGRAMS_PER_SM = 4   # backward programs per SM: the partial-sum buffer's row count
 INTERPRETER_BWD_PROGRAMS = 2
 
@@ -77,14 +94,45 @@ def _layer_norm_fwd_kernel(
 
 
 @triton.jit
+def _xhat_and_g(X, DY, w, rows64, cols, mask, stride_x, stride_dy, mean, rstd):
+    """xhat = (x - mean) * rstd and g = w * dy on one (rows, cols) tile (w: the weight at
+    cols, fp32), zero outside the tile's valid elements; and dy itself."""
+    x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+    return xhat, w[None, :] * dy, dy
+
+
+@triton.jit
+def _row_sums_over_column_blocks(X, DY, W, rows64, row_mask, stride_x, stride_dy, mean, rstd,
+                                 n_cols, BLOCK_N: tl.constexpr):
+    """(sum(xhat * g), sum(g)) of each row, a BLOCK_N-wide column block at a time."""
+    sum_xhat_g = tl.zeros_like(mean)
+    sum_g = tl.zeros_like(mean)
+    for start in range(0, n_cols, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_mask = cols < n_cols
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+        xhat, g, _dy = _xhat_and_g(X, DY, w, rows64, cols, row_mask[:, None] & col_mask[None, :],
+                                   stride_x, stride_dy, mean, rstd)
+        sum_xhat_g += tl.sum(xhat * g, axis=1)
+        sum_g += tl.sum(g, axis=1)
+    return sum_xhat_g, sum_g
+
+
+@triton.jit
 def _layer_norm_bwd_kernel(
     DY, DS, X, W, Mean, Rstd, DX, PartialDW, PartialDB,
     stride_dy, stride_ds, stride_x, stride_dx,
     n_rows, n_cols, tiles_per_program,
-    HAS_DS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DS: tl.constexpr, SPLIT_ROWS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # Grid (programs, column blocks): program (pid, block) owns the rows of tiles
+    # [pid * tiles_per_program, (pid + 1) * tiles_per_program) and the columns of `block`
+    # (one block, the whole row, unless SPLIT_ROWS).
     pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
     w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
     dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -93,16 +141,22 @@ def _layer_norm_bwd_kernel(
         rows = (pid * tiles_per_program + i) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < n_rows
         mask = row_mask[:, None] & col_mask[None, :]
-        rows64 = rows.to(tl.int64)[:, None]
-        x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rows64 = rows.to(tl.int64)[:, None]  # row * stride can pass 2**31 on big activations
         mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
         rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
 
-        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-        g = w[None, :] * dy  # zero outside the row: dy was loaded as 0 there
-        mean_xhat_g = tl.sum(xhat * g, axis=1) / n_cols
-        mean_g = tl.sum(g, axis=1) / n_cols
+        if SPLIT_ROWS:  # the row means need the whole row: one walk over it first
+            sum_xhat_g, sum_g = _row_sums_over_column_blocks(
+                X, DY, W, rows64, row_mask, stride_x, stride_dy, mean, rstd, n_cols, BLOCK_N)
+            xhat, g, dy = _xhat_and_g(X, DY, w, rows64, cols, mask, stride_x, stride_dy,
+                                      mean, rstd)
+        else:  # the tile is the whole row: sum it in registers
+            xhat, g, dy = _xhat_and_g(X, DY, w, rows64, cols, mask, stride_x, stride_dy,
+                                      mean, rstd)
+            sum_xhat_g = tl.sum(xhat * g, axis=1)
+            sum_g = tl.sum(g, axis=1)
+        mean_xhat_g = sum_xhat_g / n_cols
+        mean_g = sum_g / n_cols
         dx = (g - xhat * mean_xhat_g[:, None] - mean_g[:, None]) * rstd[:, None]
         if HAS_DS:
             dx += tl.load(DS + rows64 * stride_ds + cols[None, :], mask=mask,
@@ -117,14 +171,23 @@ def _layer_norm_bwd_kernel(
 
 # ----------------------------------------------------------------------------- launch configs
 
-def launch_config(n_cols: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) for rows of n_cols: whole rows, ~TILE_ELEMENTS per tile."""
-    block_n = triton.next_power_of_2(n_cols)
-    if block_n > MAX_BLOCK_N:
+def _num_warps(block_n: int) -> int:
+    return 4 if block_n <= 1024 else 8 if block_n <= 4096 else 16
+
+
+def launch_config(n_cols: int) -> tuple[tuple[int, int, int], tuple[int, int, int, bool]]:
+    """The tiles for rows of n_cols (see the module docstring): the forward's
+    (BLOCK_M, BLOCK_N, num_warps) and the backward's (BLOCK_M, BLOCK_N, num_warps,
+    SPLIT_ROWS). Raises ValueError past MAX_CHANNELS."""
+    if n_cols > MAX_CHANNELS:
         raise ValueError(f"the Triton layer_norm keeps a row in registers and supports up to "
-                         f"{MAX_BLOCK_N} channels, got {n_cols}; use the 'torch' backend")
-    num_warps = 4 if block_n <= 1024 else 8 if block_n <= 4096 else 16
-    return max(1, TILE_ELEMENTS // block_n), block_n, num_warps
+                         f"{MAX_CHANNELS} channels, got {n_cols}; use the 'torch' backend")
+    block_n = triton.next_power_of_2(n_cols)
+    forward = (max(1, TILE_ELEMENTS // block_n), block_n, _num_warps(block_n))
+    bwd_block_n = min(block_n, MAX_BWD_BLOCK_N)
+    bwd_warps = _num_warps(bwd_block_n)
+    bwd_block_m = max(1, BWD_ELEMENTS_PER_THREAD * 32 * bwd_warps // bwd_block_n)
+    return forward, (bwd_block_m, bwd_block_n, bwd_warps, block_n > bwd_block_n)
 
 
 @functools.lru_cache(maxsize=None)
@@ -144,13 +207,15 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 def _forward(x, residual, weight, bias, eps, summed_dtype):
     n_rows, n_cols = x.shape
-    block_m, block_n, num_warps = launch_config(n_cols)
+    (block_m, block_n, num_warps), _ = launch_config(n_cols)
     summed = torch.empty((n_rows, n_cols), dtype=summed_dtype, device=x.device) \
         if residual is not None else None
     y = torch.empty((n_rows, n_cols), dtype=summed_dtype, device=x.device)
     mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    if n_rows:
+    if not n_rows:
+        return summed, y, mean, rstd
+    with on_device_of(x):
         _layer_norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
             x, residual, summed, y, weight, bias, mean, rstd,
             x.stride(0), 0 if residual is None else residual.stride(0),
@@ -201,20 +266,22 @@ def layer_norm_bwd(dy: torch.Tensor, dsummed: Optional[torch.Tensor], x: torch.T
     (the gradient reaching the fused variant's returned sum). dbias is in weight's dtype."""
     n_rows, n_cols = x.shape
     dy, dsummed = _rows(dy), None if dsummed is None else _rows(dsummed)
-    block_m, block_n, num_warps = launch_config(n_cols)
+    _, (block_m, block_n, num_warps, split_rows) = launch_config(n_cols)
     n_tiles = triton.cdiv(n_rows, block_m)
-    tiles_per_program = triton.cdiv(n_tiles, max(1, min(n_tiles, _bwd_max_programs(x.device))))
-    n_programs = triton.cdiv(n_tiles, tiles_per_program)
+    # At least one program, so that 0 rows still give (zero) weight gradients.
+    tiles_per_program = max(1, triton.cdiv(n_tiles, _bwd_max_programs(x.device)))
+    n_programs = max(1, triton.cdiv(n_tiles, tiles_per_program))
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     partial_dw = torch.zeros((n_programs, n_cols), dtype=torch.float32, device=x.device)
     partial_db = torch.zeros((n_programs, n_cols), dtype=torch.float32, device=x.device)
     if n_rows:
-        _layer_norm_bwd_kernel[(n_programs,)](
-            dy, dsummed, x, weight, mean, rstd, dx, partial_dw, partial_db,
-            dy.stride(0), 0 if dsummed is None else dsummed.stride(0), x.stride(0), dx.stride(0),
-            n_rows, n_cols, tiles_per_program,
-            HAS_DS=dsummed is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-            num_warps=num_warps, num_stages=1)
+        with on_device_of(x):
+            _layer_norm_bwd_kernel[(n_programs, triton.cdiv(n_cols, block_n))](
+                dy, dsummed, x, weight, mean, rstd, dx, partial_dw, partial_db,
+                dy.stride(0), 0 if dsummed is None else dsummed.stride(0), x.stride(0),
+                dx.stride(0), n_rows, n_cols, tiles_per_program,
+                HAS_DS=dsummed is not None, SPLIT_ROWS=split_rows, BLOCK_M=block_m,
+                BLOCK_N=block_n, num_warps=num_warps, num_stages=1)
     return dx, partial_dw.sum(0).to(weight.dtype), partial_db.sum(0).to(weight.dtype)
 
 
@@ -279,47 +346,63 @@ def add_layer_norm(x, residual, weight, bias=None, eps=1e-5):
 
 # ----------------------------------------------------------------------------- AOT specs
 
-GPT2_CHANNELS = (768, 1024, 1280, 1600)   # small, medium, large, xl
 # (x, residual, summed/y, weight) dtypes: fp32 training, a bf16 model, and autocast (bf16
 # branch output added to the fp32 residual stream, fp32 LayerNorm weights).
 _DTYPE_COMBOS = (("fp32", "fp32", "fp32", "fp32"), ("bf16", "bf16", "bf16", "bf16"),
                  ("bf16", "fp32", "fp32", "fp32"))
 
 
-def _aot_specs() -> list[AotSpec]:
+def _forward_specs(block_m: int, block_n: int, num_warps: int) -> list[AotSpec]:
     specs = []
-    for block_m, block_n, num_warps in sorted({launch_config(c) for c in GPT2_CHANNELS}):
-        blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n}
-        for x_t, r_t, s_t, w_t in _DTYPE_COMBOS:
-            for has_residual in (False, True):
-                if not has_residual and x_t != s_t:
-                    continue  # without a residual, x is what gets normalized
-                signature = {"X": f"*{x_t}", "R": f"*{r_t}", "S": f"*{s_t}", "Y": f"*{s_t}",
-                             "W": f"*{w_t}", "B": f"*{w_t}", "Mean": "*fp32", "Rstd": "*fp32",
-                             "stride_x": "i32", "stride_r": "i32", "stride_s": "i32",
-                             "stride_y": "i32", "n_rows": "i32", "n_cols": "i32", "eps": "fp32",
-                             "HAS_RESIDUAL": "constexpr", "HAS_BIAS": "constexpr",
-                             "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
-                specs.append(AotSpec(
-                    f"layer_norm_fwd[x={x_t},r={r_t},w={w_t},residual={has_residual},"
-                    f"BLOCK_M={block_m},BLOCK_N={block_n}]", _layer_norm_fwd_kernel, signature,
-                    {"HAS_RESIDUAL": has_residual, "HAS_BIAS": True, **blocks},
-                    num_warps=num_warps, num_stages=1))
-        # The backward sees the normalized tensor s (its dtype) and the weight.
-        for s_t, w_t in sorted({(s_t, w_t) for _, _, s_t, w_t in _DTYPE_COMBOS}):
-            for has_ds in (False, True):
-                signature = {"DY": f"*{s_t}", "DS": f"*{s_t}", "X": f"*{s_t}", "W": f"*{w_t}",
-                             "Mean": "*fp32", "Rstd": "*fp32", "DX": f"*{s_t}",
-                             "PartialDW": "*fp32", "PartialDB": "*fp32",
-                             "stride_dy": "i32", "stride_ds": "i32", "stride_x": "i32",
-                             "stride_dx": "i32", "n_rows": "i32", "n_cols": "i32",
-                             "tiles_per_program": "i32", "HAS_DS": "constexpr",
-                             "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
-                specs.append(AotSpec(
-                    f"layer_norm_bwd[x={s_t},w={w_t},ds={has_ds},"
-                    f"BLOCK_M={block_m},BLOCK_N={block_n}]", _layer_norm_bwd_kernel, signature,
-                    {"HAS_DS": has_ds, **blocks}, num_warps=num_warps, num_stages=1))
+    for x_t, r_t, s_t, w_t in _DTYPE_COMBOS:
+        for has_residual in (False, True):
+            if not has_residual and x_t != s_t:
+                continue  # without a residual, x is what gets normalized
+            signature = {"X": f"*{x_t}", "R": f"*{r_t}", "S": f"*{s_t}", "Y": f"*{s_t}",
+                         "W": f"*{w_t}", "B": f"*{w_t}", "Mean": "*fp32", "Rstd": "*fp32",
+                         "stride_x": "i32", "stride_r": "i32", "stride_s": "i32",
+                         "stride_y": "i32", "n_rows": "i32", "n_cols": "i32", "eps": "fp32",
+                         "HAS_RESIDUAL": "constexpr", "HAS_BIAS": "constexpr",
+                         "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
+            specs.append(AotSpec(
+                f"layer_norm_fwd[x={x_t},r={r_t},w={w_t},residual={has_residual},"
+                f"BLOCK_M={block_m},BLOCK_N={block_n}]", _layer_norm_fwd_kernel, signature,
+                {"HAS_RESIDUAL": has_residual, "HAS_BIAS": True, "BLOCK_M": block_m,
+                 "BLOCK_N": block_n}, num_warps=num_warps, num_stages=1))
     return specs
+
+
+def _backward_specs(block_m: int, block_n: int, num_warps: int, split_rows: bool
+                    ) -> list[AotSpec]:
+    specs = []
+    # The backward sees the normalized tensor s (its dtype) and the weight.
+    for s_t, w_t in sorted({(s_t, w_t) for _, _, s_t, w_t in _DTYPE_COMBOS}):
+        for has_ds in (False, True):
+            signature = {"DY": f"*{s_t}", "DS": f"*{s_t}", "X": f"*{s_t}", "W": f"*{w_t}",
+                         "Mean": "*fp32", "Rstd": "*fp32", "DX": f"*{s_t}",
+                         "PartialDW": "*fp32", "PartialDB": "*fp32",
+                         "stride_dy": "i32", "stride_ds": "i32", "stride_x": "i32",
+                         "stride_dx": "i32", "n_rows": "i32", "n_cols": "i32",
+                         "tiles_per_program": "i32", "HAS_DS": "constexpr",
+                         "SPLIT_ROWS": "constexpr", "BLOCK_M": "constexpr",
+                         "BLOCK_N": "constexpr"}
+            split = ",split" if split_rows else ""
+            specs.append(AotSpec(
+                f"layer_norm_bwd[x={s_t},w={w_t},ds={has_ds},BLOCK_M={block_m},"
+                f"BLOCK_N={block_n}{split}]", _layer_norm_bwd_kernel, signature,
+                {"HAS_DS": has_ds, "SPLIT_ROWS": split_rows, "BLOCK_M": block_m,
+                 "BLOCK_N": block_n}, num_warps=num_warps, num_stages=1))
+    return specs
+
+
+def _aot_specs() -> list[AotSpec]:
+    """Every tile the launchers pick at any C they accept (1 ... MAX_CHANNELS, one C per
+    distinct config, from launch_config itself), in every dtype combination."""
+    configs = launch_configs(launch_config)
+    forward = sorted({fwd for fwd, _ in configs})
+    backward = sorted({bwd for _, bwd in configs})
+    return ([spec for tile in forward for spec in _forward_specs(*tile)]
+            + [spec for tile in backward for spec in _backward_specs(*tile)])
 
 
 AOT_SPECS = _aot_specs()

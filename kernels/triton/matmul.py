@@ -1,7 +1,7 @@
 """Triton matmuls with a fused GELU epilogue: the two matmuls of the MLP that touch GELU.
 
-    matmul_bias_gelu(a, b, bias):  H = a @ b + bias,      G = gelu_tanh(H)    -> (H, G)
-    matmul_dgelu(a, b, h):         dH = (a @ b) * gelu_tanh'(h)               -> dH
+    matmul_bias_gelu(a, b, bias):  H = a @ b + bias,      G = gelu(H)    -> (H, G)
+    matmul_dgelu(a, b, h):         dH = (a @ b) * gelu'(h)               -> dH
 
 a is [M, K] and b is [K, N], both with any strides (the MLP passes nn.Linear weights
 transposed, W^T, as strided views, never copies). One program computes one
@@ -22,24 +22,32 @@ tensor cores when allowed, exact IEEE fp32 products otherwise, so these matmuls 
 exactly like the cuBLAS matmuls they are mixed with in the MLP backward. The interpreter
 (CPU tests) always uses IEEE fp32.
 
-GELU (GPT-2's tanh approximation), with u = sqrt(2/pi) (h + 0.044715 h^3):
+GELU, in either flavour (the constexpr TANH picks it at compile time):
+  GPT-2's tanh approximation, with u = sqrt(2/pi) (h + 0.044715 h^3):
     gelu(h)  = 0.5 h (1 + tanh(u)) = h * sigmoid(2u)       (as 0.5 (1 + tanh(u)) = sigmoid(2u))
     gelu'(h) = s + 2 h s (1 - s) du/dh,  s = sigmoid(2u),  du/dh = sqrt(2/pi) (1 + 3 * 0.044715 h^2)
-The sigmoid form needs one exp and no tanh, and the gradient reuses the forward's s.
+  The sigmoid form needs one exp and no tanh, and the gradient reuses the forward's s.
+  The exact form (nanoGPT's nn.GELU()), with Phi the normal CDF and phi its density:
+    gelu(h)  = h Phi(h) = 0.5 h (1 + erf(h / sqrt(2)))
+    gelu'(h) = Phi(h) + h phi(h),  phi(h) = exp(-h^2 / 2) / sqrt(2 pi)
 """
 from __future__ import annotations
 
 import functools
+import itertools
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.backends import triton_interpreter_enabled
+from kernels.availability import triton_interpreter_enabled
 from kernels.triton.aot import AotSpec
+from kernels.triton.device import on_device_of
 
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 _GELU_CUBIC = tl.constexpr(0.044715)
+_SQRT_HALF = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 # Whether triton.jit built interpreter objects (TRITON_INTERPRET=1 when triton was imported):
 # a compile-time constant, so the interpreter-only branch below never reaches a GPU build.
 _INTERPRETED = tl.constexpr(triton_interpreter_enabled())
@@ -65,9 +73,10 @@ CONFIGS_16BIT = [
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),
 ]
 # fp32 tiles take twice the shared memory per element (BLOCK_K = 32 keeps them <= 96 KiB),
-# and exact IEEE products run on the FMA units with both operands in registers.
+# and exact IEEE products run on the FMA units with both operands in registers. A 128x128
+# fp32 tile on 8 warps needs 255 registers in the dGELU epilogue and spills on sm_90 with
+# the exact (erf) GELU: the largest fp32 tile is 128x64.
 CONFIGS_FP32 = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
 ]
@@ -143,15 +152,22 @@ def _sigmoid_2u(h):
 
 
 @triton.jit
-def _gelu_tanh(h):
-    return h * _sigmoid_2u(h)
+def _gelu(h, TANH: tl.constexpr):
+    if TANH:
+        return h * _sigmoid_2u(h)
+    else:
+        return 0.5 * h * (1.0 + tl.math.erf(h * _SQRT_HALF))
 
 
 @triton.jit
-def _gelu_tanh_grad(h):
-    s = _sigmoid_2u(h)
-    du_dh = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_CUBIC * h * h)
-    return s + 2.0 * h * s * (1.0 - s) * du_dh
+def _gelu_grad(h, TANH: tl.constexpr):
+    if TANH:
+        s = _sigmoid_2u(h)
+        du_dh = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_CUBIC * h * h)
+        return s + 2.0 * h * s * (1.0 - s) * du_dh
+    else:
+        cdf = 0.5 * (1.0 + tl.math.erf(h * _SQRT_HALF))
+        return cdf + h * _INV_SQRT_2PI * tl.exp(-0.5 * h * h)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -163,7 +179,7 @@ def _gelu_tanh_grad(h):
 def _matmul_bias_gelu_kernel(
         A, B, BIAS, PREACT, ACT, M, N, K, M_BUCKET,
         stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-        HAS_BIAS: tl.constexpr, ALLOW_TF32: tl.constexpr,
+        HAS_BIAS: tl.constexpr, TANH: tl.constexpr, ALLOW_TF32: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr):
     tile_m, tile_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -180,14 +196,14 @@ def _matmul_bias_gelu_kernel(
     offsets = offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     tl.store(PREACT + offsets, preact, mask=mask)
-    tl.store(ACT + offsets, _gelu_tanh(preact.to(tl.float32)).to(ACT.dtype.element_ty), mask=mask)
+    tl.store(ACT + offsets, _gelu(preact.to(tl.float32), TANH).to(ACT.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _matmul_dgelu_kernel(
         A, B, PREACT, DPREACT, M, N, K, M_BUCKET,
         stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-        ALLOW_TF32: tl.constexpr,
+        TANH: tl.constexpr, ALLOW_TF32: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr):
     tile_m, tile_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -199,14 +215,16 @@ def _matmul_dgelu_kernel(
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     preact = tl.load(PREACT + offsets, mask=mask, other=0.0).to(tl.float32)
     # Chain rule through G = gelu(H), applied to the fp32 tile of dG = a @ b.
-    dpreact = dact * _gelu_tanh_grad(preact)
+    dpreact = dact * _gelu_grad(preact, TANH)
     tl.store(DPREACT + offsets, dpreact.to(DPREACT.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- launchers
 
-def matmul_bias_gelu(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None):
-    """(H, G) with H = a @ b + bias and G = gelu_tanh(H), both [M, N] contiguous.
+def matmul_bias_gelu(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None,
+                     approximate: str = "tanh"):
+    """(H, G) with H = a @ b + bias and G = gelu(H) (approximate: "tanh" | "none"), both
+    [M, N] contiguous.
 
     a [M, K], b [K, N] and bias [N] (or None) share one dtype; fp32 accumulation.
     """
@@ -218,20 +236,28 @@ def matmul_bias_gelu(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None
     has_bias = bias is not None
     # Without a bias the kernel never reads BIAS; any pointer of the right dtype will do.
     _launch(_matmul_bias_gelu_kernel, a, b, bias if has_bias else act, preact, act,
-            stride_c=preact.stride(), HAS_BIAS=has_bias)
+            stride_c=preact.stride(), HAS_BIAS=has_bias, TANH=_is_tanh(approximate))
     return preact, act
 
 
-def matmul_dgelu(a: torch.Tensor, b: torch.Tensor, preact: torch.Tensor) -> torch.Tensor:
-    """dH = (a @ b) * gelu_tanh'(preact): the gradient reaching the pre-activation H when
+def matmul_dgelu(a: torch.Tensor, b: torch.Tensor, preact: torch.Tensor,
+                 approximate: str = "tanh") -> torch.Tensor:
+    """dH = (a @ b) * gelu'(preact): the gradient reaching the pre-activation H when
     a @ b is the gradient of G = gelu(H). Returns [M, N] contiguous."""
     m, n = _check_operands(a, b)
     if tuple(preact.shape) != (m, n):
         raise ValueError(f"preact must have shape {(m, n)}, got {tuple(preact.shape)}")
     preact = preact.contiguous()  # shares its strides with the output
     dpreact = torch.empty_like(preact)
-    _launch(_matmul_dgelu_kernel, a, b, preact, dpreact, stride_c=dpreact.stride())
+    _launch(_matmul_dgelu_kernel, a, b, preact, dpreact, stride_c=dpreact.stride(),
+            TANH=_is_tanh(approximate))
     return dpreact
+
+
+def _is_tanh(approximate: str) -> bool:
+    if approximate not in ("tanh", "none"):
+        raise ValueError(f"approximate must be 'tanh' or 'none', got {approximate!r}")
+    return approximate == "tanh"
 
 
 def _check_operands(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int]:
@@ -255,12 +281,13 @@ def _launch(kernel, a, b, *outputs, stride_c, **flags):
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    if triton_interpreter_enabled():
-        cfg = INTERPRETER_CONFIG
-        kernel[grid(cfg.kwargs)](*args, **flags, ALLOW_TF32=allow_tf32, **cfg.kwargs,
-                                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    else:
-        _autotuned(kernel, a.element_size())[grid](*args, **flags, ALLOW_TF32=allow_tf32)
+    with on_device_of(a):
+        if triton_interpreter_enabled():
+            cfg = INTERPRETER_CONFIG
+            kernel[grid(cfg.kwargs)](*args, **flags, ALLOW_TF32=allow_tf32, **cfg.kwargs,
+                                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        else:
+            _autotuned(kernel, a.element_size())[grid](*args, **flags, ALLOW_TF32=allow_tf32)
 
 
 @functools.cache
@@ -289,7 +316,9 @@ def _aot_specs() -> list[AotSpec]:
          {"stride_ak": 1, "stride_bn": 1, "stride_cn": 1}),
     ]
     specs = []
-    for name, fn, pointers, flags in kernels:
+    for (name, fn, pointers, flags), tanh in itertools.product(kernels, (True, False)):
+        flags = {**flags, "TANH": tanh}
+        gelu = "" if tanh else ",exact"
         for dtype, configs, tf32 in variants:
             for cfg in configs:
                 constexprs = {**flags, "ALLOW_TF32": tf32, **cfg.kwargs}
@@ -300,7 +329,7 @@ def _aot_specs() -> list[AotSpec]:
                 tile = "x".join(str(cfg.kwargs[b]) for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
                 precision = ",tf32" if tf32 else ""
                 specs.append(AotSpec(
-                    f"{name}[{dtype}{precision},{tile},w{cfg.num_warps},s{cfg.num_stages}]",
+                    f"{name}[{dtype}{precision}{gelu},{tile},w{cfg.num_warps},s{cfg.num_stages}]",
                     fn, signature, constexprs, num_warps=cfg.num_warps,
                     num_stages=cfg.num_stages))
     return specs

@@ -1,4 +1,4 @@
-"""GPT-2's MLP, y = c_proj(gelu_tanh(c_fc(x))), with GELU fused into the Triton matmuls.
+"""GPT-2's MLP, y = c_proj(gelu(c_fc(x))), with GELU fused into the Triton matmuls.
 
 Forward, on x2d = x viewed as [M, C] (M = B*T), W_fc [4C, C], W_proj [C, 4C]:
     H = x2d W_fc^T + b_fc,  G = gelu(H)      one Triton kernel: bias + GELU in the epilogue
@@ -28,16 +28,16 @@ from __future__ import annotations
 
 import torch
 
-from kernels.triton.matmul import SUPPORTED_DTYPES, matmul_bias_gelu, matmul_dgelu
+from kernels.triton.matmul import matmul_bias_gelu, matmul_dgelu
 
 Tensor = torch.Tensor
 
 
 @torch.library.custom_op("gptk::triton_mlp_gelu_fwd", mutates_args=())
 def mlp_gelu_fwd(x2d: Tensor, w_fc: Tensor, b_fc: Tensor | None, w_proj: Tensor,
-                 b_proj: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+                 b_proj: Tensor | None, approximate: str) -> tuple[Tensor, Tensor, Tensor]:
     """(y, H, G) for x2d [M, C]; H and G are returned for the backward to save."""
-    preact, act = matmul_bias_gelu(x2d, w_fc.t(), b_fc)
+    preact, act = matmul_bias_gelu(x2d, w_fc.t(), b_fc, approximate)
     if b_proj is None:
         y = act @ w_proj.t()
     else:
@@ -46,26 +46,27 @@ def mlp_gelu_fwd(x2d: Tensor, w_fc: Tensor, b_fc: Tensor | None, w_proj: Tensor,
 
 
 @mlp_gelu_fwd.register_fake
-def _(x2d, w_fc, b_fc, w_proj, b_proj):
+def _(x2d, w_fc, b_fc, w_proj, b_proj, approximate):
     m, hidden = x2d.shape[0], w_fc.shape[0]
     return x2d.new_empty(m, w_proj.shape[0]), x2d.new_empty(m, hidden), x2d.new_empty(m, hidden)
 
 
 @torch.library.custom_op("gptk::triton_matmul_dgelu", mutates_args=())
-def matmul_dgelu_op(dy: Tensor, w_proj: Tensor, preact: Tensor) -> Tensor:
+def matmul_dgelu_op(dy: Tensor, w_proj: Tensor, preact: Tensor, approximate: str) -> Tensor:
     """dH = (dy @ W_proj) * gelu'(H) for dy [M, C], W_proj [C, 4C], H [M, 4C]."""
-    return matmul_dgelu(dy, w_proj, preact)
+    return matmul_dgelu(dy, w_proj, preact, approximate)
 
 
 @matmul_dgelu_op.register_fake
-def _(dy, w_proj, preact):
+def _(dy, w_proj, preact, approximate):
     return preact.new_empty(dy.shape[0], w_proj.shape[1])
 
 
 def _setup_context(ctx, inputs, output):
-    x2d, w_fc, b_fc, w_proj, b_proj = inputs
+    x2d, w_fc, b_fc, w_proj, b_proj, approximate = inputs
     _, preact, act = output
     ctx.save_for_backward(x2d, w_fc, w_proj, preact, act)
+    ctx.approximate = approximate
     # H and G are outputs only so that they can be saved; they take no gradient, and
     # without materialized grads autograd does not allocate two [M, 4C] zero tensors for
     # them. The backward therefore runs only when y receives a gradient.
@@ -75,34 +76,29 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _dpreact, _dact):
     x2d, w_fc, w_proj, preact, act = ctx.saved_tensors
-    need_x, need_w_fc, need_b_fc, need_w_proj, need_b_proj = ctx.needs_input_grad
+    need_x, need_w_fc, need_b_fc, need_w_proj, need_b_proj, _ = ctx.needs_input_grad
     dx = dw_fc = db_fc = dw_proj = db_proj = None
     if need_w_proj:
         dw_proj = dy.t() @ act
     if need_b_proj:
         db_proj = dy.sum(0, dtype=torch.float32).to(dy.dtype)  # fp32 accumulation
     if need_x or need_w_fc or need_b_fc:
-        dpreact = torch.ops.gptk.triton_matmul_dgelu(dy, w_proj, preact)
+        dpreact = torch.ops.gptk.triton_matmul_dgelu(dy, w_proj, preact, ctx.approximate)
         if need_x:
             dx = dpreact @ w_fc
         if need_w_fc:
             dw_fc = dpreact.t() @ x2d
         if need_b_fc:
             db_fc = dpreact.sum(0, dtype=torch.float32).to(dpreact.dtype)
-    return dx, dw_fc, db_fc, dw_proj, db_proj
+    return dx, dw_fc, db_fc, dw_proj, db_proj, None
 
 
 mlp_gelu_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def mlp_gelu(x, w_fc, b_fc, w_proj, b_proj):
-    """The `triton` backend's `mlp_gelu` (see `kernels.ops.mlp_gelu`): x [..., C]."""
-    tensors = {"x": x, "w_fc": w_fc, "b_fc": b_fc, "w_proj": w_proj, "b_proj": b_proj}
-    dtypes = {name: t.dtype for name, t in tensors.items() if t is not None}
-    if x.dtype not in SUPPORTED_DTYPES or len(set(dtypes.values())) != 1:
-        listing = ", ".join(f"{name} {dtype}" for name, dtype in dtypes.items())
-        raise TypeError(f"triton mlp_gelu needs x, the weights and the biases in one dtype "
-                        f"out of {SUPPORTED_DTYPES}, got {listing}")
+def mlp_gelu(x, w_fc, b_fc, w_proj, b_proj, approximate):
+    """The `triton` backend's `mlp_gelu` (see `kernels.ops.mlp_gelu`): x [..., C], every
+    tensor in one dtype (the op's canonical form guarantees it)."""
     y, _, _ = torch.ops.gptk.triton_mlp_gelu_fwd(x.reshape(-1, x.shape[-1]), w_fc, b_fc, w_proj,
-                                                 b_proj)
+                                                 b_proj, approximate)
     return y.view(*x.shape[:-1], w_proj.shape[0])

@@ -1,0 +1,260 @@
+"""The headline GPU benchmarks of `make gpu-check`, each measurement beside the static
+report's prediction for it (`bench.predictions`).
+
+    python -m bench.headline attention --out-dir DIR   # causal, d=64, bf16, T=1k..8k at fixed
+                                                       # B*T: ours vs every SDPA backend
+    python -m bench.headline memory --out-dir DIR      # the memory-bound ops at GPT-2 124M:
+                                                       # ours vs torch and torch.compile, GB/s
+    python -m bench.headline train --out-dir DIR       # GPT-2 124M training: tokens/s, MFU,
+                                                       # ours vs nanoGPT's model, torch.compile
+
+Every implementation is checked against the reference before it is timed (the kernel
+suite's `run_case`); one that disagrees or cannot run is a FAILED row with the reason.
+Each benchmark writes headline-<name>.json and .md into DIR.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from bench import kernel_suite, machine, training
+from bench.kernel_suite import COMPILE, Case, Impl
+from bench.nanogpt_baseline import NanoGPT
+from bench.peaks import device_peak, percent_of_peak
+from bench.predictions import load_static, predict, traffic_ratios
+from bench.problems import DTYPE_NAMES, HEAD_DIM, PROBLEMS, Shape
+from bench.results import OK
+from gpt.model import GPT, GPTConfig
+from kernels.gpus import gpu_by_name
+
+OUR_BACKENDS = ("triton", "cuda")
+# torch.nn.attention.SDPBackend members, by the impl name they get in the tables.
+SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION",
+                 "sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-math": "MATH"}
+ATTENTION_SEQ_LENS = (1024, 2048, 4096, 8192)
+ATTENTION_TOKENS = 16384          # B*T, the same at every length: B=16 at 1k, 2 at 8k
+ATTENTION_HEADS = 12              # GPT-2 124M
+
+
+# ----------------------------------------------------------------------------- plans
+
+def attention_shapes(seq_lens=ATTENTION_SEQ_LENS, tokens=ATTENTION_TOKENS,
+                     heads=ATTENTION_HEADS, head_dim=HEAD_DIM) -> list[Shape]:
+    """One (B, H, T, D) per length with B*T = tokens: equal work per token across lengths
+    but for attention's own T^2 term."""
+    too_long = [t for t in seq_lens if t > tokens or tokens % t]
+    if too_long:
+        raise ValueError(f"sequence lengths {too_long} do not divide {tokens} tokens")
+    return [Shape({"B": tokens // t, "H": heads, "T": t, "D": head_dim}) for t in seq_lens]
+
+
+def memory_cases() -> list[tuple[str, Shape]]:
+    """Every memory-bound op at its GPT-2 124M (headline) GPU shape."""
+    return [(op, shape) for op, problem in PROBLEMS.items() if problem.bound == "memory"
+            for shape in problem.gpu_shapes if shape.headline]
+
+
+def sdpa_impl(backend: str) -> Callable:
+    """Causal attention pinned to one SDPA backend, with the op's signature."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def attention(q, k, v, scale=None, dropout_p=0.0):
+        with sdpa_kernel(getattr(SDPBackend, backend)):
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True,
+                                                  scale=scale)
+    return attention
+
+
+def compiled_torch_impl(op: str) -> Impl:
+    def make():
+        torch._dynamo.reset()  # a fresh recompile budget per case
+        return torch.compile(kernel_suite.op_on(op, "torch"), dynamic=False)
+    return Impl(COMPILE, make, timed=True)
+
+
+def our_impls(op: str, device: torch.device) -> list[Impl]:
+    return [impl for impl in kernel_suite.backend_impls(op, list(OUR_BACKENDS), device)
+            if impl.timed]
+
+
+# ----------------------------------------------------------------------------- running
+
+def _with_predictions(rows: list[dict], gpu, ratios) -> list[dict]:
+    """Each row with the static prediction for its op, shape and dtype."""
+    for row in rows:
+        predicted = None if gpu is None else predict(row["op"], row["shape"], row["dtype"],
+                                                     gpu, ratios)
+        for name in ("fwd", "fwd_bwd"):
+            p = None if predicted is None else predicted[name]
+            row[f"{name}_ideal_ms"] = None if p is None else p["ideal_ms"]
+            # The Triton estimate applies to our Triton kernels only.
+            row[f"{name}_triton_est_ms"] = (p["triton_ms"] if p is not None
+                                            and row["impl"] == "triton" else None)
+            measured = row[name]["median_ms"] if row[name] else None
+            row[f"{name}_over_ideal"] = (measured / p["ideal_ms"]
+                                         if measured is not None and p is not None else None)
+    return rows
+
+
+def run_kernel_cases(cases: list[Case], device: torch.device) -> list[dict]:
+    peak = device_peak(device, machine.cpu_name())
+    gpu = gpu_by_name(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    ratios = traffic_ratios(load_static())
+    rows = []
+    for case in cases:
+        rows += _with_predictions(kernel_suite.run_case(case, device, peak, quick=False), gpu,
+                                  ratios)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def attention_cases(device: torch.device, seq_lens=ATTENTION_SEQ_LENS,
+                    tokens=ATTENTION_TOKENS, sdpa_backends=tuple(SDPA_BACKENDS)) -> list[Case]:
+    problem = PROBLEMS["causal_attention"]
+    impls = our_impls("causal_attention", device) + [
+        Impl(name, lambda backend=SDPA_BACKENDS[name]: sdpa_impl(backend), timed=True)
+        for name in sdpa_backends]
+    return [Case(problem, shape, torch.bfloat16, tuple(impls))
+            for shape in attention_shapes(seq_lens, tokens)]
+
+
+def memory_bound_cases(device: torch.device) -> list[Case]:
+    return [Case(PROBLEMS[op], shape, torch.bfloat16,
+                 tuple(our_impls(op, device) + [Impl("torch", lambda op=op: kernel_suite.op_on(
+                     op, "torch"), timed=True), compiled_torch_impl(op)]))
+            for op, shape in memory_cases()]
+
+
+@dataclass(frozen=True)
+class TrainImpl:
+    name: str
+    build: Callable[[GPTConfig], torch.nn.Module]
+    compile: bool
+
+
+GPT2_124M = dict(n_layer=12, n_head=12, n_embd=768)
+TRAIN_IMPLS = (
+    TrainImpl("ours, backend=auto", GPT, compile=False),
+    TrainImpl("ours, backend=auto + torch.compile", GPT, compile=True),
+    TrainImpl("nanoGPT model.py + torch.compile", NanoGPT, compile=True),
+)
+
+
+def run_training(device: torch.device, impls=TRAIN_IMPLS, model=GPT2_124M, batch_size=16,
+                 block_size=1024, steps=20, warmup=5, dtype=torch.bfloat16) -> list[dict]:
+    """Tokens/s and MFU of each implementation training the same model on random GPT-2
+    token ids (warm-up iterations absorb torch.compile's compile)."""
+    corpus = training.random_gpt2_tokens(2_000_000)
+    peak = device_peak(device, machine.cpu_name())
+    peak_flops = None if peak is None else peak.flops_for(DTYPE_NAMES[dtype])
+    rows = []
+    for impl in impls:
+        config = GPTConfig(block_size=block_size, vocab_size=corpus.vocab_size, dropout=0.0,
+                           bias=True, backend="auto", **model)
+        row = {"impl": impl.name, "compiled": impl.compile, "batch_size": batch_size,
+               "block_size": block_size, "dtype": DTYPE_NAMES[dtype], "status": OK,
+               "error": None, "ms_per_iter": None, "tokens_per_s": None, "mfu_pct": None}
+        try:
+            torch.manual_seed(0)
+            net = impl.build(config).to(device)
+            trained = torch.compile(net) if impl.compile else net
+            result = training.train(trained, corpus, batch_size, block_size, steps, warmup,
+                                    device, dtype, torch.Generator().manual_seed(0))
+        except Exception as exc:  # an implementation that cannot train is a FAILED row
+            row.update(status="FAILED", error=f"{type(exc).__name__}: {exc}"[:300])
+        else:
+            achieved = training.flops_per_token(config, block_size) * result.tokens_per_s
+            row.update(ms_per_iter=result.step.median_ms, tokens_per_s=result.tokens_per_s,
+                       mfu_pct=percent_of_peak(achieved, peak_flops))
+        rows.append(row)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+# ----------------------------------------------------------------------------- tables
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "—"
+    return f"{value:,.0f}" if abs(value) >= 10 ** digits else f"{value:.{digits}g}"
+
+
+def kernel_table(rows: list[dict]) -> list[str]:
+    lines = ["| op | shape | impl | fwd ms | fwd+bwd ms | fwd+bwd rate | % of peak "
+             "| ideal fwd+bwd ms | Triton est. ms | measured / ideal | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        fwd = row["fwd"]["median_ms"] if row["fwd"] else None
+        both = row["fwd_bwd"]["median_ms"] if row["fwd_bwd"] else None
+        status = row["status"] if row["status"] == OK else f"{row['status']}: {row['error']}"
+        lines.append(
+            f"| {row['op']} | {row['shape_label']} | {row['impl']} | {_fmt(fwd)} | {_fmt(both)} "
+            f"| {_fmt(row['fwd_bwd_rate'])} {row['unit']} | {_fmt(row['fwd_bwd_pct_peak'])} "
+            f"| {_fmt(row['fwd_bwd_ideal_ms'])} | {_fmt(row['fwd_bwd_triton_est_ms'])} "
+            f"| {_fmt(row['fwd_bwd_over_ideal'])} | {status} |")
+    return lines
+
+
+def train_table(rows: list[dict]) -> list[str]:
+    lines = ["| impl | B x T | ms/iter | tokens/s | MFU % | status |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        status = row["status"] if row["status"] == OK else f"{row['status']}: {row['error']}"
+        lines.append(f"| {row['impl']} | {row['batch_size']} x {row['block_size']} "
+                     f"| {_fmt(row['ms_per_iter'])} | {_fmt(row['tokens_per_s'])} "
+                     f"| {_fmt(row['mfu_pct'])} | {status} |")
+    return lines
+
+
+TITLES = {
+    "attention": "Causal attention fwd+bwd, d=64 bf16, B*T fixed: ours vs every SDPA backend",
+    "memory": "Memory-bound ops at GPT-2 124M shapes (bf16): GB/s and % of HBM bandwidth",
+    "train": "GPT-2 124M training (bf16 autocast): tokens/s and MFU",
+}
+
+
+def write(name: str, rows: list[dict], device: torch.device, out_dir: Path) -> list[Path]:
+    meta = machine.describe(device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / f"headline-{name}.json", out_dir / f"headline-{name}.md"
+    json_path.write_text(json.dumps({"meta": meta, "bench": name, "rows": rows}, indent=1) + "\n")
+    table = train_table(rows) if name == "train" else kernel_table(rows)
+    md_path.write_text("\n".join([f"## {TITLES[name]}", "",
+                                  f"{meta['device']}; torch {meta['torch']}, triton "
+                                  f"{meta['triton']}; commit `{meta['git_commit']}`. "
+                                  "ideal / Triton est.: the static report's prediction "
+                                  "(bench/predictions.py).", "", *table]) + "\n")
+    return [json_path, md_path]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.headline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("bench", choices=tuple(TITLES))
+    parser.add_argument("--out-dir", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=20, help="train: timed iterations")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("the headline benchmarks need a CUDA GPU, and torch sees none here")
+    device = torch.device("cuda")
+    if args.bench == "attention":
+        rows = run_kernel_cases(attention_cases(device), device)
+    elif args.bench == "memory":
+        rows = run_kernel_cases(memory_bound_cases(device), device)
+    else:
+        rows = run_training(device, steps=args.steps)
+    for path in write(args.bench, rows, device, args.out_dir):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

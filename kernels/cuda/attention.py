@@ -1,0 +1,128 @@
+"""Causal attention on the CUDA extension (csrc/attention*.cu): FlashAttention-2 forward
+and backward, on the tensor cores (mma.sync) for bf16 and on the CUDA cores for fp32.
+Wrapped as `gptk::cuda_attention_*` custom ops with autograd. The kernels read q, k, v in
+place through their strides and return the output stored as (B, T, H, D) behind a
+(B, H, T, D) view, so the model's merge of heads is free.
+
+The bf16 kernels have two versions (`VERSIONS`; GPTK_CUDA_ATTENTION_VERSION=1|2, or
+`kernels.versions.select("cuda_attention", n)`), passed to the extension as an int:
+version 1 (csrc/attention_bf16.cu) stays selectable until a GPU record shows version 2
+(csrc/attention_bf16_v2.cu) correct and faster. Version 2's backward adds dQ with fp32
+atomics, whose order varies between runs; under torch.use_deterministic_algorithms(True)
+its dQ comes from version 1's single-owner dQ kernel instead. fp32 has one version,
+deterministic, which every version number selects."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kernels import versions
+from kernels.cuda.extension import ext
+
+# Limits the kernels check too (csrc/attention.cu); `kernels.cuda.unsupported` reports them
+# before a call is made, so that `auto` can go elsewhere.
+HEAD_DIM_MULTIPLE = 8   # rows move in 16-byte chunks of bf16
+MAX_HEAD_DIM = 128
+MAX_SEQ_LEN = 65535 * 8
+
+VERSIONS = versions.declare("cuda_attention", {
+    1: "bf16: 64x64 tiles on 4 warps, synchronous global->register->shared loads, fragments "
+       "by 32-bit shared loads; backward in 3 kernels (Delta, dK/dV, dQ): 7 GEMM-equivalents, "
+       "deterministic",
+    2: "bf16: ldmatrix fragments, 2-stage cp.async pipeline, XOR-swizzled shared tiles, "
+       "128-query forward blocks; FlashAttention-2 single-pass backward (5 GEMM-equivalents, "
+       "dQ by fp32 atomics; version 1's dQ kernel under torch's deterministic mode; head "
+       "dims <= 64, D = 128 runs version 1's backward)",
+}, default=1)
+
+
+def _check(q, k, v, version):
+    """What csrc/attention.cu's attention_forward / attention_backward check (but the CUDA
+    device: the fake impls also serve meta tensors)."""
+    torch._check(version in VERSIONS.versions,
+                 lambda: f"the cuda attention kernel has versions 1 and 2, got {version}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        torch._check(t.dtype in (torch.float32, torch.bfloat16),
+                     lambda: f"{name} must be float32 or bfloat16, got {t.dtype}")
+        torch._check(t.dim() == 4, lambda: f"{name} must be 4-D (batch, heads, seq, head_dim), "
+                                           f"got shape {tuple(t.shape)}")
+    torch._check(q.dtype == k.dtype == v.dtype,
+                 lambda: f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    torch._check(k.shape == q.shape and v.shape == q.shape,
+                 lambda: f"the cuda attention kernel needs q, k, v of one shape (B, H, T, D), "
+                         f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    head_dim = q.shape[3]
+    torch._check(0 < head_dim <= MAX_HEAD_DIM and head_dim % HEAD_DIM_MULTIPLE == 0,
+                 lambda: f"the cuda attention kernel needs a head_dim that is a multiple of "
+                         f"{HEAD_DIM_MULTIPLE} and at most {MAX_HEAD_DIM}, got {head_dim}")
+    torch._check(q.shape[0] * q.shape[1] < 2 ** 31,
+                 lambda: f"batch * heads must be below 2^31, got {q.shape[0] * q.shape[1]}")
+    torch._check(q.shape[2] <= MAX_SEQ_LEN,
+                 lambda: f"the cuda attention kernel supports sequences up to {MAX_SEQ_LEN}, "
+                         f"got {q.shape[2]}")
+
+
+@torch.library.custom_op("gptk::cuda_attention_fwd", mutates_args=(), device_types="cuda")
+def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float,
+                   version: int) -> tuple[Tensor, Tensor]:
+    out, lse = ext().attention_forward(q, k, v, scale, version)
+    return out, lse
+
+
+@_attention_fwd.register_fake
+def _(q, k, v, scale, version):
+    _check(q, k, v, version)
+    b, h, t, d = q.shape
+    # Stored (B, T, H, D), returned as a (B, H, T, D) view: see csrc/attention.cu.
+    return q.new_empty(b, t, h, d).permute(0, 2, 1, 3), q.new_empty(b, h, t, dtype=torch.float32)
+
+
+@torch.library.custom_op("gptk::cuda_attention_bwd", mutates_args=(), device_types="cuda")
+def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                   scale: float, version: int,
+                   deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
+    dq, dk, dv = ext().attention_backward(dout, q, k, v, out, lse, scale, version, deterministic)
+    return dq, dk, dv
+
+
+@_attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, scale, version, deterministic):
+    _check(q, k, v, version)
+    for name, t in (("dout", dout), ("out", out)):
+        torch._check(t.shape == q.shape and t.dtype == q.dtype,
+                     lambda: f"{name} must match q ({q.dtype} {tuple(q.shape)}), got "
+                             f"{t.dtype} {tuple(t.shape)}")
+    torch._check(lse.dtype == torch.float32 and lse.is_contiguous()
+                 and lse.shape == q.shape[:3],
+                 lambda: f"lse must be the forward's contiguous float32 (B, H, T) tensor, got "
+                         f"{lse.dtype} {tuple(lse.shape)}")
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format))
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, scale, version = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale = scale
+    ctx.version = version
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_backward(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, ctx.scale, ctx.version,
+                                torch.are_deterministic_algorithms_enabled())
+    return dq, dk, dv, None, None
+
+
+_attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
+def causal_attention(q, k, v, scale, dropout_p):
+    """The backend's entry point: calls with dropout or a KV cache never reach it (their
+    Call is torch-only), so dropout_p is always 0 here. The kernel version is read per call
+    (a traced graph keeps the one in use when it was traced)."""
+    out, _ = _attention_fwd(q, k, v, scale, VERSIONS.current())
+    return out

@@ -1,0 +1,108 @@
+"""causal_attention: softmax(q k^T * scale, causal) v on (B, H, T, D).
+
+k and v may be longer than q (decoding with a KV cache: the mask is aligned to the
+bottom-right) and there may be attention dropout; both are `torch`-only features (the
+fused kernels implement neither), so such calls are marked `torch_only`. Matmul inputs:
+under torch.autocast q, k, v are cast to the autocast dtype.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kernels import reference
+from kernels.specs import inputs as make
+from kernels.specs.checks import check_float, same_device
+from kernels.specs.core import OpSpec
+from kernels.specs.inputs import Case, Inputs
+from kernels.specs.mlp import autocast
+
+PARAMS = ("q", "k", "v", "scale", "dropout_p")
+
+
+def canonicalize(q, k, v, scale=None, dropout_p=0.0):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_float(name, t)
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (batch, heads, seq, head_dim), "
+                             f"got shape {tuple(t.shape)}")
+    b, h, t_q, d = q.shape
+    if k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != d:
+        raise ValueError(f"k and v must have shape ({b}, {h}, T_k, {d}) matching q, "
+                         f"got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if k.shape[2] < t_q:
+        raise ValueError(f"k/v sequence length {k.shape[2]} is shorter than q's {t_q}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    device = same_device(q=q, k=k, v=v)
+    q, k, v = autocast(device, q, k, v)
+    torch_only = ("attention dropout" if dropout_p > 0.0
+                  else "queries shorter than keys (KV cache)" if k.shape[2] != t_q else None)
+    scale = d ** -0.5 if scale is None else float(scale)
+    return SPEC.call((q, k, v, scale, float(dropout_p)), device, torch_only)
+
+
+def eager(q, k, v, scale=None, dropout_p=0.0):
+    """nanoGPT's attention without flash, in the inputs' dtype: the (T, T) scores are
+    materialized, masked, softmaxed and multiplied by V."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)) * scale
+    mask = reference.causal_mask(q.shape[-2], k.shape[-2], q.device)
+    return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ v
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def _qkv_views(b, h, t, d, dtype, device, gen, scale):
+    """q, k, v as the model makes them: strided views of one (B, T, 3, H, D) projection."""
+    qkv = make.tensor((b, t, 3, h, d), dtype, device, gen, scale=scale)
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _case(name, b, h, t, d, layout="contiguous", t_k=None, scale=None, value_scale=1.0,
+          qkv_view=False, autocast_inputs=False, dtypes=None):
+    def build(dtype, device, gen):
+        stored = torch.float32 if autocast_inputs else dtype
+        if qkv_view:
+            q, k, v = _qkv_views(b, h, t, d, stored, device, gen, value_scale)
+        else:
+            q = make.tensor((b, h, t, d), stored, device, gen, layout, scale=value_scale)
+            k, v = (make.tensor((b, h, t_k or t, d), stored, device, gen, layout,
+                                scale=value_scale) for _ in range(2))
+        return Inputs((q, k, v, scale, 0.0), (0, 1, 2), autocast=autocast_inputs)
+    return Case(name, build, dtypes=dtypes)
+
+
+CASES = (
+    _case("basic", 2, 3, 40, 32),
+    _case("one_token", 2, 2, 1, 64),
+    _case("empty_batch", 0, 2, 8, 32),
+    _case("odd_length", 1, 2, 67, 64),
+    _case("odd_head_dim", 1, 2, 33, 20),
+    _case("head_dim_128", 1, 1, 35, 128),
+    _case("qkv_views", 2, 3, 37, 16, qkv_view=True),
+    _case("offset", 1, 2, 24, 32, layout="offset"),
+    _case("row_padded", 1, 2, 24, 32, layout="row_padded"),
+    _case("strided", 1, 2, 17, 16, layout="strided"),
+    _case("custom_scale", 1, 2, 30, 32, scale=0.37),
+    # Scores of +-100s: softmax rows that are one-hot to fp32 precision.
+    _case("peaked", 1, 2, 40, 32, value_scale=6.0),
+    _case("kv_cache", 1, 2, 5, 32, t_k=19),
+    _case("autocast", 2, 2, 33, 32, autocast_inputs=True,
+          dtypes=(torch.bfloat16, torch.float16)),
+)
+
+
+def _bench_inputs(dims, dtype, device, gen):
+    shape = (dims["B"], dims["H"], dims["T"], dims["D"])
+    q, k, v = (make.tensor(shape, dtype, device, gen) for _ in range(3))
+    return Inputs((q, k, v, None, 0.0), (0, 1, 2))
+
+
+SPEC = OpSpec("causal_attention", PARAMS, canonicalize, reference.causal_attention, eager,
+              _bench_inputs, CASES)

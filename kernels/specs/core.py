@@ -1,0 +1,67 @@
+"""What an op declaration holds (`OpSpec`) and what a backend is asked to run (`Call`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from kernels.specs.inputs import Case, Inputs
+
+
+@dataclass(frozen=True)
+class Call:
+    """One validated call of an op: its canonical positional arguments, by parameter name.
+
+    Backends decide from a Call whether they can run it (`unsupported(call)`); `torch_only`
+    names a feature of this call that only the `torch` backend implements (attention
+    dropout, queries shorter than keys), for which every other backend hands over."""
+    op: str
+    params: tuple[str, ...]
+    args: tuple
+    device: torch.device
+    torch_only: str | None = None
+
+    def __getitem__(self, name: str):
+        return self.args[self.params.index(name)]
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The floating-point tensor arguments (the ones a kernel computes with)."""
+        return [a for a in self.args if isinstance(a, torch.Tensor) and a.is_floating_point()]
+
+    def dtypes(self) -> set[torch.dtype]:
+        return {t.dtype for t in self.tensors()}
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """An op, declared once. From it come the public function's checks (`canonicalize`),
+    the `torch` backend's set of ops, the conformance suite (`reference`, `eager`,
+    `cases`) and the benchmark problem's inputs (`bench_inputs`).
+
+    canonicalize(*public_args) -> Call   checks the arguments (clear errors), applies
+        autocast to matmul ops and makes cheap canonical forms (contiguous targets and
+        1-D parameters), so that backends see one form of every legal call.
+    reference(*args)   the math, in elementary tensor ops (`kernels.reference`).
+    eager(*args)       plain PyTorch as a user writes the op, computing in the inputs'
+                       dtype: the accuracy a kernel is held to in low precision.
+    bench_inputs(dims, dtype, device, generator) -> Inputs   a benchmark shape's inputs.
+    cases              the conformance suite's calls (`kernels.specs.inputs.Case`).
+    """
+    name: str
+    params: tuple[str, ...]
+    canonicalize: Callable[..., Call]
+    reference: Callable
+    eager: Callable
+    bench_inputs: Callable[[dict, torch.dtype, torch.device, torch.Generator], Inputs]
+    cases: tuple[Case, ...]
+
+    def call(self, args: tuple, device: torch.device, torch_only: str | None = None) -> Call:
+        return Call(self.name, self.params, args, device, torch_only)
+
+    def case(self, name: str) -> Case:
+        for case in self.cases:
+            if case.name == name:
+                return case
+        raise KeyError(f"{self.name} has no case {name!r}; cases: "
+                       f"{[c.name for c in self.cases]}")

@@ -1,0 +1,113 @@
+"""mlp_gelu: GPT-2's MLP, c_proj(gelu(c_fc(x))), weights in nn.Linear layout (out, in).
+
+The GELU flavour is an argument: approximate="tanh" is GPT-2's (and Hugging Face's),
+"none" the exact erf form that nanoGPT's nn.GELU() computes; a model trained with one
+and evaluated with the other is off by ~1e-3 per activation. Under torch.autocast the
+inputs are cast to the autocast dtype, as F.linear's would be; otherwise x, the weights
+and the biases must share one dtype (as F.linear requires).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels import reference
+from kernels.specs import inputs as make
+from kernels.specs.checks import (check_float, check_one_of, check_shape, contiguous_param,
+                                  same_device)
+from kernels.specs.core import OpSpec
+from kernels.specs.inputs import Case, Inputs
+
+PARAMS = ("x", "w_fc", "b_fc", "w_proj", "b_proj", "approximate")
+APPROXIMATIONS = ("tanh", "none")
+
+
+def autocast(device: torch.device, *tensors):
+    """Cast floating tensors to the autocast dtype when autocast is on for `device`, as
+    the matmul built-ins do."""
+    if not torch.is_autocast_enabled(device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device.type)
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
+def canonicalize(x, w_fc, b_fc, w_proj, b_proj, approximate="tanh"):
+    check_float("x", x)
+    check_float("w_fc", w_fc)
+    if w_fc.dim() != 2 or x.dim() == 0 or w_fc.shape[1] != x.shape[-1]:
+        raise ValueError(f"w_fc must have shape (hidden, {x.shape[-1] if x.dim() else 'C'}), "
+                         f"got {tuple(w_fc.shape)}")
+    hidden, channels = w_fc.shape
+    check_shape("b_fc", b_fc, (hidden,))
+    check_shape("w_proj", w_proj, (channels, hidden))
+    check_shape("b_proj", b_proj, (channels,))
+    check_one_of("approximate", approximate, APPROXIMATIONS)
+    device = same_device(x=x, w_fc=w_fc, b_fc=b_fc, w_proj=w_proj, b_proj=b_proj)
+    x, w_fc, b_fc, w_proj, b_proj = autocast(device, x, w_fc, b_fc, w_proj, b_proj)
+    named = {"x": x, "w_fc": w_fc, "b_fc": b_fc, "w_proj": w_proj, "b_proj": b_proj}
+    dtypes = {name: t.dtype for name, t in named.items() if t is not None}
+    if len(set(dtypes.values())) > 1:
+        listing = ", ".join(f"{name} {dtype}" for name, dtype in dtypes.items())
+        raise TypeError(f"mlp_gelu needs x, the weights and the biases in one dtype (or a "
+                        f"torch.autocast region), got {listing}")
+    return SPEC.call((x, w_fc, contiguous_param(b_fc), w_proj, contiguous_param(b_proj),
+                      approximate), device)
+
+
+def eager(x, w_fc, b_fc, w_proj, b_proj, approximate="tanh"):
+    return F.linear(F.gelu(F.linear(x, w_fc, b_fc), approximate=approximate), w_proj, b_proj)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def _weights(channels, hidden, dtype, device, gen, layouts=("contiguous",) * 4, bias=True):
+    w_fc = make.tensor((hidden, channels), dtype, device, gen, layouts[0], scale=channels ** -0.5)
+    w_proj = make.tensor((channels, hidden), dtype, device, gen, layouts[2],
+                         scale=hidden ** -0.5)
+    b_fc = make.tensor((hidden,), dtype, device, gen, layouts[1], scale=0.5) if bias else None
+    b_proj = make.tensor((channels,), dtype, device, gen, layouts[3], scale=0.1) if bias else None
+    return w_fc, b_fc, w_proj, b_proj
+
+
+def _case(name, lead, channels, hidden, x_layout="contiguous", layouts=("contiguous",) * 4,
+          bias=True, approximate="tanh", x_scale=1.0, autocast_inputs=False, dtypes=None):
+    def build(dtype, device, gen):
+        stored = torch.float32 if autocast_inputs else dtype
+        x = make.tensor(lead + (channels,), stored, device, gen, x_layout, scale=x_scale)
+        w_fc, b_fc, w_proj, b_proj = _weights(channels, hidden, stored, device, gen, layouts,
+                                              bias)
+        grad_args = (0, 1, 2, 3, 4) if bias else (0, 1, 3)
+        return Inputs((x, w_fc, b_fc, w_proj, b_proj, approximate), grad_args,
+                      autocast=autocast_inputs)
+    return Case(name, build, dtypes=dtypes)
+
+
+CASES = (
+    _case("basic", (3, 5), 32, 128),
+    _case("exact_gelu", (3, 5), 32, 128, approximate="none"),
+    _case("odd_sizes", (7,), 20, 52),
+    _case("one_row", (1,), 48, 192),
+    _case("empty", (0,), 32, 128),
+    _case("strided", (6,), 40, 160, x_layout="row_padded",
+          layouts=("transposed", "strided", "offset", "offset")),
+    _case("column_strided", (4,), 24, 96, x_layout="strided",
+          layouts=("contiguous", "contiguous", "transposed", "strided")),
+    _case("no_bias", (2, 3), 32, 128, bias=False),
+    # Pre-activations of +-30: both GELU tails, where the tanh / erf forms saturate.
+    _case("large_activations", (4,), 32, 64, x_scale=30.0),
+    # The model under autocast: fp32 parameters and activations, matmuls in bf16/fp16.
+    _case("autocast", (2, 5), 32, 128, autocast_inputs=True,
+          dtypes=(torch.bfloat16, torch.float16)),
+    _case("autocast_exact_gelu", (2, 5), 32, 128, approximate="none", autocast_inputs=True,
+          dtypes=(torch.bfloat16, torch.float16)),
+)
+
+
+def _bench_inputs(dims, dtype, device, gen):
+    n, c = dims["N"], dims["C"]
+    x = make.tensor((n, c), dtype, device, gen)
+    w_fc, b_fc, w_proj, b_proj = _weights(c, 4 * c, dtype, device, gen)
+    return Inputs((x, w_fc, b_fc, w_proj, b_proj, "tanh"), (0, 1, 2, 3, 4))
+
+
+SPEC = OpSpec("mlp_gelu", PARAMS, canonicalize, reference.mlp_gelu, eager, _bench_inputs, CASES)

@@ -1,0 +1,95 @@
+"""The headline benchmarks' plans, predictions and tables, on the CPU (they time on a GPU
+only; here each runs at a tiny size through the same code)."""
+import pytest
+import torch
+
+from bench import headline, predictions
+from bench.problems import PROBLEMS
+from bench.results import OK
+from kernels import gpus
+
+CPU = torch.device("cpu")
+
+
+def test_attention_lengths_keep_the_tokens_fixed():
+    shapes = headline.attention_shapes()
+    assert [s.dims["T"] for s in shapes] == [1024, 2048, 4096, 8192]
+    assert {s.dims["B"] * s.dims["T"] for s in shapes} == {headline.ATTENTION_TOKENS}
+    assert {(s.dims["H"], s.dims["D"]) for s in shapes} == {(12, 64)}
+    with pytest.raises(ValueError, match="do not divide"):
+        headline.attention_shapes(seq_lens=(3000,))
+
+
+def test_attention_is_measured_against_every_sdpa_backend():
+    (case,) = headline.attention_cases(CPU, seq_lens=(1024,))
+    names = [impl.name for impl in case.impls]
+    assert set(headline.SDPA_BACKENDS) <= set(names)
+    assert case.dtype == torch.bfloat16
+
+
+def test_memory_benchmarks_are_the_memory_bound_ops_at_gpt2_124m():
+    cases = headline.memory_cases()
+    assert {op for op, _ in cases} == {op for op, p in PROBLEMS.items() if p.bound == "memory"}
+    assert all(shape.headline for _, shape in cases)
+    for case in headline.memory_bound_cases(CPU):
+        assert {"torch", "torch.compile"} <= {impl.name for impl in case.impls}
+
+
+def test_an_sdpa_backend_runs_checked_and_timed_beside_no_prediction_on_the_cpu():
+    cases = headline.attention_cases(CPU, seq_lens=(16,), tokens=32,
+                                     sdpa_backends=("sdpa-math",))
+    (row,) = headline.run_kernel_cases(cases, CPU)
+    assert (row["impl"], row["status"]) == ("sdpa-math", OK), row["error"]
+    assert row["fwd_bwd"]["median_ms"] > 0
+    assert row["fwd_bwd_ideal_ms"] is None  # a CPU is not in the GPU table
+    assert "| causal_attention | B=2 H=12 T=16 D=64 | sdpa-math |" in \
+        "\n".join(headline.kernel_table([row]))
+
+
+def test_predictions_beside_a_gpu_row():
+    problem = PROBLEMS["layer_norm"]
+    shape = next(s for s in problem.gpu_shapes if s.headline)
+    ratios = {("layer_norm", "fwd"): 1.0, ("layer_norm", "fwd_bwd"): 1.25}
+    row = {"op": "layer_norm", "shape": shape.dims, "dtype": "bf16", "impl": "triton",
+           "fwd": {"median_ms": 0.02}, "fwd_bwd": {"median_ms": 0.05}}
+    (row,) = headline._with_predictions([row], gpus.gpu("H100 SXM"), ratios)
+    assert row["fwd_bwd_triton_est_ms"] == pytest.approx(1.25 * row["fwd_bwd_ideal_ms"])
+    assert row["fwd_over_ideal"] == pytest.approx(0.02 / row["fwd_ideal_ms"])
+    predicted = predictions.predict("layer_norm", shape.dims, "bf16", gpus.gpu("H100 SXM"), {})
+    assert predicted["fwd"]["triton_ms"] is None and predicted["fwd"]["bound"] == "memory"
+
+
+def test_traffic_ratios_from_a_static_report():
+    static = {"traffic": [
+        {"op": "cross_entropy", "error": None,
+         "passes": {"fwd": {"unique_bytes_ratio": 2.0}, "bwd": {"unique_bytes_ratio": None}}},
+        {"op": "mlp_gelu", "error": "did not run", "passes": {}}]}
+    assert predictions.traffic_ratios(static) == {("cross_entropy", "fwd"): 2.0}
+    assert predictions.traffic_ratios(None) == {}
+
+
+def test_kernel_suite_rows_beside_the_static_prediction():
+    doc = {"meta": {"device": "NVIDIA H100 80GB HBM3"}, "rows": [
+        {"op": "cross_entropy", "shape": {"N": 8192, "V": 50257}, "shape_label": "N=8192 V=50257",
+         "dtype": "bf16", "impl": "triton", "fwd": {"median_ms": 0.5},
+         "fwd_bwd": {"median_ms": 1.5}},
+        {"op": "cross_entropy", "shape": {"N": 8192, "V": 50257}, "shape_label": "N=8192 V=50257",
+         "dtype": "bf16", "impl": "cuda", "fwd": None, "fwd_bwd": None}]}
+    static = {"traffic": [{"op": "cross_entropy", "error": None,
+                           "passes": {"fwd": {"unique_bytes_ratio": 2.0}}}]}
+    text = predictions.kernels_vs_static(doc, static)
+    lines = [line for line in text.splitlines() if line.startswith("| cross_entropy")]
+    assert len(lines) == 2  # the untimed row is left out
+    assert "| triton | fwd | 0.5 |" in lines[0]
+    unknown = predictions.kernels_vs_static({"meta": {"device": "CPU"}, "rows": []}, None)
+    assert unknown.startswith("No prediction")
+
+
+def test_training_rows_on_a_tiny_model(one_thread):
+    impls = (headline.TrainImpl("ours", headline.GPT, compile=False),)
+    (row,) = headline.run_training(CPU, impls=impls, model=dict(n_layer=1, n_head=2, n_embd=16),
+                                   batch_size=2, block_size=8, steps=1, warmup=0,
+                                   dtype=torch.float32)
+    assert row["status"] == OK, row["error"]
+    assert row["tokens_per_s"] > 0 and row["mfu_pct"] > 0
+    assert "| ours | 2 x 8 |" in "\n".join(headline.train_table([row]))

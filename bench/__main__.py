@@ -1,13 +1,17 @@
 """Command line of the benchmark suite.
 
     python -m bench kernels|e2e|sweep|all [--gpu-suite] [--ops ...] [--backends ...]
+    python -m bench e2e --nanogpt PATH [--full]  # + whole processes side by side with nanoGPT
+    python -m bench nanogpt --nanogpt PATH      # only the side-by-side comparison
     python -m bench render bench/results/<device>/kernels.json [...]
     python -m bench static [--out-dir DIR]      # the static performance report, no GPU
 
-Without --gpu-suite: the CPU-sized suite on the CPU (fp32, small GPT-2 shapes, a few
-minutes), with the Triton kernels checked under the interpreter but not timed. With it:
-the full suite on the GPU (fp32/bf16/fp16, GPT-2 124M..1.5B shapes, GPT-2 models).
-Results go to bench/results/<device-slug>/<suite>.{json,md,png} and a summary.md.
+Without --gpu-suite: the CPU-sized suite on the CPU (small GPT-2 shapes, under 10 minutes),
+with the Triton kernels checked under the interpreter but not timed. With it: the full
+suite on the GPU (fp32/bf16/fp16, GPT-2 124M..1.5B shapes, GPT-2 models). --full trains
+the sweep to the seed command's token budget and runs the side-by-side comparison at the
+seed's 2000 iterations (about an hour on 2 cores). Results go to
+bench/results/<device-slug>/<suite>.{json,md,png} and a summary.md.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-SUITE_NAMES = ("kernels", "e2e", "sweep")
+SUITE_NAMES = ("kernels", "e2e", "nanogpt", "sweep")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -35,8 +39,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                              "the CPU; bf16 fp16 fp32 on the GPU)")
     parser.add_argument("--no-compile", action="store_true",
                         help="skip the torch.compile baseline (slow to compile on a small CPU)")
-    parser.add_argument("--steps", type=int, help="sweep: training steps per config "
-                                                  "(default: 30 on the CPU, 300 on the GPU)")
+    parser.add_argument("--full", action="store_true",
+                        help="the long mode: the sweep at the seed's token budget, the "
+                             "side-by-side comparison at the seed's 2000 iterations")
+    parser.add_argument("--nanogpt", type=Path, metavar="PATH",
+                        help="a nanoGPT checkout (with data/shakespeare_char prepared): e2e "
+                             "then times both whole processes side by side; without it, "
+                             "nanoGPT's model is re-implemented in-process as a fallback")
+    parser.add_argument("--tokens", type=int, help="sweep: training tokens per config "
+                                                   "(default: see bench/sweep.py)")
     parser.add_argument("--out-dir", type=Path,
                         help="where results go (default: bench/results/<device-slug>)")
     parser.add_argument("--data-dir", type=Path, default=None,
@@ -46,8 +57,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("render needs at least one results JSON file")
     if args.command != "render" and args.files:
         parser.error(f"{args.command} takes no file arguments")
-    if args.steps is not None and args.steps < 1:
-        parser.error(f"--steps must be at least 1, got {args.steps}")
+    if args.tokens is not None and args.tokens < 1:
+        parser.error(f"--tokens must be at least 1, got {args.tokens}")
+    if args.command == "nanogpt" and args.nanogpt is None:
+        parser.error("nanogpt compares with a nanoGPT checkout: pass --nanogpt PATH")
+    if args.nanogpt is not None:
+        from bench.side_by_side import SetupError, nanogpt
+        try:
+            nanogpt(args.nanogpt)  # checked now, not after the other suites ran
+        except SetupError as exc:
+            parser.error(str(exc))
     return args
 
 
@@ -71,11 +90,23 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     from bench.runner import run_suites
     start = time.perf_counter()
-    written = run_suites(args, SUITE_NAMES if args.command == "all" else (args.command,))
+    written = run_suites(args, suites_of(args))
     for path in written:
         print(path)
     print(f"done in {time.perf_counter() - start:.0f} s")
     return 0
+
+
+def suites_of(args: argparse.Namespace) -> tuple[str, ...]:
+    """The suites a command runs: e2e includes the side-by-side comparison when a nanoGPT
+    checkout is given."""
+    if args.command == "all":
+        chosen = SUITE_NAMES
+    elif args.command == "e2e":
+        chosen = ("e2e", "nanogpt")
+    else:
+        chosen = (args.command,)
+    return tuple(s for s in chosen if s != "nanogpt" or args.nanogpt is not None)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,11 @@
-"""End-to-end benchmarks: training tokens/sec and MFU of whole models per backend, next to
-nanoGPT's model (re-implemented, bench/nanogpt_baseline.py) trained by the same loop; and
-sampling tokens/sec with and without the KV cache."""
+"""End-to-end benchmarks, in this process: training tokens/sec and MFU of whole models per
+backend, timed on the CLI's own training step (`bench.training`); and sampling tokens/sec
+with and without the KV cache.
+
+The comparison with nanoGPT itself runs whole processes side by side
+(`bench.side_by_side`, given a nanoGPT checkout). Without one, nanoGPT's model
+re-implemented (bench/nanogpt_baseline.py) is trained by the same step here instead, a
+fallback labelled as such: the re-implementation is not nanoGPT's code or loop."""
 from __future__ import annotations
 
 import time
@@ -19,7 +24,7 @@ from bench.results import FAILED, OK
 from bench.timing import summarize
 from gpt.model import GPT, GPTConfig
 
-NANOGPT = "nanoGPT model.py (re-impl.)"
+NANOGPT = "nanoGPT model.py re-implementation (fallback)"
 # Backends' losses at initialization, same weights and batch, agree to this many times
 # the comparison slack of the dtype (kernels.testing.SLACK): a whole model compounds it.
 INITIAL_LOSS_TOLERANCE = 4
@@ -128,10 +133,12 @@ def _inference_rows(spec, impl, config, batch_size, device, dtype, new_tokens) -
 
 
 def run(specs, backends: list[str], device: torch.device, dtype: torch.dtype, peak: Peak | None,
-        steps: int, warmup: int, corpus_for) -> list[dict]:
+        steps: int, warmup: int, corpus_for, reimplementation: bool = True) -> list[dict]:
     """`backends`: the model backends to run (the first is the one others are checked
-    against, normally `torch`); `corpus_for(spec)` gives a spec's training data."""
-    impls = list(backends) + [NANOGPT]
+    against, normally `torch`); `corpus_for(spec)` gives a spec's training data;
+    `reimplementation`: also train nanoGPT's re-implemented model (the fallback when no
+    nanoGPT checkout is compared side by side)."""
+    impls = list(backends) + ([NANOGPT] if reimplementation else [])
     peak_flops = None if peak is None else peak.flops_for(DTYPE_NAMES[dtype])
     total = sum(len(s.train_runs) * len(impls) + len(s.inference_batches) * len(backends)
                 for s in specs)

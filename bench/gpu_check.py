@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import re
@@ -74,20 +75,31 @@ class Outcome:
 
 # ----------------------------------------------------------------------------- the plan
 
+def xdist_workers() -> list[str]:
+    """pytest-xdist's options for up to 8 worker processes, where it is installed. The GPU
+    tests spend most of their time compiling and autotuning Triton kernels, which runs on
+    the CPU one kernel at a time per process (the first H200 run got through 27% of the
+    conformance suite in 180 s on one process); the GPU itself is mostly idle meanwhile."""
+    if importlib.util.find_spec("xdist") is None:
+        return []
+    return ["-n", str(min(8, os.cpu_count() or 1))]
+
+
 def stages(python: str, folder: Path, repo: Path = REPO_ROOT) -> list[Stage]:
     """Every stage, most valuable first."""
     out = str(folder)
     pytest = [python, "-m", "pytest", "-q", "-rs"]
+    gpu_pytest = pytest + xdist_workers()
     plan = [Stage("install", [python, "-m", "pip", "install", "--no-build-isolation",
-                              "--no-deps", "--no-index", "-e", "."], 150,
+                              "--no-deps", "--no-index", "-e", "."], 90,
                   "the project and its CUDA extension build on this machine")]
     if (repo / CONFORMANCE_TESTS).exists():
-        plan.append(Stage("conformance", pytest + [f"--junitxml={folder / 'conformance.xml'}",
-                                                   CONFORMANCE_TESTS], 90,
+        plan.append(Stage("conformance", gpu_pytest + [f"--junitxml={folder / 'conformance.xml'}",
+                                                       CONFORMANCE_TESTS], 120,
                           "every backend meets the op specs on the GPU"))
     plan += [
-        Stage("gpu-tests", pytest + ["-m", "gpu", f"--ignore={CONFORMANCE_TESTS}",
-                                     f"--junitxml={folder / 'gpu-tests.xml'}"], 150,
+        Stage("gpu-tests", gpu_pytest + ["-m", "gpu", f"--ignore={CONFORMANCE_TESTS}",
+                                         f"--junitxml={folder / 'gpu-tests.xml'}"], 150,
               "the GPU tests: kernels, model, memory, GPT-2 shapes"),
         Stage("attention", [python, "-m", "bench.headline", "attention", "--out-dir", out], 90,
               "attention fwd+bwd vs every SDPA backend, T=1k..8k"),

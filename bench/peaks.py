@@ -3,8 +3,9 @@
 GPUs come from `kernels.gpus`, the project's one table of datasheet figures (dense, no
 sparsity; fp32 is the non-tensor-core rate, torch's default matmul precision). A CPU has
 no datasheet we can trust across machines, so its peaks are measured at the start of a run:
-bandwidth with a STREAM-like copy, FLOP/s with a large fp32 matmul ("measured matmul
-peak" — what a good BLAS reaches here, an upper bound for any kernel we write).
+bandwidth with a STREAM-like copy, FLOP/s with a large matmul per dtype ("measured matmul
+peak" — what a good BLAS reaches here, an upper bound for any kernel we write; the
+training CLI's MFU uses the same measurement, gpt/peak.py).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from gpt.peak import measure_matmul_flops, native_bf16_matmul
 from kernels import gpus
 
 
@@ -50,25 +52,14 @@ def measure_cpu_bandwidth(n_bytes: int = 256 * 2**20, repeats: int = 5) -> float
     return 2 * src.numel() * 4 / best
 
 
-def measure_cpu_matmul_flops(n: int = 2048, repeats: int = 3) -> float:
-    """FLOP/s of an n x n x n fp32 matmul (2 n^3 FLOPs), best of `repeats`."""
-    a = torch.randn(n, n)
-    b = torch.randn(n, n)
-    a @ b  # warm-up: BLAS thread pool and packing buffers
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
-
-
 def cpu_peak(cpu_name: str) -> Peak:
-    """Measured peaks of this CPU (takes about a second). Low-precision rows use the fp32
-    rate: CPUs without AMX run bf16/fp16 matmuls no faster than fp32."""
-    flops = measure_cpu_matmul_flops()
-    return Peak(cpu_name, measure_cpu_bandwidth(), {"fp32": flops, "bf16": flops, "fp16": flops},
-                "measured: STREAM-like copy, fp32 matmul peak")
+    """Measured peaks of this CPU (a second or two). bf16/fp16 rows: the measured bf16 rate
+    where the CPU multiplies bf16 natively (AVX512-BF16, AMX), else the fp32 rate (such
+    CPUs run 16-bit matmuls no faster than fp32)."""
+    fp32 = measure_matmul_flops(torch.float32)
+    low = measure_matmul_flops(torch.bfloat16) if native_bf16_matmul() else fp32
+    return Peak(cpu_name, measure_cpu_bandwidth(), {"fp32": fp32, "bf16": low, "fp16": low},
+                "measured: STREAM-like copy, fp32 and bf16 matmul peaks")
 
 
 def best_of(first: Peak, second: Peak) -> Peak:

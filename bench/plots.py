@@ -42,32 +42,35 @@ def plot_kernels(doc: dict, out_dir: Path) -> list[Path]:
 
 
 def plot_sweep(doc: dict, out_dir: Path) -> list[Path]:
-    """Val loss and tokens/s against each swept parameter's value, one panel per parameter."""
-    rows = [r for r in doc["rows"] if r["status"] == OK]
+    """Val loss against training tokens and against training time (evals excluded), one
+    panel per swept parameter, one curve per value (seed 1337)."""
+    rows = [r for r in doc["rows"] if r["status"] == OK and r["curve"] and r["param"] != "seed"]
     params = list(dict.fromkeys(r["param"] for r in rows))
     if not params:
         return []
-    cols = min(3, len(params))
-    rows_of_panels = -(-len(params) // cols)
-    fig, axes = plt.subplots(rows_of_panels, cols, figsize=(4.2 * cols, 3.2 * rows_of_panels),
-                             squeeze=False)
-    for ax in axes.flat[len(params):]:
-        ax.set_visible(False)
-    for ax, param in zip(axes.flat, params):
-        points = sorted((r["value"], r["val_loss"], r["tokens_per_s"])
-                        for r in rows if r["param"] == param)
-        values, losses, speeds = zip(*points)
-        ax.plot(values, losses, marker="o", color="tab:blue")
-        ax.set_xlabel(param)
-        ax.set_ylabel("val loss", color="tab:blue")
-        speed_ax = ax.twinx()
-        speed_ax.plot(values, speeds, marker="s", color="tab:orange")
-        speed_ax.set_ylabel("tokens/s", color="tab:orange")
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"design-parameter sweep, {doc['meta']['options']['steps']} steps each — "
-                 f"{doc['meta']['device']}", fontsize=9)
-    fig.tight_layout()
-    return [_save(fig, out_dir / "sweep.png")]
+    paths = []
+    for x_key, x_label, name in (("tokens", "training tokens", "sweep-loss-vs-tokens.png"),
+                                 ("wall_s", "training time (s)", "sweep-loss-vs-time.png")):
+        cols = min(3, len(params))
+        n_rows = -(-len(params) // cols)
+        fig, axes = plt.subplots(n_rows, cols, figsize=(4.4 * cols, 3.4 * n_rows),
+                                 squeeze=False)
+        for ax in axes.flat[len(params):]:
+            ax.set_visible(False)
+        for ax, param in zip(axes.flat, params):
+            for r in sorted((r for r in rows if r["param"] == param), key=lambda r: r["value"]):
+                xs = [point[x_key] for point in r["curve"]]
+                ys = [point["val_loss"] for point in r["curve"]]
+                ax.plot(xs, ys, marker="o", markersize=3, label=f"{param}={r['value']}")
+            ax.set_xlabel(x_label)
+            ax.set_ylabel("val loss")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"design-parameter sweep, {doc['meta']['options']['tokens']:,} tokens "
+                     f"per config — {doc['meta']['device']}", fontsize=9)
+        fig.tight_layout()
+        paths.append(_save(fig, out_dir / name))
+    return paths
 
 
 def _save(fig, path: Path) -> Path:

@@ -1,14 +1,10 @@
 """Markdown tables from results documents (`python -m bench render FILE.json` re-renders)."""
 from __future__ import annotations
 
+from bench import side_by_side, sweep
+from bench.e2e import NANOGPT
 from bench.kernel_suite import COMPILE
 from bench.results import CHECK_ONLY, FAILED
-
-NANOGPT_COMMAND = (
-    "python train.py config/train_shakespeare_char.py --device=cpu --compile=False "
-    "--eval_iters=20 --log_interval=1 --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 "
-    "--n_embd=128 --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0")
-NANOGPT_REPORTED = "~42 ms/iter = ~18k tokens/s"
 
 IMPL_LEGEND = {
     "torch": "the `torch` backend: PyTorch eager with its fused built-ins (F.layer_norm, "
@@ -109,10 +105,12 @@ def _model_label(row: dict) -> str:
 def render_e2e(doc: dict) -> str:
     meta, rows = doc["meta"], doc["rows"]
     lines = ["# End-to-end benchmarks", ""] + _meta_lines(meta) + [
-        "- training: one iteration = get_batch + forward + backward + grad clip + AdamW step; "
-        "ms/iter median (25th–75th percentile); MFU = (6·N + 6·L·C·T) FLOPs/token x tokens/s "
-        "over the peak above",
-        "- dtype: fp32, or the torch.autocast dtype (weights and optimizer state stay fp32)",
+        "- training: one iteration of `python -m gpt.train`'s own step (`gpt.step.TrainStep`: "
+        "learning-rate schedule, forward, backward, grad clip, AdamW, loss read on the host) "
+        "with the Shakespeare config's optimizer; ms/iter median (25th–75th percentile); "
+        "MFU = (6·N + 6·L·C·T) FLOPs/token x tokens/s over the peak above, in the run's dtype",
+        "- dtype: the CLI's default on this device: fp32, or the torch.autocast dtype (weights "
+        "and optimizer state stay fp32)",
         "- inference: `model.generate` from a 1-token prompt, ms per generated token", ""]
     train = [r for r in rows if r["kind"] == "train"]
     lines += ["## Training", ""]
@@ -122,12 +120,15 @@ def render_e2e(doc: dict) -> str:
            [fmt_timing(r["ms_per_iter"]), fmt(r["tokens_per_s"]), fmt(r["mfu_pct"]),
             fmt(r["loss"])])
         for r in train])
-    lines += ["", f"nanoGPT on the seed's CPU config, *reported, not measured by us*: "
-                  f"{NANOGPT_REPORTED} on this class of 2-core CPU, with", "",
-              f"    {NANOGPT_COMMAND}", "",
-              "The `nanoGPT model.py (re-impl.)` rows are measured in this run: a faithful "
-              "minimal re-implementation of nanoGPT's model (nn.GELU, SDPA, full logits + "
-              "F.cross_entropy) trained by the same loop (bench/nanogpt_baseline.py)."]
+    if any(r["impl"] == NANOGPT for r in train):
+        lines += ["", f"`{NANOGPT}`: no nanoGPT checkout was given (`--nanogpt PATH`), so "
+                      "a minimal re-implementation of nanoGPT's model (nn.GELU, SDPA, full "
+                      "logits + F.cross_entropy; bench/nanogpt_baseline.py) is trained by our "
+                      "step instead. It is not nanoGPT's code or loop: compare with nanoGPT "
+                      "itself side by side (nanogpt.md) where a checkout is at hand."]
+    else:
+        lines += ["", "nanoGPT itself is compared whole process against whole process in "
+                      "nanogpt.md (`--nanogpt PATH`)."]
     inference = [r for r in rows if r["kind"] != "train"]
     if inference:
         lines += ["", "## Inference (sampling)", ""]
@@ -142,23 +143,98 @@ def render_e2e(doc: dict) -> str:
 def render_sweep(doc: dict) -> str:
     meta, rows = doc["meta"], doc["rows"]
     opts = meta["options"]
-    lines = ["# Design-parameter sweep", ""] + _meta_lines(meta) + [
-        f"- each config trains {opts['steps']} steps from the same seed on the embedded corpus "
-        f"(char-level), AdamW lr {opts['learning_rate']}, backend `{opts['backend']}`; "
-        "one parameter varies per row, the others stay at the base config "
-        f"({opts['base']}); val loss over {opts['eval_batches']} batches", ""]
-    lines += _table(["param", "value", "L/H/C", "T", "B", "dropout", "train loss", "val loss",
-                     "ms/iter", "tokens/s", "MFU %"], [
-        [r["param"], fmt(r["value"]), f"{r['n_layer']}/{r['n_head']}/{r['n_embd']}",
-         str(r["block_size"]), str(r["batch_size"]), fmt(r["dropout"])]
-        + ([f"**FAILED**: {r['error']}", "", "", "", ""] if r["status"] == FAILED else
-           [fmt(r["train_loss"], 4), fmt(r["val_loss"], 4), fmt_timing(r["ms_per_iter"]),
-            fmt(r["tokens_per_s"]), fmt(r["mfu_pct"])])
+    base = sweep.TrainSetting(**opts["base"])
+    spread = sweep.seed_spread(rows, base)
+    base_row = next((r for r in rows if r["status"] != FAILED and r["seed"] == sweep.SEED
+                     and sweep.setting_of(r) == base), None)
+    noise = ("n/a (one seed)" if spread is None else
+             f"{spread[0]:.4f}–{spread[1]:.4f} over {spread[2]} seeds "
+             f"(range {spread[1] - spread[0]:.4f})")
+    lines = ["# Design-parameter sweep: quality and cost", ""] + _meta_lines(meta) + [
+        f"- every config trains on {opts['tokens']:,} tokens of {opts['corpus']} (a larger "
+        f"batch or block: fewer iterations) with `python -m gpt.train`'s step and schedule "
+        f"(AdamW lr {opts['learning_rate']}, warmup, cosine decay to the last iteration), "
+        f"backend `{opts['backend']}`, seed {sweep.SEED}; one parameter varies per row, the "
+        f"others stay at the base ({base.label()})",
+        f"- val loss: mean over {opts['final_eval_batches']} batches of "
+        f"{sweep.EVAL_BATCH_SIZE} windows at the end, ± its standard error; the curves "
+        f"(sweep-loss-vs-tokens.png, sweep-loss-vs-time.png) evaluate {opts['eval_batches']} batches at {opts['evals']} "
+        f"points; time: training only, evals excluded",
+        f"- noise: the base config's val loss across seeds {noise}; a difference from the "
+        f"base is beyond the noise when it exceeds both that range and twice the standard "
+        f"error of the difference", ""]
+    header = ["param", "value", "seed", "L/H/C", "T", "B", "dropout", "iters", "val loss",
+              "vs base", "train loss", "time s", "ms/iter", "tokens/s", "MFU %"]
+    table = []
+    for r in rows:
+        head = [r["param"], fmt(r["value"]), str(r["seed"]),
+                f"{r['n_layer']}/{r['n_head']}/{r['n_embd']}", str(r["block_size"]),
+                str(r["batch_size"]), fmt(r["dropout"]), fmt(r["iters"])]
+        if r["status"] == FAILED:
+            table.append(head + [f"**FAILED**: {r['error']}"] + [""] * 6)
+            continue
+        se = f" ± {r['val_loss_se']:.4f}" if r["val_loss_se"] is not None else ""
+        table.append(head + [f"{r['val_loss']:.4f}{se}", _versus_base(r, base_row, spread),
+                             fmt(r["train_loss"], 4), fmt(r["wall_s"]),
+                             fmt_timing(r["ms_per_iter"]), fmt(r["tokens_per_s"]),
+                             fmt(r["mfu_pct"])])
+    lines += _table(header, table)
+    return "\n".join(lines) + "\n"
+
+
+def _versus_base(row: dict, base_row: dict | None, spread) -> str:
+    if base_row is None or row is base_row or sweep.setting_of(row) == sweep.setting_of(base_row):
+        return "base" if base_row is not None else "n/a"
+    delta = row["val_loss"] - base_row["val_loss"]
+    floor = sweep.noise_floor(row, base_row, spread)
+    if floor is None:
+        return f"{delta:+.4f}"
+    return f"{delta:+.4f} ({'beyond' if abs(delta) > floor else 'within'} noise)"
+
+
+def _ratio(ratio) -> str:
+    if ratio is None:
+        return "n/a"
+    return f"**{ratio.median:.2f}x** ({ratio.low:.2f}–{ratio.high:.2f})"
+
+
+def render_nanogpt(doc: dict) -> str:
+    meta, rows = doc["meta"], doc["rows"]
+    opts = meta["options"]
+    lines = ["# Side by side with nanoGPT: whole processes, alternated", ""] + _meta_lines(meta) + [
+        f"- nanoGPT: `python train.py` in {opts['nanogpt']} (its code, unmodified); ours: "
+        f"`python -m gpt.train`; the same Python and environment (threads: "
+        f"{opts['threads']}), each with an out_dir of its own; Tiny Shakespeare prepared "
+        f"byte for byte the same: {opts['same_data']}",
+        "- a pair runs both processes back to back, which one goes first alternating from "
+        "pair to pair; ratio = nanoGPT's time / ours: the median over the pairs (min–max)",
+        "- wall: process start to exit (imports, data, model, evals, checkpoints, "
+        "iterations); start-up: to the first iteration's log line (the step-0 eval "
+        "included); ms/iter: the median logged iteration, iterations with an eval left out; "
+        "val: the last eval's val loss", ""]
+    summary = side_by_side.summarize_rows(rows)
+    lines += _table(["config", "pairs", "wall: nanoGPT / ours", "ms/iter: nanoGPT / ours",
+                     "wall s (ours / nanoGPT)", "start-up s", "ms/iter", "val loss (step)"], [
+        [s["config"], str(s["pairs"]), _ratio(s["wall"]), _ratio(s["iter"]),
+         f"{fmt(s['ours_wall_s'])} / {fmt(s['nanoGPT_wall_s'])}",
+         f"{fmt(s['ours_startup_s'])} / {fmt(s['nanoGPT_startup_s'])}",
+         f"{fmt(s['ours_iter_ms'])} / {fmt(s['nanoGPT_iter_ms'])}",
+         f"{fmt(s['ours_val_loss'], 4)} / {fmt(s['nanoGPT_val_loss'], 4)}"
+         + (f" ({s['last_eval_step']:.0f})" if s["last_eval_step"] is not None else "")]
+        for s in summary])
+    lines += ["", "## Runs", ""]
+    lines += _table(["config", "pair", "program", "wall s", "start-up s", "ms/iter", "iters",
+                     "val loss", "load (1 min)"], [
+        [r["config"], fmt(r["pair"]), fmt(r["program"])]
+        + ([f"**FAILED**: {r['error']}", "", "", "", "", ""] if r["status"] == FAILED else
+           [fmt(r["wall_s"]), fmt(r["startup_s"]), fmt(r["iter_ms"]), fmt(r["iters"]),
+            fmt(r["val_loss"], 4), fmt(r["load_1m"], 2)])
         for r in rows])
     return "\n".join(lines) + "\n"
 
 
-RENDERERS = {"kernels": render_kernels, "e2e": render_e2e, "sweep": render_sweep}
+RENDERERS = {"kernels": render_kernels, "e2e": render_e2e, "sweep": render_sweep,
+             "nanogpt": render_nanogpt}
 
 
 def render(doc: dict) -> str:

@@ -27,10 +27,12 @@ ROW_KEYS = {
                 "fwd_bwd_mem_mb"),
     "e2e": ("kind", "model", "impl", "n_layer", "n_head", "n_embd", "block_size", "batch_size",
             "dtype", "status", "error", "ms_per_iter", "tokens_per_s", "mfu_pct", "loss"),
-    "sweep": ("param", "value", "n_layer", "n_head", "n_embd", "block_size", "batch_size",
-              "dropout", "dtype", "steps", "status", "error", "train_loss", "val_loss",
-              "ms_per_iter",
-              "tokens_per_s", "mfu_pct"),
+    "nanogpt": ("config", "args", "pair", "program", "wall_s", "startup_s", "iter_ms", "iters",
+                "val_loss", "last_eval_step", "load_1m", "status", "error"),
+    "sweep": ("param", "value", "seed", "n_layer", "n_head", "n_embd", "block_size",
+              "batch_size", "dropout", "dtype", "tokens", "iters", "status", "error",
+              "train_loss", "val_loss", "val_loss_se", "wall_s", "ms_per_iter", "tokens_per_s",
+              "mfu_pct", "curve"),
 }
 SUITES = tuple(ROW_KEYS)
 

@@ -2,14 +2,19 @@
 the peak once, and writes each suite's results as soon as it finishes."""
 from __future__ import annotations
 
+import os
+import sys
 from argparse import Namespace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
 import kernels
-from bench import e2e, kernel_suite, machine, output, peaks, results, sweep, training
+from bench import (e2e, kernel_suite, machine, output, peaks, results, side_by_side, sweep,
+                   training)
 from bench.problems import DTYPES
+from gpt import train as cli
 
 GPU_DTYPES = ("bf16", "fp16", "fp32")
 CPU_E2E = dict(steps=10, warmup=1)
@@ -54,8 +59,8 @@ def run_suites(args: Namespace, suites: tuple[str, ...]) -> list[Path]:
     peak = peaks.device_peak(device, meta["cpu"])
     meta["peak"] = None if peak is None else peak.to_json()
     backends = _backends(args)
-    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() \
-        else torch.float32
+    # What `python -m gpt.train` trains with by default on this machine.
+    dtype = cli.DTYPES[cli.default_dtype()]
     written = []
     for suite in suites:
         if suite == "kernels":
@@ -72,22 +77,62 @@ def run_suites(args: Namespace, suites: tuple[str, ...]) -> list[Path]:
             schedule = GPU_E2E if args.gpu_suite else CPU_E2E
             options = {"backends": model_backends, "models": [s.name for s in specs], **schedule}
             rows = e2e.run(specs, model_backends, device, dtype, peak,
-                           corpus_for=_corpus_for(args), **schedule)
+                           corpus_for=_corpus_for(args), reimplementation=args.nanogpt is None,
+                           **schedule)
+        elif suite == "nanogpt":
+            options, rows = _side_by_side(args)
         else:
             base, values = (sweep.GPU_BASE, sweep.GPU_VALUES) if args.gpu_suite \
                 else (sweep.CPU_BASE, sweep.CPU_VALUES)
-            steps = args.steps or (300 if args.gpu_suite else 30)
-            eval_batches = 20 if args.gpu_suite else 10
-            options = {"steps": steps, "learning_rate": training.LEARNING_RATE,
-                       "backend": "torch", "base": base.label(), "eval_batches": eval_batches}
-            rows = sweep.run(base, values, _corpus_for(args)(None), "torch", device, dtype,
-                             peak, steps, eval_batches)
-        if device.type == "cpu":
+            budget = {(False, False): sweep.CPU_QUICK, (False, True): sweep.CPU_FULL,
+                      (True, False): sweep.GPU_QUICK, (True, True): sweep.GPU_FULL}[
+                args.gpu_suite, args.full]
+            if args.tokens:
+                budget = replace(budget, tokens=args.tokens)
+            corpus = _corpus_for(args)(None)
+            options = {**asdict(budget), "learning_rate": training.LEARNING_RATE,
+                       "backend": "torch", "base": asdict(base), "corpus": corpus.name}
+            rows = sweep.run(base, values, corpus, "torch", device, dtype, peak, budget)
+        if device.type == "cpu" and suite in PERCENT_FIELDS:
             peak = _remeasure_cpu_peak(suite, rows, peak, meta["cpu"])
             meta["peak"] = peak.to_json()
         doc = results.document(suite, {**meta, "options": options}, rows)
         written += output.write_suite(doc, out_dir)
     return written
+
+
+# The side-by-side comparison's sizes: (seed iterations, pairs), (sweep configs' iterations,
+# pairs). `make bench`: minutes; --full: the seed command as written, ~25 minutes on 2 cores.
+SIDE_BY_SIDE_QUICK = ((300, 2), (60, 1))
+SIDE_BY_SIDE_FULL = ((2000, 3), (300, 2))
+
+
+def _side_by_side(args: Namespace) -> tuple[dict, list[dict]]:
+    """Whole processes of ours and nanoGPT's train.py, alternated: the seed command, then
+    the seed command with each of the sweep's settings."""
+    (seed_iters, seed_pairs), (sweep_iters, sweep_pairs) = \
+        SIDE_BY_SIDE_FULL if args.full else SIDE_BY_SIDE_QUICK
+    others = [s for s in sweep.settings(sweep.CPU_BASE, sweep.CPU_VALUES)
+              if s[2] != sweep.CPU_BASE]
+
+    def progress(run):
+        print(f"  {run.program:8s} {run.wall_s:6.1f} s  start-up {run.startup_s or 0:.2f} s  "
+              f"{run.iter_ms or 0:.1f} ms/iter  val {run.val_loss}", flush=True)
+
+    rows = side_by_side.run_rows(args.nanogpt, [side_by_side.seed_config(seed_iters)],
+                                 seed_pairs, on_run=progress)
+    rows += side_by_side.run_rows(args.nanogpt,
+                                  side_by_side.setting_configs(others, sweep_iters),
+                                  sweep_pairs, on_run=progress)
+    threads = os.environ.get("OMP_NUM_THREADS")
+    options = {"nanogpt": str(args.nanogpt.resolve()), "python": sys.executable,
+               "threads": f"OMP_NUM_THREADS={threads}" if threads else
+               f"OMP_NUM_THREADS unset, torch's default of {torch.get_num_threads()}",
+               "same_data": side_by_side.same_data(
+                   args.nanogpt, machine.REPO_ROOT / "data" / "shakespeare_char"),
+               "seed_iters": seed_iters, "seed_pairs": seed_pairs,
+               "sweep_iters": sweep_iters, "sweep_pairs": sweep_pairs}
+    return options, rows
 
 
 # The "% of peak" fields of each suite's rows, and which peak each is a fraction of.

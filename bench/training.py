@@ -1,9 +1,9 @@
-"""The training loop the end-to-end benchmark and the sweep time: nanoGPT's iteration
-(get_batch, forward, backward, grad clip at 1.0, AdamW step) with nanoGPT's
-shakespeare_char optimizer settings, at a constant learning rate."""
+"""Training as the benchmarks time it: the CLI's own iteration (`gpt.train.make_step`:
+learning-rate schedule, gradient accumulation, clipping, GradScaler, AdamW) with the
+optimizer settings of nanoGPT's Shakespeare config, so that a benchmark's ms/iter is what
+`python -m gpt.train` gives a user with the same model and batch."""
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,14 +12,15 @@ import numpy as np
 import torch
 
 from bench.timing import Timing, summarize
+from gpt import train as cli
 from gpt.model import GPT, GPTConfig
 
-LEARNING_RATE = 1e-3
-BETAS = (0.9, 0.99)
-WEIGHT_DECAY = 0.1
-GRAD_CLIP = 1.0
 GPT2_VOCAB = 50257
 DEFAULT_DATA_DIR = Path("data") / "default-char"
+# config/train_shakespeare_char.py's optimizer (the seed command's), and the CLI's clip.
+SHAKESPEARE_OPTIMIZER = dict(learning_rate=1e-3, min_lr=1e-4, beta2=0.99, warmup_iters=100,
+                             weight_decay=0.1, grad_clip=1.0)
+LEARNING_RATE = SHAKESPEARE_OPTIMIZER["learning_rate"]
 
 
 @dataclass(frozen=True)
@@ -55,10 +56,32 @@ def flops_per_token(config: GPTConfig, seq_len: int) -> int:
         return GPT(config).flops_per_token(seq_len)
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, d in cli.DTYPES.items() if d == dtype)
+
+
 def autocast(device: torch.device, dtype: torch.dtype):
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    return cli.autocast_context(cli.TrainConfig(dtype=dtype_name(dtype)), device)
+
+
+def run_config(batch_size: int, block_size: int, iters: int, dtype: torch.dtype,
+               seed: int = 1337, **overrides) -> cli.TrainConfig:
+    """The CLI's configuration of a run of `iters` iterations (warmup, then the cosine
+    decay ending at the last one) with the Shakespeare optimizer settings."""
+    settings = {**SHAKESPEARE_OPTIMIZER, **overrides}
+    settings["warmup_iters"] = min(settings["warmup_iters"], max(iters - 1, 0))
+    return cli.TrainConfig(batch_size=batch_size, block_size=block_size, max_iters=iters,
+                           lr_decay_iters=max(iters, 1), gradient_accumulation_steps=1,
+                           dtype=dtype_name(dtype), seed=seed, compile=False, **settings)
+
+
+def new_step(model: torch.nn.Module, corpus: Corpus, config: cli.TrainConfig,
+             device: torch.device) -> cli.TrainStep:
+    """The CLI's training step for `model` on `corpus`'s train split."""
+    optimizer, scaler = cli.new_optimizer(config, model, device)
+    dist = cli.Distributed()
+    batches = cli.TrainBatches(corpus.train, config, device, dist)
+    return cli.make_step(config, model, optimizer, scaler, batches, dist)
 
 
 @dataclass(frozen=True)
@@ -71,44 +94,47 @@ class TrainResult:
 def train(model: torch.nn.Module, corpus: Corpus, batch_size: int, block_size: int, steps: int,
           warmup: int, device: torch.device, dtype: torch.dtype,
           generator: torch.Generator) -> TrainResult:
-    """Train `warmup + steps` iterations, timing the last `steps` (each one synchronized,
-    as nanoGPT's per-iteration loss logging does)."""
-    from gpt.data import get_batch
-
-    optimizer = model.configure_optimizers(WEIGHT_DECAY, LEARNING_RATE, BETAS, device.type)
+    """Train `warmup + steps` iterations of the CLI's step, timing the last `steps`; each
+    one ends with the loss read on the host, as the CLI's per-iteration log does.
+    `generator` seeds the run (its initial seed)."""
+    config = run_config(batch_size, block_size, warmup + steps, dtype,
+                        seed=generator.initial_seed())
+    step = new_step(model, corpus, config, device)
     model.train()
     samples, losses = [], []
-    for step in range(warmup + steps):
+    for it in range(warmup + steps):
         start = time.perf_counter()
-        x, y = get_batch(corpus.train, batch_size, block_size, device, generator)
-        with autocast(device, dtype):
-            _, loss = model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if step >= warmup:
+        losses.append(step(it).item())
+        if it >= warmup:
             samples.append(1e3 * (time.perf_counter() - start))
-        losses.append(loss.detach())
     timing = summarize(samples)
     return TrainResult(timing, batch_size * block_size / (timing.median_ms * 1e-3),
-                       torch.stack(losses[-10:]).float().mean().item())
+                       float(np.mean(losses[-10:])))
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: np.ndarray, batch_size: int, block_size: int,
              batches: int, device: torch.device, dtype: torch.dtype, seed: int = 1234) -> float:
     """Mean loss over `batches` batches drawn with a fixed seed."""
+    return float(np.mean(batch_losses(model, data, batch_size, block_size, batches, device,
+                                      dtype, seed)))
+
+
+@torch.inference_mode()
+def batch_losses(model: torch.nn.Module, data: np.ndarray, batch_size: int, block_size: int,
+                 batches: int, device: torch.device, dtype: torch.dtype,
+                 seed: int = 1234) -> list[float]:
+    """The mean loss of each of `batches` batches drawn with a fixed seed (their spread
+    gives the eval's own noise)."""
     from gpt.data import get_batch
 
+    was_training = model.training
     model.eval()
     generator = torch.Generator().manual_seed(seed)
     losses = []
-    for _ in range(batches):
-        x, y = get_batch(data, batch_size, block_size, device, generator)
-        with autocast(device, dtype):
+    with autocast(device, dtype):
+        for _ in range(batches):
+            x, y = get_batch(data, batch_size, block_size, device, generator)
             losses.append(model(x, y)[1].float())
-    model.train()
-    return torch.stack(losses).mean().item()
+    model.train(was_training)
+    return torch.stack(losses).tolist()

@@ -24,7 +24,8 @@ from gpt.checkpoint import clean_state_dict, load_checkpoint_file, model_config
 from gpt.configurator import ConfigError, configure, usage
 from gpt.data import DataError, load_meta, tokenizer_from_meta
 from gpt.model import GPT
-from gpt.train import DTYPES, default_device, default_dtype
+from gpt.host_memory import keep_freed_memory
+from gpt.train import DTYPES, default_device, default_dtype, exit_quickly
 
 GPT2_META = {"vocab_size": 50257, "tokenizer": "gpt2"}
 SEPARATOR = "---------------"
@@ -125,7 +126,9 @@ def sample(config: SampleConfig) -> list[str]:
     generator = torch.Generator(device).manual_seed(config.seed)
     autocast = (nullcontext() if config.dtype == "float32"
                 else torch.autocast(device.type, dtype=DTYPES[config.dtype]))
-    with autocast:
+    if device.type == "cpu":
+        keep_freed_memory()  # no page faults on every step's activations
+    with torch.inference_mode(), autocast:  # the tokens are only decoded: no autograd at all
         y = model.generate(x, config.max_new_tokens, temperature=config.temperature,
                            top_k=config.top_k or None, use_kv_cache=config.kv_cache,
                            generator=generator)
@@ -133,6 +136,8 @@ def sample(config: SampleConfig) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The command line (argv None: this process's, which then ends with the run)."""
+    as_program = argv is None
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
         print(usage("gpt-sample", SampleConfig()))
@@ -145,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     for text in texts:
         print(text)
         print(SEPARATOR)
+    if as_program:
+        exit_quickly()
 
 
 if __name__ == "__main__":

@@ -161,7 +161,8 @@ def _runs_on(name: str, device: torch.device) -> bool:
 def _can_take(name: str, op: str, device: torch.device) -> bool:
     """Available, implementing `op` and running on `device`: the checks that do not
     depend on the call's arguments."""
-    return (backend_status(name).available and _runs_on(name, device)
+    # _runs_on first: it is cheap, and rules cuda out for CPU tensors without a probe.
+    return (_runs_on(name, device) and backend_status(name).available
             and op in _module(name).OPS)
 
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.chunked_linear_cross_entropy import linear_cross_entropy
+from kernels.chunked_linear_cross_entropy import SINGLE_CHUNK_LOGITS
+from kernels.chunked_linear_cross_entropy import linear_cross_entropy as chunked_linear_cross_entropy
+from kernels import reference
 from kernels.reference import causal_mask
 from kernels.specs import OPS as SPEC_OPS
 
@@ -35,6 +37,11 @@ def mlp_gelu(x, w_fc, b_fc, w_proj, b_proj, approximate):
 
 
 def causal_attention(q, k, v, scale, dropout_p):
+    if q.numel() == 0 or k.numel() == 0:
+        # SDPA's cuDNN path returns an undefined tensor (None in Python) for an empty batch
+        # in 16-bit (seen on an H200, torch 2.11); the reference's math is free when empty.
+        return reference.causal_attention(q, k, v, scale, dropout_p)
+    q, k, v = (_sdpa_aligned(t) for t in (q, k, v))
     t_q, t_k = q.shape[-2], k.shape[-2]
     if t_q == t_k:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
@@ -44,11 +51,44 @@ def causal_attention(q, k, v, scale, dropout_p):
                                           scale=scale, dropout_p=dropout_p)
 
 
+# SDPA's fused CUDA kernels load 16-byte vectors: each tensor must start on a 16-byte
+# boundary, with unit stride along the head dim and every other stride a whole number of
+# 16-byte vectors. Torch 2.11 does not check all of this: on an H200 a view starting one
+# element into its storage (fp32) raised "misaligned address", and rows padded to 35
+# elements (fp16) returned wrong values. Such views are copied; the model's q, k and v
+# (views into the qkv projection, strides multiples of n_embd) pass through untouched.
+_SDPA_ALIGNMENT_BYTES = 16
+
+
+def _sdpa_aligned(t):
+    # Under torch.compile, Inductor's SDPA lowering imposes its own alignment (and
+    # data_ptr() is not traceable).
+    if t.device.type != "cuda" or torch.compiler.is_compiling():
+        return t
+    size = t.element_size()
+    vector_strides = t.stride(-1) == 1 and all(s * size % _SDPA_ALIGNMENT_BYTES == 0
+                                               for s in t.stride()[:-1])
+    # A dense tensor passes whatever its head dim: SDPA pads odd head dims itself.
+    if t.data_ptr() % _SDPA_ALIGNMENT_BYTES == 0 and (t.is_contiguous() or vector_strides):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def cross_entropy(logits, targets, ignore_index, reduction):
     losses = F.cross_entropy(_at_least_fp32(logits.reshape(-1, logits.shape[-1])),
                              targets.reshape(-1).long(), ignore_index=ignore_index,
                              reduction=reduction)
     return losses.view(targets.shape) if reduction == "none" else losses
+
+
+def linear_cross_entropy(x, weight, targets, bias, ignore_index, reduction):
+    rows = x.numel() // max(1, x.shape[-1])
+    if rows * weight.shape[0] <= SINGLE_CHUNK_LOGITS:
+        # Logits no larger than one chunk: eager's linear and cross-entropy hold no more
+        # memory than the chunk loop would, without its Python (at the CPU seed run's
+        # 768 x 65 logits, 0.4 ms of a 0.8 ms forward and backward).
+        return cross_entropy(F.linear(x, weight, bias), targets, ignore_index, reduction)
+    return chunked_linear_cross_entropy(x, weight, targets, bias, ignore_index, reduction)
 
 
 def _at_least_fp32(t):

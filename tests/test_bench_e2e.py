@@ -1,4 +1,5 @@
 """The end-to-end benchmark and the sweep on a tiny model: rows, schema, tables."""
+import dataclasses
 from dataclasses import replace
 
 import numpy as np
@@ -45,8 +46,30 @@ def test_e2e_rows_train_sample_and_render():
         * ours["tokens_per_s"] / 1e12)
     assert abs(ours["loss"] - nanogpt["loss"]) < 0.05  # same weights, same batches
     md = report.render(results.document("e2e", _meta({}), rows))
-    assert "reported, not measured by us" in md and "--n_embd=128" in md
-    assert "| tiny (1L/2H/16d) | nanoGPT model.py (re-impl.) | 2 | 8 | fp32 |" in md
+    assert "re-implementation (fallback)" in md and "It is not nanoGPT's code" in md
+    assert f"| tiny (1L/2H/16d) | {e2e.NANOGPT} | 2 | 8 | fp32 |" in md
+
+
+def test_e2e_without_the_fallback_points_to_the_side_by_side_table():
+    spec = e2e.ModelSpec("tiny", 1, 2, 16, True, ((2, 8),), new_tokens=2, inference_batches=())
+    rows = e2e.run([spec], ["torch"], CPU, torch.float32, PEAK, steps=1, warmup=0,
+                   corpus_for=lambda spec: _corpus(), reimplementation=False)
+    assert [r["impl"] for r in rows] == ["torch"]
+    assert "nanogpt.md" in report.render(results.document("e2e", _meta({}), rows))
+
+
+def test_benchmark_training_runs_the_cli_step(monkeypatch):
+    """bench.training times gpt.train's own step: its schedule and optimizer settings."""
+    calls = []
+    real = training.cli.make_step
+    monkeypatch.setattr(training.cli, "make_step",
+                        lambda config, *args: calls.append(config) or real(config, *args))
+    model = GPT(GPTConfig(block_size=8, vocab_size=32, n_layer=1, n_head=2, n_embd=16))
+    training.train(model, _corpus(), 2, 8, steps=3, warmup=1, device=CPU, dtype=torch.float32,
+                   generator=torch.Generator().manual_seed(7))
+    [config] = calls
+    assert (config.max_iters, config.lr_decay_iters, config.warmup_iters, config.seed) == (4, 4, 3, 7)
+    assert (config.learning_rate, config.beta2, config.grad_clip) == (1e-3, 0.99, 1.0)
 
 
 def test_sweep_varies_one_parameter_at_a_time():
@@ -61,13 +84,35 @@ def test_sweep_varies_one_parameter_at_a_time():
         sweep.settings(base, {"lr": (1e-3,)})
 
 
-def test_sweep_rows_and_table():
+def test_sweep_spends_the_same_tokens_on_every_config():
+    budget = sweep.Budget(tokens=768 * 10, evals=4, eval_batches=2, final_eval_batches=3, seeds=1)
+    base = sweep.CPU_BASE
+    assert sweep.iterations(base, budget) == 10
+    assert sweep.iterations(replace(base, batch_size=24), budget) == 5
+    assert sweep.iterations(replace(base, block_size=32), budget) == 20
+    assert sweep.eval_points(10, 4) == [2, 5, 8, 10]
+    assert sweep.eval_points(2, 4) == [1, 2]
+
+
+def test_sweep_rows_curves_noise_and_table():
     base = sweep.TrainSetting(1, 2, 16, 8, 2, 0.0)
+    budget = sweep.Budget(tokens=16 * 6, evals=3, eval_batches=2, final_eval_batches=4, seeds=2)
     rows = sweep.run(base, {"n_embd": (8, 16)}, _corpus(), "torch", CPU, torch.float32, PEAK,
-                     steps=2, eval_batches=2)
-    assert [r["value"] for r in rows] == [8, 16]
-    assert all(r["status"] == OK and r["val_loss"] > 0 and r["mfu_pct"] > 0 for r in rows)
-    options = {"steps": 2, "learning_rate": 1e-3, "backend": "torch", "base": base.label(),
-               "eval_batches": 2}
+                     budget)
+    assert [(r["param"], r["value"], r["seed"]) for r in rows] == [
+        ("n_embd", 8, sweep.SEED), ("n_embd", 16, sweep.SEED), ("seed", sweep.SEED + 1,
+                                                                 sweep.SEED + 1)]
+    for r in rows:
+        assert r["status"] == OK and r["val_loss"] > 0 and r["val_loss_se"] > 0
+        assert r["mfu_pct"] > 0 and r["iters"] == 6 and r["tokens"] == 96
+        assert [p["tokens"] for p in r["curve"]] == [32, 64, 96]
+        assert all(p["wall_s"] > 0 for p in r["curve"]) and r["wall_s"] >= r["curve"][-1]["wall_s"]
+    low, high, seeds = sweep.seed_spread(rows, base)
+    assert seeds == 2 and low <= high
+    floor = sweep.noise_floor(rows[0], rows[1], (low, high, seeds))
+    assert floor >= high - low
+    options = {**dataclasses.asdict(budget), "learning_rate": 1e-3, "backend": "torch",
+               "base": dataclasses.asdict(base), "corpus": "test tokens"}
     md = report.render(results.document("sweep", _meta(options), rows))
-    assert "| n_embd | 8 | 1/2/8 | 8 | 2 | 0 |" in md
+    assert "| n_embd | 8 | 1337 | 1/2/8 | 8 | 2 | 0 | 6 |" in md
+    assert "noise)" in md and "over 2 seeds" in md and "96 tokens of test tokens" in md

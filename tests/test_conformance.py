@@ -91,6 +91,9 @@ def test_wrong_results_are_rejected(op, dtype_name, backend):
     basic case, zeroed, halved or negated, must be rejected — in every dtype, however
     small the tensor's magnitudes (a mean-reduced loss's gradient is ~1/N)."""
     spec, dtype = SPECS[op], DTYPES[dtype_name]
+    reason = _refusal(op, spec.case("basic"), backend, dtype)
+    if reason is not None:  # test_conformance checks the refusal itself
+        pytest.skip(f"{backend} refuses this call: {reason}")
     actual, expected, eager = evaluate_case(spec, spec.case("basic"), backend, dtype, DEVICE)
     assert all(v.passed for v in judge(actual, expected, eager))
     for target, count in (("output", len(actual.outputs)), ("grad", len(actual.grads))):

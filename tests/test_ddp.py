@@ -15,7 +15,8 @@ RUN = ["--device=cpu", "--compile=False", "--dtype=float32", "--backend=torch", 
        "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4", "--eval_iters=2",
        "--log_interval=1", "--warmup_iters=1", "--progress=False", "--max_iters=4",
        "--eval_interval=4", "--always_save_checkpoint=True", "--learning_rate=1e-2",
-       "--lr_decay_iters=4", "--gradient_accumulation_steps=2", "--dropout=0.0"]
+       "--lr_decay_iters=4", "--gradient_accumulation_steps=2", "--dropout=0.0",
+       "--peak_flops=1e12"]  # MFU against a given peak: no CPU peak measured or cached
 
 
 def losses(out_dir) -> dict[int, float]:

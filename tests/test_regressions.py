@@ -104,8 +104,11 @@ def test_4_many_heads_on_gpu(backend):
     q, k, v = (torch.randn(2, 35000, 16, 32, device="cuda", dtype=torch.bfloat16,
                            requires_grad=True) for _ in range(3))
     out = kernels.causal_attention(q, k, v, backend=backend)
-    ref = kernels.causal_attention(q, k, v, backend="torch")
-    assert_close(out.float(), ref.double(), ref)
+    # An fp64 reference would need the T x T scores (terabytes); fp32 SDPA (memory-efficient,
+    # ~1e-6 relative) stands in for the exact answer, and bf16 SDPA sets the allowance.
+    expected = kernels.causal_attention(q.float(), k.float(), v.float(), backend="torch")
+    eager = kernels.causal_attention(q, k, v, backend="torch")
+    assert_close(out.float(), expected.double(), eager)
 
 
 @pytest.mark.gpu

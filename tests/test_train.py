@@ -1,14 +1,16 @@
 """gpt.train: nanoGPT's command line, the training loop, checkpoints and exact resume."""
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from gpt import train
+from gpt import peak, train
 from gpt.checkpoint import load_checkpoint_file
 from gpt.configurator import ConfigError, configure
+from gpt.step import TrainStep
 from gpt.train import TrainConfig, get_lr
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
@@ -130,7 +132,17 @@ def test_lr_schedule_is_warmup_then_cosine():
 
 # ----------------------------------------------------------------------------- training runs
 
-def test_loss_decreases_and_logs_match_nanogpt(tmp_path, text_file, capsys):
+@pytest.fixture(autouse=True)
+def cpu_peak(tmp_path, monkeypatch):
+    """A CPU matmul peak of 1 TFLOP/s, 'measured' into a cache of the test's own (never
+    the user's, and without the second a real measurement takes)."""
+    measured = []
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(peak, "measure_matmul_flops", lambda dtype: measured.append(dtype) or 1e12)
+    return measured
+
+
+def test_loss_decreases_and_logs_match_nanogpt(tmp_path, text_file, capsys, cpu_peak):
     entries = run(tmp_path, text_file, "out", "--max_iters=40", "--eval_interval=20",
                   "--learning_rate=1e-2", "--lr_decay_iters=40", "--min_lr=1e-3")
     evals = [e for e in entries if e["event"] == "eval"]
@@ -138,12 +150,113 @@ def test_loss_decreases_and_logs_match_nanogpt(tmp_path, text_file, capsys):
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0
     assert sorted(train_losses(entries)) == list(range(41))
     logged = [e for e in entries if e["event"] == "train"]
-    assert all(e["tokens_per_sec"] > 0 and e["mfu"] is None for e in logged)
+    assert all(e["tokens_per_sec"] > 0 for e in logged)
+    # MFU against the CPU's measured fp32 matmul peak, from the 6th iteration on.
+    assert all(e["mfu"] is None for e in logged[:5]) and all(e["mfu"] > 0 for e in logged[5:])
+    assert cpu_peak == [torch.float32]
     out = capsys.readouterr().out
     assert re.search(r"^step 40: train loss \d+\.\d{4}, val loss \d+\.\d{4}$", out, re.M)
-    assert re.search(r"^iter 40: loss \d+\.\d{4}, time \d+\.\d{2}ms, mfu n/a$", out, re.M)
+    assert re.search(r"^iter 40: loss \d+\.\d{4}, time \d+\.\d{2}ms, mfu \d+\.\d{2}%$", out,
+                     re.M)
+    assert re.search(r"^mfu: 1 TFLOP/s, the fp32 matmul peak of this CPU with \d+ threads "
+                     r"\(measured \d{4}-\d\d-\d\d; cached in .*cpu_peak_flops.json\)$", out, re.M)
     assert "model backend 'torch' on cpu: torch for every op" in out
     assert re.search(r"^kernels: torch +yes", out, re.M)
+
+
+def test_cpu_peak_is_measured_once_per_dtype_and_cached(tmp_path, cpu_peak):
+    cache = tmp_path / "peaks.json"
+    assert peak.cpu_peak_flops(torch.float32, cache)[0] == 1e12
+    assert peak.cpu_peak_flops(torch.float32, cache)[0] == 1e12
+    assert peak.cpu_peak_flops(torch.bfloat16, cache)[0] == 1e12
+    assert cpu_peak == [torch.float32, torch.bfloat16]  # each dtype measured once
+    cache.write_text("{not json")  # a damaged cache is measured again, not an error
+    assert peak.cpu_peak_flops(torch.float32, cache)[0] == 1e12
+    assert len(cpu_peak) == 3
+
+
+def test_peak_flops_option_wins(tmp_path, text_file, capsys, cpu_peak):
+    entries = run(tmp_path, text_file, "out", "--max_iters=7", "--peak_flops=2e12")
+    assert cpu_peak == []
+    assert "mfu: 2 TFLOP/s (--peak_flops)" in capsys.readouterr().out
+    assert [e["mfu"] is not None for e in entries if e["event"] == "train"][-1]
+
+
+def test_default_dtype_is_bf16_where_the_cpu_multiplies_bf16(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("the CPU default")
+    monkeypatch.setattr(train, "native_bf16_matmul", lambda: True)
+    assert train.default_dtype() == "bfloat16"
+    monkeypatch.setattr(train, "native_bf16_matmul", lambda: False)
+    assert train.default_dtype() == "float32"
+
+
+def test_stacked_eval_is_the_mean_of_the_batch_losses(tmp_path, text_file, monkeypatch):
+    """Evals stack their batches into few forwards; the mean is the per-batch mean's."""
+    from gpt.data import load_split
+
+    run(tmp_path, text_file, "out", "--max_iters=2", "--eval_interval=2", "--eval_iters=5")
+    config = configure(TrainConfig(), [*TINY, "--eval_iters=5"], verbose=False)
+    model = train.GPT.from_checkpoint(tmp_path / "out")
+    splits = {s: load_split(tmp_path / "data", s) for s in ("train", "val")}
+    cpu = torch.device("cpu")
+    stacked = train.estimate_loss(model, splits, config, cpu, train.nullcontext())
+    monkeypatch.setattr(train, "EVAL_TOKENS_PER_FORWARD", 1)  # one batch per forward
+    single = train.estimate_loss(model, splits, config, cpu, train.nullcontext())
+    assert stacked == pytest.approx(single, rel=1e-6)
+    assert model.training  # left in training mode
+
+
+def test_train_step_schedules_accumulates_and_prefetches():
+    """The step sets the iteration's learning rate, averages the micro-batches' losses,
+    and fetches each next batch (the next iteration's first included) before the backward."""
+    torch.manual_seed(0)
+    model = train.GPT(train.GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=2,
+                                      n_embd=16, backend="torch"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    fetched = []
+
+    def batches(iter_num, micro_step):
+        fetched.append((iter_num, micro_step))
+        generator = torch.Generator().manual_seed(100 * iter_num + micro_step)
+        x = torch.randint(0, 16, (2, 8), generator=generator)
+        return x, x.roll(-1, 1)
+
+    step = TrainStep(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), batches,
+                     lr_at=lambda it: 0.1 * (it + 1), accumulation_steps=2, grad_clip=1.0,
+                     autocast=train.nullcontext())
+    with torch.no_grad():
+        expected = sum(model(*batches(0, m))[1] for m in range(2)) / 2
+    fetched.clear()
+    loss = step(0)
+    assert fetched == [(0, 0), (0, 1), (1, 0)]
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
+    assert step(1, want_loss=False) is None
+    assert fetched == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0)]  # (1, 0) was prefetched
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.2)
+    assert all(p.grad is None for p in model.parameters())  # freed after the step
+
+
+def test_main_as_a_program_freezes_the_heap_before_exit(tmp_path, text_file, monkeypatch):
+    """Only `python -m gpt.train` itself (argv from sys.argv) spares its exit the final
+    garbage collections; a caller of main(argv) keeps its collector as it was."""
+    import gc
+    frozen = []
+    monkeypatch.setattr(gc, "freeze", lambda: frozen.append(True))
+    run(tmp_path, text_file, "out", "--eval_only=True")
+    assert frozen == []
+    monkeypatch.setattr(sys, "argv", ["gpt-train", *TINY, f"--input={text_file}",
+                                      f"--data_dir={tmp_path / 'data'}",
+                                      f"--out_dir={tmp_path / 'out'}", "--eval_only=True"])
+    train.main()
+    assert frozen == [True]
+
+
+def test_host_memory_is_kept_on_glibc():
+    from gpt.host_memory import keep_freed_memory
+    import platform
+    assert keep_freed_memory() == (platform.libc_ver()[0] == "glibc")
 
 
 def test_checkpoint_holds_what_resume_and_sampling_need(tmp_path, text_file):

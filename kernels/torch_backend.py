@@ -6,15 +6,15 @@ always None), so `auto` always has somewhere to go. It must agree with
 `kernels.reference` (the conformance suite checks it), but it is written for speed:
 `F.layer_norm`, `F.gelu`, `F.scaled_dot_product_attention` (which picks flash /
 memory-efficient / math kernels itself), `F.cross_entropy`, and the chunked linear +
-cross-entropy of `kernels.chunked_linear_cross_entropy`.
+cross-entropy of `kernels.chunked_linear_cross_entropy` (eager linear + cross-entropy when
+the logits fit in one chunk).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from kernels.chunked_linear_cross_entropy import SINGLE_CHUNK_LOGITS
-from kernels.chunked_linear_cross_entropy import linear_cross_entropy as chunked_linear_cross_entropy
+from kernels import chunked_linear_cross_entropy as chunked
 from kernels import reference
 from kernels.reference import causal_mask
 from kernels.specs import OPS as SPEC_OPS
@@ -83,12 +83,12 @@ def cross_entropy(logits, targets, ignore_index, reduction):
 
 def linear_cross_entropy(x, weight, targets, bias, ignore_index, reduction):
     rows = x.numel() // max(1, x.shape[-1])
-    if rows * weight.shape[0] <= SINGLE_CHUNK_LOGITS:
+    if rows * weight.shape[0] <= chunked.SINGLE_CHUNK_LOGITS:
         # Logits no larger than one chunk: eager's linear and cross-entropy hold no more
         # memory than the chunk loop would, without its Python (at the CPU seed run's
         # 768 x 65 logits, 0.4 ms of a 0.8 ms forward and backward).
         return cross_entropy(F.linear(x, weight, bias), targets, ignore_index, reduction)
-    return chunked_linear_cross_entropy(x, weight, targets, bias, ignore_index, reduction)
+    return chunked.linear_cross_entropy(x, weight, targets, bias, ignore_index, reduction)
 
 
 def _at_least_fp32(t):

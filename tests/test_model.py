@@ -144,3 +144,26 @@ def test_crop_block_size():
     assert model(torch.zeros(1, 8, dtype=torch.long))[0].shape == (1, 1, 50)
     with pytest.raises(ValueError, match="block_size must be"):
         model.crop_block_size(9)
+
+
+def test_cpu_dropout_keeps_its_rate_scales_and_replays_under_the_seed():
+    """gpt.model.Dropout draws its CPU masks with numpy (seeded from torch's generator):
+    each element kept with probability 1 - p, scaled by 1 / (1 - p), the same mask again
+    after the same torch.manual_seed, a different one after another, and the gradient is
+    the mask times the scale."""
+    from gpt.model import Dropout
+    drop = Dropout(0.25).train()
+    x = torch.ones(64, 1024, requires_grad=True)
+    torch.manual_seed(3)
+    y = drop(x)
+    torch.manual_seed(3)
+    assert torch.equal(drop(x), y)
+    torch.manual_seed(4)
+    assert not torch.equal(drop(x), y)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.01  # 65536 draws: sd 0.0017
+    assert torch.equal(y[kept], torch.full_like(y[kept], 1 / 0.75))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # d(x * mask * scale)/dx, x being ones
+    assert torch.equal(drop.eval()(x), x)
+    assert torch.equal(Dropout(0.0).train()(x), x)

@@ -2,12 +2,11 @@
 nanoGPT-format logs (the real whole-process comparison is a benchmark, not a test)."""
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
 from bench import report, results, side_by_side
-from bench.side_by_side import NANOGPT, OURS, Program, Run
+from bench.side_by_side import NANOGPT, OURS, Program
 
 # A stand-in training program: start-up, a step-0 eval, N iterations of SLEEP seconds
 # (times FACTOR_<name>), then a last eval; it records its name in ORDER_FILE so the tests

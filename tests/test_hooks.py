@@ -13,7 +13,11 @@ TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=70, dropou
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BLOCK_NAMES = ("resid_pre", "attn_pattern", "attn_out", "resid_mid", "mlp_out", "resid_post")
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+# On a GPU machine these tests run every backend on the GPU: `gpu`, so that the GPU runbook's
+# `-m gpu` stage selects them.
+pytestmark = [pytest.mark.usefixtures("one_thread")]  # see conftest.py
+if torch.cuda.is_available():
+    pytestmark.append(pytest.mark.gpu)
 
 
 def tiny_model(backend: str) -> GPT:

@@ -29,7 +29,11 @@ PLOTS = ["residual_stream.png", "logit_lens.png", "attention_patterns.png",
 RUN = ["--device=cpu", "--backend=torch", "--top_k=3"]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+# On a GPU machine these tests run every backend on the GPU: `gpu`, so that the GPU runbook's
+# `-m gpu` stage selects them.
+pytestmark = [pytest.mark.usefixtures("one_thread")]  # see conftest.py
+if torch.cuda.is_available():
+    pytestmark.append(pytest.mark.gpu)
 
 
 def tiny_model(backend: str = "torch") -> GPT:

@@ -133,11 +133,13 @@ def _inference_rows(spec, impl, config, batch_size, device, dtype, new_tokens) -
 
 
 def run(specs, backends: list[str], device: torch.device, dtype: torch.dtype, peak: Peak | None,
-        steps: int, warmup: int, corpus_for, reimplementation: bool = True) -> list[dict]:
+        steps: int, warmup: int, corpus_for, reimplementation: bool = True,
+        sample_dtype: torch.dtype | None = None) -> list[dict]:
     """`backends`: the model backends to run (the first is the one others are checked
     against, normally `torch`); `corpus_for(spec)` gives a spec's training data;
     `reimplementation`: also train nanoGPT's re-implemented model (the fallback when no
-    nanoGPT checkout is compared side by side)."""
+    nanoGPT checkout is compared side by side); `sample_dtype`: the sampling rows' dtype
+    (default: `dtype`)."""
     impls = list(backends) + ([NANOGPT] if reimplementation else [])
     peak_flops = None if peak is None else peak.flops_for(DTYPE_NAMES[dtype])
     total = sum(len(s.train_runs) * len(impls) + len(s.inference_batches) * len(backends)
@@ -163,7 +165,7 @@ def run(specs, backends: list[str], device: torch.device, dtype: torch.dtype, pe
                 for backend in backends:  # nanoGPT's generate has no KV cache to compare
                     progress.set_postfix_str(f"sample {spec.name} B={batch_size} {backend}")
                     config = _config(spec, corpus.vocab_size, spec.train_runs[0][1], backend)
-                    rows += _inference_rows(spec, backend, config, batch_size, device, dtype,
-                                            spec.new_tokens)
+                    rows += _inference_rows(spec, backend, config, batch_size, device,
+                                            sample_dtype or dtype, spec.new_tokens)
                     progress.update()
     return rows

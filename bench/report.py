@@ -109,8 +109,9 @@ def render_e2e(doc: dict) -> str:
         "learning-rate schedule, forward, backward, grad clip, AdamW, loss read on the host) "
         "with the Shakespeare config's optimizer; ms/iter median (25th–75th percentile); "
         "MFU = (6·N + 6·L·C·T) FLOPs/token x tokens/s over the peak above, in the run's dtype",
-        "- dtype: the CLI's default on this device: fp32, or the torch.autocast dtype (weights "
-        "and optimizer state stay fp32)",
+        "- dtype: the CLIs' defaults on this device (`gpt.train` for training, `gpt.sample` "
+        "for sampling): fp32, or the torch.autocast dtype (weights and optimizer state stay "
+        "fp32)",
         "- inference: `model.generate` from a 1-token prompt, ms per generated token", ""]
     train = [r for r in rows if r["kind"] == "train"]
     lines += ["## Training", ""]

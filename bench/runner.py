@@ -15,6 +15,7 @@ from bench import (e2e, kernel_suite, machine, output, peaks, results, side_by_s
                    training)
 from bench.problems import DTYPES
 from gpt import train as cli
+from gpt.sample import default_sample_dtype
 
 GPU_DTYPES = ("bf16", "fp16", "fp32")
 CPU_E2E = dict(steps=10, warmup=1)
@@ -78,7 +79,7 @@ def run_suites(args: Namespace, suites: tuple[str, ...]) -> list[Path]:
             options = {"backends": model_backends, "models": [s.name for s in specs], **schedule}
             rows = e2e.run(specs, model_backends, device, dtype, peak,
                            corpus_for=_corpus_for(args), reimplementation=args.nanogpt is None,
-                           **schedule)
+                           sample_dtype=cli.DTYPES[default_sample_dtype()], **schedule)
         elif suite == "nanogpt":
             options, rows = _side_by_side(args)
         else:

@@ -31,6 +31,13 @@ GPT2_META = {"vocab_size": 50257, "tokenizer": "gpt2"}
 SEPARATOR = "---------------"
 
 
+def default_sample_dtype() -> str:
+    """Training's default on a GPU; fp32 on the CPU, where a decoding step's one-token
+    matmuls are too small for bf16 to pay for autocast's casts (the seed model, 2-core
+    EPYC: 2.5 against 3.0 ms/token with the KV cache, 2.2 against 4.9 without)."""
+    return default_dtype() if torch.cuda.is_available() else "float32"
+
+
 @dataclass
 class SampleConfig:
     init_from: str = "resume"  # resume (from out_dir) | checkpoint path | HF GPT-2 directory
@@ -42,9 +49,10 @@ class SampleConfig:
     top_k: int = 200  # sample among the top_k most likely tokens; 0 = among all
     seed: int = 1337
     device: str = field(default_factory=default_device)
-    dtype: str = field(default_factory=default_dtype)
+    dtype: str = field(default_factory=default_sample_dtype)
     backend: str = "auto"  # kernels: torch | triton | cuda | auto
     kv_cache: bool = True
+
 
 
 def check_config(config: SampleConfig) -> None:

@@ -305,3 +305,17 @@ def test_shakespeare_char_is_found_or_explained(tmp_path, monkeypatch, capsys):
                     "--eval_only=True"])
     assert exit_info.value.code == 2
     assert "Pass --input=PATH of Tiny Shakespeare's text" in capsys.readouterr().err
+
+
+def test_sampling_defaults_to_fp32_on_the_cpu(monkeypatch):
+    """Decoding's one-token matmuls are too small for bf16 autocast to pay on the CPU, even
+    where training defaults to it; on a GPU sampling follows training's default."""
+    from gpt import sample
+    monkeypatch.setattr(train, "native_bf16_matmul", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert train.default_dtype() == "bfloat16"
+    assert sample.default_sample_dtype() == "float32"
+    assert sample.SampleConfig().dtype == "float32"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert sample.default_sample_dtype() == "bfloat16"

@@ -56,20 +56,24 @@ def causal_attention(q, k, v, scale, dropout_p):
 # 16-byte vectors. Torch 2.11 does not check all of this: on an H200 a view starting one
 # element into its storage (fp32) raised "misaligned address", and rows padded to 35
 # elements (fp16) returned wrong values. Such views are copied; the model's q, k and v
-# (views into the qkv projection, strides multiples of n_embd) pass through untouched.
+# (views into the qkv projection) pass through untouched when a head is a whole number
+# of 16-byte vectors, as in every GPT-2 size (64 x 2 bytes).
 _SDPA_ALIGNMENT_BYTES = 16
+
+
+def is_sdpa_aligned(t) -> bool:
+    """Whether SDPA's fused kernels can take `t` as it is laid out (any device)."""
+    size = t.element_size()
+    vector_strides = t.stride(-1) == 1 and all(s * size % _SDPA_ALIGNMENT_BYTES == 0
+                                               for s in t.stride()[:-1])
+    # A dense tensor passes whatever its head dim: SDPA pads odd head dims itself.
+    return t.data_ptr() % _SDPA_ALIGNMENT_BYTES == 0 and (t.is_contiguous() or vector_strides)
 
 
 def _sdpa_aligned(t):
     # Under torch.compile, Inductor's SDPA lowering imposes its own alignment (and
     # data_ptr() is not traceable).
-    if t.device.type != "cuda" or torch.compiler.is_compiling():
-        return t
-    size = t.element_size()
-    vector_strides = t.stride(-1) == 1 and all(s * size % _SDPA_ALIGNMENT_BYTES == 0
-                                               for s in t.stride()[:-1])
-    # A dense tensor passes whatever its head dim: SDPA pads odd head dims itself.
-    if t.data_ptr() % _SDPA_ALIGNMENT_BYTES == 0 and (t.is_contiguous() or vector_strides):
+    if t.device.type != "cuda" or torch.compiler.is_compiling() or is_sdpa_aligned(t):
         return t
     return t.clone(memory_format=torch.contiguous_format)
 

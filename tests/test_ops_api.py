@@ -104,6 +104,7 @@ def test_backend_packages_do_not_import_the_registry():
     (lambda: kernels.cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 2.0])), TypeError, "int64 or int32"),
     (lambda: kernels.cross_entropy(torch.randn(3, 5), torch.tensor([0, 1])), ValueError, r"targets must have shape \(3,\)"),
     (lambda: kernels.cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 5])), ValueError, r"out of range \[0, 5\)"),
+    (lambda: kernels.cross_entropy(torch.randn(3, 5), torch.tensor([0, -1, 4])), ValueError, r"out of range \[0, 5\).*: \[-1\]"),
     (lambda: kernels.cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 2]), reduction="avg"), ValueError, "reduction"),
     (lambda: kernels.linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 3), torch.tensor([0, 1, 2])),
      ValueError, r"weight must have shape \(vocab, 4\)"),

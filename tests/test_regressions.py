@@ -287,3 +287,27 @@ def test_8_the_clis_report_a_damaged_checkpoint_without_a_traceback(tmp_path, cl
     assert run.returncode == 2, run.stderr
     assert "not a readable checkpoint" in run.stderr and str(tmp_path) in run.stderr
     assert "Traceback" not in run.stderr
+
+
+# ----------------------------------------------------------------------------- found on the H200
+
+@pytest.mark.parametrize("layout, dtype, aligned", [
+    ("contiguous", torch.float32, True),
+    ("offset", torch.float32, False),       # raised "misaligned address" in SDPA on the H200
+    ("row_padded", torch.float16, False),   # rows of 35 elements: SDPA returned wrong values
+    ("strided", torch.bfloat16, False),
+])
+def test_sdpa_gets_only_16_byte_aligned_views(layout, dtype, aligned):
+    """The torch backend copies q, k, v that SDPA's fused CUDA kernels cannot load in
+    16-byte vectors; the model's views into the qkv projection (heads a whole number of
+    16-byte vectors, as in every GPT-2 size) and dense tensors of any head dim pass
+    untouched."""
+    from kernels.specs import inputs as make
+    from kernels.torch_backend import is_sdpa_aligned
+    t = make.place(torch.randn(2, 3, 8, 32), dtype, "cpu", layout)
+    assert is_sdpa_aligned(t) is aligned
+    assert is_sdpa_aligned(t.clone(memory_format=torch.contiguous_format))
+    qkv = torch.randn(2, 8, 3 * 64, dtype=torch.bfloat16)  # (B, T, 3C), 4 heads of 16
+    for view in qkv.view(2, 8, 3, 4, 16).permute(2, 0, 3, 1, 4):
+        assert is_sdpa_aligned(view)
+    assert is_sdpa_aligned(torch.randn(2, 4, 8, 20, dtype=torch.bfloat16))  # odd head dim

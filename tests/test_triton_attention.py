@@ -18,11 +18,10 @@ from torch.profiler import ProfilerActivity, profile
 
 import kernels
 from kernels import reference, versions
-from kernels.specs import SPECS
-from kernels.testing import assert_close, run_case
+from kernels.testing import assert_close
 from kernels.triton import attention
 from kernels.triton.attention import attention_forward
-from test_conformance import DTYPES, _refusal
+from test_conformance import check_case, value_cases
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not kernels.available_backends()["triton"].available,
@@ -95,23 +94,11 @@ def test_matches_fp64_reference(version, b, h, t, d, dtype):
     check_against_reference(*random_qkv(b, h, t, d, dtype))
 
 
-def _conformance_cases():
-    for case in SPECS["causal_attention"].cases:
-        for dtype_name, dtype in DTYPES.items():
-            if case.raises is None and case.applies_to(dtype):
-                yield pytest.param(case.name, dtype_name, id=f"{case.name}-{dtype_name}")
-
-
 @pytest.mark.parametrize("version", OTHER_VERSIONS, indirect=True)
-@pytest.mark.parametrize("case_name, dtype_name", list(_conformance_cases()))
-def test_conformance_of_the_other_versions(version, case_name, dtype_name):
+@pytest.mark.parametrize("op, case_name, dtype_name", list(value_cases(["causal_attention"])))
+def test_conformance_of_the_other_versions(version, op, case_name, dtype_name):
     """tests/test_conformance.py's cases of causal_attention, on the versions it skips."""
-    spec, dtype = SPECS["causal_attention"], DTYPES[dtype_name]
-    case = spec.case(case_name)
-    if _refusal("causal_attention", case, "triton", dtype) is not None:
-        pytest.skip("the triton backend refuses this call (tests/test_conformance.py checks how)")
-    failed = [str(v) for v in run_case(spec, case, "triton", dtype, DEVICE) if not v.passed]
-    assert not failed, "; ".join(failed)
+    check_case(op, case_name, dtype_name, "triton")
 
 
 @pytest.mark.parametrize("version", VERSIONS, indirect=True)

@@ -12,10 +12,9 @@ import torch.nn.functional as F
 
 import kernels
 from kernels import reference, versions
-from kernels.specs import SPECS
-from kernels.testing import assert_close, run_case
+from kernels.testing import assert_close
 from kernels.triton import cross_entropy as tce
-from test_conformance import DTYPES, _refusal
+from test_conformance import check_case, value_cases
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not kernels.available_backends()["triton"].available,
@@ -121,23 +120,11 @@ def test_alignment_shared_by_logits_and_gradient():
                                                                  device=DEVICE))
 
 
-def _conformance_cases():
-    for case in SPECS["cross_entropy"].cases:
-        for dtype_name, dtype in DTYPES.items():
-            if case.raises is None and case.applies_to(dtype):
-                yield pytest.param(case.name, dtype_name, id=f"{case.name}-{dtype_name}")
-
-
 @pytest.mark.parametrize("version", OTHER_VERSIONS, indirect=True)
-@pytest.mark.parametrize("case_name, dtype_name", list(_conformance_cases()))
-def test_conformance_of_the_other_versions(version, case_name, dtype_name):
+@pytest.mark.parametrize("op, case_name, dtype_name", list(value_cases(["cross_entropy"])))
+def test_conformance_of_the_other_versions(version, op, case_name, dtype_name):
     """tests/test_conformance.py's cases of cross_entropy, on the versions it skips."""
-    spec, dtype = SPECS["cross_entropy"], DTYPES[dtype_name]
-    case = spec.case(case_name)
-    if _refusal("cross_entropy", case, "triton", dtype) is not None:
-        pytest.skip("the triton backend refuses this call (tests/test_conformance.py checks how)")
-    failed = [str(v) for v in run_case(spec, case, "triton", dtype, DEVICE) if not v.passed]
-    assert not failed, "; ".join(failed)
+    check_case(op, case_name, dtype_name, "triton")
 
 
 def test_version_1_stores_no_gradient_without_grad():

@@ -12,15 +12,14 @@ transposed weights), so its checkpoints load as they are. Differences from nanoG
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 
-import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
 import kernels
+from kernels.cpu_dropout import keep_mask
 from gpt.hooks import ActivationCache
 
 
@@ -80,24 +79,15 @@ class LayerNorm(nn.Module):
 
 
 class Dropout(nn.Dropout):
-    """nn.Dropout whose masks are drawn ~2.5x faster on the CPU.
-
-    PyTorch draws a CPU dropout mask one element at a time from its Mersenne Twister
-    (~0.6 ms for the seed model's (12, 64, 128) activations on 2 cores, torch 2.14;
-    0.24 ms here).
-    Here a seed is drawn from torch's generator, so masks stay reproducible under
-    torch.manual_seed (exact resume), and numpy's PCG64 fills the mask from it in bulk,
-    with 16-bit thresholds: an element is kept with probability 1 - p to within 2^-16.
-    GPU tensors and compiled graphs use nn.Dropout's own path."""
+    """nn.Dropout whose masks are drawn ~2.5x faster on the CPU (`kernels.cpu_dropout`:
+    reproducible under torch.manual_seed). GPU tensors and compiled graphs use
+    nn.Dropout's own path."""
 
     def forward(self, x):
         if not self.training or self.p == 0.0 or x.device.type != "cpu" \
                 or torch.compiler.is_compiling():
             return super().forward(x)
-        seed = int(torch.randint(0, 2**62, ()))
-        bits = np.random.Generator(np.random.PCG64(seed)).bytes(2 * x.numel())
-        keep = np.frombuffer(bits, dtype=np.uint16) >= round(self.p * 65536)
-        scale = torch.from_numpy(keep).view(x.shape).to(x.dtype).mul_(1.0 / (1.0 - self.p))
+        scale = keep_mask(x.shape, self.p).to(x.dtype).mul_(1.0 / (1.0 - self.p))
         return x * scale
 
 
@@ -137,32 +127,42 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, kv_cache: KVCache | None = None, layer: int = 0,
                 activations: ActivationCache | None = None):
         B, T, C = x.shape
-        qkv = self.c_attn(x)
-        in_fp32 = _attention_in_fp32(qkv)
-        if in_fp32:
-            qkv = qkv.float()
-        # (B, T, 3, H, D) -> three (B, H, T, D) views: strided, no transposed copies.
-        q, k, v = qkv.view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        q, k, v = split_heads(self.c_attn(x), self.n_head)
         if kv_cache is not None:
             k, v = kv_cache.append(layer, k, v)
         if activations is not None:
             activations.record_attention(layer, q, k)
-        with torch.autocast("cpu", enabled=False) if in_fp32 else nullcontext():
-            y = kernels.causal_attention(q, k, v,
-                                         dropout_p=self.dropout if self.training else 0.0,
-                                         backend=self.backend)
+        y = kernels.causal_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                     backend=self.backend)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
 
-def _attention_in_fp32(qkv: torch.Tensor) -> bool:
-    """Whether to train attention in fp32 under a 16-bit CPU autocast. PyTorch's CPU
-    attention backward is 3-5x slower in bf16 than in fp32 (torch 2.14, (12, 4, 64, 32):
-    forward and backward 6.4 vs 1.2 ms on a 2-core EPYC), while its forward costs the same
-    and the matmuls around it are 2-3x faster in bf16; so attention alone runs in fp32
-    there, and only when it is trained."""
-    return (qkv.device.type == "cpu" and qkv.dtype != torch.float32
-            and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu"))
+def split_heads(qkv: torch.Tensor, n_head: int):
+    """(B, T, 3C) projection -> q, k, v (B, H, T, D): strided views, no copies."""
+    return _SplitHeads.apply(qkv, n_head)
+
+
+class _SplitHeads(torch.autograd.Function):
+    """The views of `qkv.view(B, T, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)`, with a
+    backward that writes dq, dk, dv straight into one (B, T, 3, H, D) gradient. Autograd's
+    own backward of those views stacks the three and then copies the stack into the
+    projection's layout: two strided passes instead of one (0.4-2 % of the CPU seed run's
+    step, measured side by side in one process; 2-core EPYC, torch 2.14)."""
+
+    @staticmethod
+    def forward(ctx, qkv, n_head):
+        B, T, C3 = qkv.shape
+        ctx.dtype = qkv.dtype
+        return qkv.view(B, T, 3, n_head, C3 // (3 * n_head)).permute(2, 0, 3, 1, 4).unbind(0)
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        B, H, T, D = dq.shape
+        grad = dq.new_empty((B, T, 3, H, D), dtype=ctx.dtype)
+        for i, g in enumerate((dq, dk, dv)):
+            grad[:, :, i].copy_(g.transpose(1, 2))
+        return grad.view(B, T, 3 * H * D), None
 
 
 class MLP(nn.Module):

@@ -5,7 +5,8 @@ implements every op of `kernels.specs` and supports every legal call (`unsupport
 always None), so `auto` always has somewhere to go. It must agree with
 `kernels.reference` (the conformance suite checks it), but it is written for speed:
 `F.layer_norm`, `F.gelu`, `F.scaled_dot_product_attention` (which picks flash /
-memory-efficient / math kernels itself), `F.cross_entropy`, and the chunked linear +
+memory-efficient / math kernels itself; on the CPU, short bf16 sequences take the batched
+matmuls of `kernels.cpu_attention` instead), `F.cross_entropy`, and the chunked linear +
 cross-entropy of `kernels.chunked_linear_cross_entropy` (eager linear + cross-entropy when
 the logits fit in one chunk).
 """
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import chunked_linear_cross_entropy as chunked
+from kernels import cpu_attention
 from kernels import reference
 from kernels.reference import causal_mask
 from kernels.specs import OPS as SPEC_OPS
@@ -41,6 +43,10 @@ def causal_attention(q, k, v, scale, dropout_p):
         # SDPA's cuDNN path returns an undefined tensor (None in Python) for an empty batch
         # in 16-bit (seen on an H200, torch 2.11); the reference's math is free when empty.
         return reference.causal_attention(q, k, v, scale, dropout_p)
+    if cpu_attention.applies(q, k):
+        return cpu_attention.causal_attention(q, k, v, scale, dropout_p)
+    if _sdpa_in_fp32(q, k, v):
+        return causal_attention(q.float(), k.float(), v.float(), scale, dropout_p).to(q.dtype)
     q, k, v = (_sdpa_aligned(t) for t in (q, k, v))
     t_q, t_k = q.shape[-2], k.shape[-2]
     if t_q == t_k:
@@ -49,6 +55,17 @@ def causal_attention(q, k, v, scale, dropout_p):
     # Queries are the last t_q positions (decoding with a KV cache): bottom-right mask.
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(t_q, t_k, q.device),
                                           scale=scale, dropout_p=dropout_p)
+
+
+def _sdpa_in_fp32(q, k, v) -> bool:
+    """Whether to train SDPA in fp32 on the CPU: for short sequences its 16-bit backward
+    is 3-4x slower than its fp32 one (torch 2.14, 2-core EPYC, (12, 4, 64, 32) forward and
+    backward: fp16 6.3 vs 1.6 ms, bf16 4.3 vs 1.3 ms), which outweighs the casts; from
+    ~512 positions on the two cost the same. Short bf16 calls take `cpu_attention` first,
+    so this serves fp16 and the KV cache."""
+    return (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
+            and k.shape[-2] <= cpu_attention.MAX_SEQ
+            and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
 
 
 # SDPA's fused CUDA kernels load 16-byte vectors: each tensor must start on a 16-byte

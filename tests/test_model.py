@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gpt.checkpoint import save_checkpoint
-from gpt.model import GPT, GPTConfig
+from gpt.model import GPT, GPTConfig, split_heads
 from kernels.testing import assert_close
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50, dropout=0.0)
@@ -167,3 +167,18 @@ def test_cpu_dropout_keeps_its_rate_scales_and_replays_under_the_seed():
     assert torch.equal(x.grad, y.detach())  # d(x * mask * scale)/dx, x being ones
     assert torch.equal(drop.eval()(x), x)
     assert torch.equal(Dropout(0.0).train()(x), x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_split_heads_is_the_views_with_their_gradient_packed(dtype):
+    """q, k, v are the (B, H, T, D) views of the projection, and the packed gradient is
+    autograd's own for those views, bit for bit (each of q, k, v gets a different one)."""
+    qkv = torch.randn(2, 5, 3 * 4 * 8, dtype=dtype, requires_grad=True)
+    views = qkv.view(2, 5, 3, 4, 8).permute(2, 0, 3, 1, 4).unbind(0)
+    heads = split_heads(qkv, 4)
+    upstream = [torch.randn(2, 4, 5, 8, dtype=dtype) for _ in range(3)]
+    for got, want in zip(heads, views):
+        assert torch.equal(got, want) and got.data_ptr() == want.data_ptr()  # no copies
+    (got,) = torch.autograd.grad(heads, qkv, upstream)
+    (want,) = torch.autograd.grad(views, qkv, upstream)
+    assert got.dtype == dtype and torch.equal(got, want)

@@ -37,9 +37,10 @@ MAX_SEQ = 256
 
 def applies(q, k) -> bool:
     """Whether a causal_attention call takes this path: bf16 on the CPU, a square causal
-    mask (no KV cache), and a sequence no longer than MAX_SEQ."""
+    mask (no KV cache), and a sequence no longer than MAX_SEQ; not under torch.compile,
+    which cannot trace the numpy-drawn dropout masks and lowers SDPA itself."""
     return (q.device.type == "cpu" and q.dtype == torch.bfloat16
-            and q.shape[-2] == k.shape[-2] <= MAX_SEQ)
+            and q.shape[-2] == k.shape[-2] <= MAX_SEQ and not torch.compiler.is_compiling())
 
 
 def causal_attention(q, k, v, scale: float, dropout_p: float = 0.0):

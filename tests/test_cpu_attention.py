@@ -107,3 +107,17 @@ def test_keep_mask_keeps_one_minus_p():
         assert kept == pytest.approx(1 - p, abs=2e-3), p
     with pytest.raises(ValueError, match="dropout probability"):
         keep_mask((4,), 1.0)
+
+
+def test_compiled_calls_leave_the_batched_path_to_the_compiler():
+    """Under torch.compile the call goes to SDPA, which the compiler lowers itself: the
+    batched path's dropout masks come from numpy, which cannot be traced."""
+    q, k, v = (torch.randn(2, 2, 16, 8, dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    def attention(q, k, v):
+        return kernels.causal_attention(q, k, v, dropout_p=0.1, backend="torch")
+    attention(q, k, v)  # eager first, as a model's first step: the backend module loads
+    out = torch.compile(attention, fullgraph=True, backend="aot_eager")(q, k, v)
+    out.float().sum().backward()
+    assert out.shape == q.shape and out.dtype == torch.bfloat16
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))

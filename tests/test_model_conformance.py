@@ -85,15 +85,24 @@ def test_kv_cache_decoding_under_autocast_matches_fp64(backend, batch):
     assert verdict.passed, str(verdict)
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "autocast"])
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("torch", "triton")])
-def test_model_compiles_as_one_graph(backend):
+def test_model_compiles_as_one_graph(backend, autocast):
     """Every op is a registered custom op (or plain torch), so the whole model traces with
-    fullgraph=True: no graph break at a kernel call. aot_eager keeps it quick on the CPU."""
-    model = GPT(GPTConfig(**TINY, backend=backend)).to(DEVICE)
+    fullgraph=True: no graph break at a kernel call, under autocast too (the mixed dtypes,
+    and bf16 attention, which the torch backend leaves to SDPA when compiled). aot_eager
+    keeps it quick on the CPU."""
+    torch.manual_seed(0)
+    state = GPT(GPTConfig(**TINY)).state_dict()
+    model = model_on(backend, state)
     idx = torch.randint(0, 70, (2, 16), device=DEVICE)
-    _, eager_loss = model(idx, idx)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    _, loss = compiled(idx, idx)
+    with torch.no_grad():
+        _, expected = model_on("torch", state, torch.float64)(idx, idx)
+    with precision(autocast):
+        _, eager_loss = model(idx, idx)
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        _, loss = compiled(idx, idx)
     loss.backward()
-    assert compare("loss", loss, eager_loss.double()).passed
+    verdict = compare("loss", loss, expected, eager_loss)
+    assert verdict.passed, str(verdict)
     assert all(p.grad is not None for p in model.parameters())

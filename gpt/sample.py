@@ -54,7 +54,6 @@ class SampleConfig:
     kv_cache: bool = True
 
 
-
 def check_config(config: SampleConfig) -> None:
     for key in ("num_samples", "max_new_tokens"):
         if getattr(config, key) <= 0:

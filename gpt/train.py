@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+
 import kernels
 from kernels import gpus
 from gpt.checkpoint import (CheckpointError, clean_state_dict, load_checkpoint_file, model_config,

@@ -166,8 +166,9 @@ def high_precision_copy(args: Sequence, grad_args: Sequence[int],
 def random_upstream(outputs: Sequence[torch.Tensor], generator: torch.Generator,
                     scale: float = 1.0) -> list[torch.Tensor]:
     """One fp64 upstream gradient per output, drawn from `generator` (on its own device,
-    CPU or GPU) and moved to the output's device. A scalar output (a reduced loss) gets `scale` times a
-    positive number, as a GradScaler's loss scale reaches it; others get scale * N(0, 1)."""
+    CPU or GPU) and moved to the output's device. A scalar output (a reduced loss) gets
+    `scale` times a positive number, as a GradScaler's loss scale reaches it; others get
+    scale * N(0, 1)."""
     upstream = []
     for o in outputs:
         if o.dim() == 0:

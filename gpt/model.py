@@ -19,6 +19,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import kernels
+from kernels import cpu_block
 from kernels.cpu_dropout import keep_mask
 from gpt.hooks import ActivationCache
 
@@ -190,6 +191,13 @@ class Block(nn.Module):
 
     def forward(self, x, kv_cache: KVCache | None = None, layer: int = 0,
                 activations: ActivationCache | None = None):
+        if kv_cache is None and activations is None:
+            params = self.fused_params()
+            if cpu_block.applies(x, params, self.ln_1.backend):
+                # CPU bf16 training: the same ops as below, as one autograd node.
+                return cpu_block.transformer_block(
+                    x, self.attn.n_head, self.attn.dropout if self.training else 0.0,
+                    self.mlp.gelu_approximate, 1e-5, *params)
         attn_out = self.attn(self.ln_1(x), kv_cache, layer, activations)
         resid_mid, h = self.ln_2.add_forward(attn_out, x)
         mlp_out = self.mlp(h)
@@ -198,6 +206,13 @@ class Block(nn.Module):
             activations.record_block(layer, resid_pre=x, attn_out=attn_out, resid_mid=resid_mid,
                                      mlp_out=mlp_out, resid_post=resid_post)
         return resid_post
+
+    def fused_params(self) -> list:
+        """The block's parameters in `kernels.cpu_block.transformer_block`'s order."""
+        attn, mlp = self.attn, self.mlp
+        return [self.ln_1.weight, self.ln_1.bias, attn.c_attn.weight, attn.c_attn.bias,
+                attn.c_proj.weight, attn.c_proj.bias, self.ln_2.weight, self.ln_2.bias,
+                mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight, mlp.c_proj.bias]
 
 
 class GPT(nn.Module):

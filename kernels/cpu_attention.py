@@ -70,10 +70,7 @@ class _BatchedCausalAttention(torch.autograd.Function):
         q3, k3, v3 = _heads(q), _heads(k), _heads(v)
         keep = keep_mask(q3.shape[:1] + (t, t), dropout_p) if dropout_p > 0.0 else None
         with torch.autocast("cpu", enabled=False):  # the dtype is chosen by the caller
-            scores = torch.baddbmm(_causal_bias(t, q.dtype), q3, k3.transpose(1, 2),
-                                   alpha=scale)
-            probs = torch.softmax(scores, dim=-1)
-            out = torch.bmm(_dropout(probs, keep, dropout_p), v3)
+            out, probs = forward(q3, k3, v3, scale, keep, dropout_p)
         ctx.save_for_backward(q3, k3, v3, probs, keep)
         ctx.scale, ctx.dropout_p = scale, dropout_p
         return out.view(b, h, t, d)
@@ -82,14 +79,26 @@ class _BatchedCausalAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q3, k3, v3, probs, keep = ctx.saved_tensors
         shape = grad_out.shape
-        do = _heads(grad_out)
-        dv = torch.bmm(_dropout(probs, keep, ctx.dropout_p).transpose(1, 2), do)
-        # Dropout's backward is dropout with the forward's mask.
-        dp = _dropout(torch.bmm(do, v3.transpose(1, 2)), keep, ctx.dropout_p)
-        ds = torch._softmax_backward_data(dp, probs, -1, probs.dtype).mul_(ctx.scale)
-        dq = torch.bmm(ds, k3)
-        dk = torch.bmm(ds.transpose(1, 2), q3)
+        dq, dk, dv = backward(_heads(grad_out), q3, k3, v3, probs, keep, ctx.dropout_p,
+                              ctx.scale)
         return dq.view(shape), dk.view(shape), dv.view(shape), None, None
+
+
+def forward(q3, k3, v3, scale: float, keep, dropout_p: float):
+    """(out, probs) for dense (B*H, T, D) heads; `keep`: the dropout mask or None."""
+    t = q3.shape[1]
+    scores = torch.baddbmm(_causal_bias(t, q3.dtype), q3, k3.transpose(1, 2), alpha=scale)
+    probs = torch.softmax(scores, dim=-1)
+    return torch.bmm(_dropout(probs, keep, dropout_p), v3), probs
+
+
+def backward(do3, q3, k3, v3, probs, keep, dropout_p: float, scale: float):
+    """(dq, dk, dv) as (B*H, T, D) given dO and what `forward` saw and returned."""
+    dv = torch.bmm(_dropout(probs, keep, dropout_p).transpose(1, 2), do3)
+    # Dropout's backward is dropout with the forward's mask.
+    dp = _dropout(torch.bmm(do3, v3.transpose(1, 2)), keep, dropout_p)
+    ds = torch._softmax_backward_data(dp, probs, -1, probs.dtype).mul_(scale)
+    return torch.bmm(ds, k3), torch.bmm(ds.transpose(1, 2), q3), dv
 
 
 def _dropout(t, keep, p):

@@ -6,6 +6,8 @@ transposed weights), so its checkpoints load as they are. Differences from nanoG
 - the residual add before each block's second LayerNorm is fused with it (`add_layer_norm`);
 - the loss fuses the lm_head with cross-entropy (`linear_cross_entropy`), so training never
   holds the full (B*T, vocab) logits;
+- on the CPU under bf16 autocast, each block trains as one autograd node with the same
+  numbers (`kernels.cpu_block`);
 - a KV cache makes generation cost one token's work per step instead of the whole prefix;
 - `run_with_cache` returns the named activations of a forward pass (`gpt.hooks`).
 """

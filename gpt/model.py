@@ -193,7 +193,7 @@ class Block(nn.Module):
 
     def forward(self, x, kv_cache: KVCache | None = None, layer: int = 0,
                 activations: ActivationCache | None = None):
-        if kv_cache is None and activations is None:
+        if kv_cache is None and activations is None and not self._submodules_hooked():
             params = self.fused_params()
             if cpu_block.applies(x, params, self.ln_1.backend):
                 # CPU bf16 training: the same ops as below, as one autograd node.
@@ -208,6 +208,14 @@ class Block(nn.Module):
             activations.record_block(layer, resid_pre=x, attn_out=attn_out, resid_mid=resid_mid,
                                      mlp_out=mlp_out, resid_post=resid_post)
         return resid_post
+
+    def _submodules_hooked(self) -> bool:
+        """Whether a module hook would see the block's submodules run (one registered on
+        them, or globally): the one-node path runs none of them."""
+        hook_dicts = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                      "_backward_pre_hooks")
+        return any(getattr(nn.modules.module, "_global" + name) for name in hook_dicts) or \
+            any(getattr(m, name) for m in self.modules() if m is not self for name in hook_dicts)
 
     def fused_params(self) -> list:
         """The block's parameters in `kernels.cpu_block.transformer_block`'s order."""

@@ -124,6 +124,14 @@ def test_the_path_steps_aside_where_it_does_not_apply(monkeypatch):
     with torch.autocast("cpu", dtype=torch.float16):
         assert type(block(x).grad_fn).__name__ != FUSED  # fp16: not this path's dtype
     assert type(block(x).grad_fn).__name__ != FUSED  # no autocast: fp32 throughout
+    seen = []  # a module hook on a submodule (or on every module) must still see it run
+    handle = block.attn.c_attn.register_forward_hook(lambda *args: seen.append("c_attn"))
+    assert _grad_fn(block, x) != FUSED and seen == ["c_attn"]
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *args: None)
+    assert _grad_fn(block, x) != FUSED
+    handle.remove()
+    assert _grad_fn(block, x) == FUSED
     long = torch.randn(1, cpu_attention.MAX_SEQ + 1, 32)
     assert _grad_fn(Block(_config(block_size=2 * cpu_attention.MAX_SEQ)), long) != FUSED
     params = block.fused_params()

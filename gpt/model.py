@@ -193,9 +193,10 @@ class Block(nn.Module):
 
     def forward(self, x, kv_cache: KVCache | None = None, layer: int = 0,
                 activations: ActivationCache | None = None):
-        if kv_cache is None and activations is None and not self._submodules_hooked():
+        if kv_cache is None and activations is None:
             params = self.fused_params()
-            if cpu_block.applies(x, params, self.ln_1.backend):
+            if cpu_block.applies(x, params, self.ln_1.backend) and \
+                    not self._submodules_hooked():
                 # CPU bf16 training: the same ops as below, as one autograd node.
                 return cpu_block.transformer_block(
                     x, self.attn.n_head, self.attn.dropout if self.training else 0.0,

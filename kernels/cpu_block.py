@@ -99,7 +99,7 @@ class _TransformerBlock(torch.autograd.Function):
                               ln1_w, ln1_b, ln2_w, ln2_b, wa, wp, wfc, wfp)
         ctx.shape, ctx.n_head, ctx.scale = (B, T, C), H, scale
         ctx.dropout_p, ctx.gelu_approximate = dropout_p, gelu_approximate
-        ctx.has_bias = ba is not None
+        ctx.biased = tuple(b is not None for b in (ba, bp, bfc, bfp))
         return out.view(B, T, C)
 
     @staticmethod
@@ -107,19 +107,20 @@ class _TransformerBlock(torch.autograd.Function):
         (x2, mean1, rstd1, h1, q3, k3, v3, probs, keep, y, attn_drop, r, mean2, rstd2, h2, f, g,
          mlp_drop, ln1_w, ln1_b, ln2_w, ln2_b, wa, wp, wfc, wfp) = ctx.saved_tensors
         (B, T, C), H = ctx.shape, ctx.n_head
+        attn_biased, proj_biased, fc_biased, fc_proj_biased = ctx.biased
         D = C // H
         dout = dout.reshape(B * T, C)
         # MLP branch: out = r + dropout(g Wfp^T + bfp).
         dm = _apply(dout.to(DTYPE), mlp_drop)
-        dwfp, dbfp, dg = _linear_backward(dm, g, wfp, ctx.has_bias)
+        dwfp, dbfp, dg = _linear_backward(dm, g, wfp, fc_proj_biased)
         df = aten.gelu_backward(dg, f, approximate=ctx.gelu_approximate)
-        dwfc, dbfc, dh2 = _linear_backward(df, h2, wfc, ctx.has_bias)
+        dwfc, dbfc, dh2 = _linear_backward(df, h2, wfc, fc_biased)
         dr, dln2_w, dln2_b = aten.native_layer_norm_backward(
             dh2.float(), r, [C], mean2, rstd2, ln2_w, ln2_b, [True, True, ln2_b is not None])
         dr += dout
         # Attention branch: r = x + dropout(y Wp^T + bp).
         da = _apply(dr.to(DTYPE), attn_drop)
-        dwp, dbp, dy = _linear_backward(da, y, wp, ctx.has_bias)
+        dwp, dbp, dy = _linear_backward(da, y, wp, proj_biased)
         dheads = dy.view(B, T, H, D).transpose(1, 2).reshape(B * H, T, D)
         dq, dk, dv = cpu_attention.backward(dheads, q3, k3, v3, probs, keep, ctx.dropout_p,
                                             ctx.scale)
@@ -127,7 +128,7 @@ class _TransformerBlock(torch.autograd.Function):
         dqkv = dq.new_empty((B, T, 3, H, D))
         for i, grad in enumerate((dq, dk, dv)):
             dqkv[:, :, i].copy_(grad.view(B, H, T, D).transpose(1, 2))
-        dwa, dba, dh1 = _linear_backward(dqkv.view(B * T, 3 * C), h1, wa, ctx.has_bias)
+        dwa, dba, dh1 = _linear_backward(dqkv.view(B * T, 3 * C), h1, wa, attn_biased)
         dx, dln1_w, dln1_b = aten.native_layer_norm_backward(
             dh1.float(), x2, [C], mean1, rstd1, ln1_w, ln1_b, [True, True, ln1_b is not None])
         dx += dr

@@ -19,13 +19,15 @@ def _config(**overrides) -> GPTConfig:
     return GPTConfig(**{**args, **overrides})
 
 
-def _block_pass(config, x, fused: bool, monkeypatch, train=True, seed=0):
+def _block_pass(config, x, fused: bool, monkeypatch, train=True, seed=0, edit=None):
     """(output, input grad, {param: grad}, grad_fn name) of one Block, forward and backward
-    under bf16 autocast, with the fused path allowed or not."""
+    under bf16 autocast, with the fused path allowed or not; `edit(block)` alters it first."""
     if not fused:
         monkeypatch.setattr(gpt_model.cpu_block, "applies", lambda *args: False)
     torch.manual_seed(0)
     block = Block(config).train(train)
+    if edit is not None:
+        edit(block)
     torch.nn.init.normal_(block.ln_1.weight, 1.0, 0.2)  # gains and biases that matter
     for name, p in block.named_parameters():
         if name.endswith("bias"):
@@ -75,6 +77,17 @@ def test_extreme_and_strided_inputs_match(monkeypatch):
     x = base[..., ::2]  # every other channel: not contiguous
     _assert_same(_block_pass(config, x, False, monkeypatch),
                  _block_pass(config, x, True, monkeypatch))
+
+
+def test_linears_with_and_without_biases_in_one_block(monkeypatch):
+    def drop_some_biases(block):
+        block.attn.c_proj.bias = None
+        block.mlp.c_fc.bias = None
+    config, x = _config(), torch.randn(2, 16, 32)
+    module = _block_pass(config, x, False, monkeypatch, edit=drop_some_biases)
+    fused = _block_pass(config, x, True, monkeypatch, edit=drop_some_biases)
+    assert fused[3] == FUSED
+    _assert_same(module, fused)
 
 
 def test_eval_mode_with_grad_runs_without_dropout(monkeypatch):

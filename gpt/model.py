@@ -161,11 +161,7 @@ class _SplitHeads(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
-        B, H, T, D = dq.shape
-        grad = dq.new_empty((B, T, 3, H, D), dtype=ctx.dtype)
-        for i, g in enumerate((dq, dk, dv)):
-            grad[:, :, i].copy_(g.transpose(1, 2))
-        return grad.view(B, T, 3 * H * D), None
+        return cpu_block.pack_heads(dq, dk, dv, dtype=ctx.dtype), None
 
 
 class MLP(nn.Module):
@@ -199,7 +195,7 @@ class Block(nn.Module):
                     not self._submodules_hooked():
                 # CPU bf16 training: the same ops as below, as one autograd node.
                 return cpu_block.transformer_block(
-                    x, self.attn.n_head, self.attn.dropout if self.training else 0.0,
+                    x, self.attn.n_head, self._dropout_probabilities(),
                     self.mlp.gelu_approximate, 1e-5, *params)
         attn_out = self.attn(self.ln_1(x), kv_cache, layer, activations)
         resid_mid, h = self.ln_2.add_forward(attn_out, x)
@@ -217,6 +213,13 @@ class Block(nn.Module):
                       "_backward_pre_hooks")
         return any(getattr(nn.modules.module, "_global" + name) for name in hook_dicts) or \
             any(getattr(m, name) for m in self.modules() if m is not self for name in hook_dicts)
+
+    def _dropout_probabilities(self) -> tuple[float, float, float]:
+        """The attention's, the attention branch's and the MLP branch's dropout, as the
+        module path would apply them (0 where one is in eval mode)."""
+        attn = self.attn
+        return (attn.dropout if attn.training else 0.0,
+                *(d.p if d.training else 0.0 for d in (attn.resid_dropout, self.mlp.dropout)))
 
     def fused_params(self) -> list:
         """The block's parameters in `kernels.cpu_block.transformer_block`'s order."""

@@ -23,7 +23,8 @@ input gradient is dX = dY W; the residual adds pass their gradient to both input
     dr = LN2'(dh2) + dout   da = dropout(dr) dy = da Wp      (dq, dk, dv) = attention'(dy)
     dh1 = dqkv Wa           dx = LN1'(dh1) + dr
 The dropout masks are drawn in the module path's order (attention, then the two residual
-branches), so a seeded run draws the same ones whichever path it takes.
+branches, each with its own module's probability), so a seeded run draws the same ones
+whichever path it takes.
 """
 from __future__ import annotations
 
@@ -55,23 +56,26 @@ def applies(x: torch.Tensor, params: list[torch.Tensor], backend: str) -> bool:
             and all(resolve_name(op, backend, x.device) == "torch" for op in BLOCK_OPS))
 
 
-def transformer_block(x, n_head: int, dropout_p: float, gelu_approximate: str, eps: float,
+def transformer_block(x, n_head: int, dropout: tuple[float, float, float],
+                      gelu_approximate: str, eps: float,
                       ln1_w, ln1_b, attn_w, attn_b, proj_w, proj_b,
                       ln2_w, ln2_b, fc_w, fc_b, fc_proj_w, fc_proj_b):
     """out = r + MLP(LN2(r)) with r = x + Attention(LN1(x)), for x (B, T, C) in fp32;
-    biases may be None (bias=False)."""
-    return _TransformerBlock.apply(x, n_head, dropout_p, gelu_approximate, eps,
+    biases may be None (bias=False). `dropout`: the probabilities of the attention's, the
+    attention branch's and the MLP branch's dropout (0 where one is off)."""
+    return _TransformerBlock.apply(x, n_head, dropout, gelu_approximate, eps,
                                    ln1_w, ln1_b, attn_w, attn_b, proj_w, proj_b,
                                    ln2_w, ln2_b, fc_w, fc_b, fc_proj_w, fc_proj_b)
 
 
 class _TransformerBlock(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, n_head, dropout_p, gelu_approximate, eps, ln1_w, ln1_b, attn_w, attn_b,
+    def forward(ctx, x, n_head, dropout, gelu_approximate, eps, ln1_w, ln1_b, attn_w, attn_b,
                 proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, fc_proj_w, fc_proj_b):
         B, T, C = x.shape
         H, D = n_head, C // n_head
         scale = D ** -0.5
+        attn_p, proj_p, mlp_p = dropout
         with torch.autocast("cpu", enabled=False):
             wa, ba, wp, bp, wfc, bfc, wfp, bfp = (
                 None if t is None else t.to(DTYPE)
@@ -83,22 +87,22 @@ class _TransformerBlock(torch.autograd.Function):
             qkv = _linear(h1, wa, ba)
             q3, k3, v3 = qkv.view(B, T, 3, H, D).permute(2, 0, 3, 1, 4) \
                 .reshape(3, B * H, T, D).unbind(0)
-            keep = keep_mask((B * H, T, T), dropout_p) if dropout_p > 0.0 else None
-            heads, probs = cpu_attention.forward(q3, k3, v3, scale, keep, dropout_p)
+            keep = keep_mask((B * H, T, T), attn_p) if attn_p > 0.0 else None
+            heads, probs = cpu_attention.forward(q3, k3, v3, scale, keep, attn_p)
             y = heads.view(B, H, T, D).transpose(1, 2).reshape(B * T, C)
-            attn_drop = _dropout_scale((B * T, C), dropout_p)
+            attn_drop = _dropout_scale((B * T, C), proj_p)
             r = x2 + _apply(_linear(y, wp, bp), attn_drop)
             h2, mean2, rstd2 = aten.native_layer_norm(r, [C], ln2_w, ln2_b, eps)
             h2 = h2.to(DTYPE)
             f = _linear(h2, wfc, bfc)
             g = F.gelu(f, approximate=gelu_approximate)
-            mlp_drop = _dropout_scale((B * T, C), dropout_p)
+            mlp_drop = _dropout_scale((B * T, C), mlp_p)
             out = r + _apply(_linear(g, wfp, bfp), mlp_drop)
         ctx.save_for_backward(x2, mean1, rstd1, h1, q3, k3, v3, probs, keep, y, attn_drop,
                               r, mean2, rstd2, h2, f, g, mlp_drop,
                               ln1_w, ln1_b, ln2_w, ln2_b, wa, wp, wfc, wfp)
         ctx.shape, ctx.n_head, ctx.scale = (B, T, C), H, scale
-        ctx.dropout_p, ctx.gelu_approximate = dropout_p, gelu_approximate
+        ctx.attn_p, ctx.gelu_approximate = attn_p, gelu_approximate
         ctx.biased = tuple(b is not None for b in (ba, bp, bfc, bfp))
         return out.view(B, T, C)
 
@@ -122,12 +126,9 @@ class _TransformerBlock(torch.autograd.Function):
         da = _apply(dr.to(DTYPE), attn_drop)
         dwp, dbp, dy = _linear_backward(da, y, wp, proj_biased)
         dheads = dy.view(B, T, H, D).transpose(1, 2).reshape(B * H, T, D)
-        dq, dk, dv = cpu_attention.backward(dheads, q3, k3, v3, probs, keep, ctx.dropout_p,
+        dq, dk, dv = cpu_attention.backward(dheads, q3, k3, v3, probs, keep, ctx.attn_p,
                                             ctx.scale)
-        # Back into the projection's (B, T, 3, H, D) layout, one strided pass per tensor.
-        dqkv = dq.new_empty((B, T, 3, H, D))
-        for i, grad in enumerate((dq, dk, dv)):
-            dqkv[:, :, i].copy_(grad.view(B, H, T, D).transpose(1, 2))
+        dqkv = pack_heads(*(t.view(B, H, T, D) for t in (dq, dk, dv)))
         dwa, dba, dh1 = _linear_backward(dqkv.view(B * T, 3 * C), h1, wa, attn_biased)
         dx, dln1_w, dln1_b = aten.native_layer_norm_backward(
             dh1.float(), x2, [C], mean1, rstd1, ln1_w, ln1_b, [True, True, ln1_b is not None])
@@ -137,6 +138,16 @@ class _TransformerBlock(torch.autograd.Function):
             None if t is None else t.float() for t in (dwa, dba, dwp, dbp, dwfc, dbfc, dwfp, dbfp))
         return (dx.view(B, T, C), None, None, None, None, dln1_w, dln1_b, dwa, dba, dwp, dbp,
                 dln2_w, dln2_b, dwfc, dbfc, dwfp, dbfp)
+
+
+def pack_heads(q, k, v, dtype=None):
+    """Three (B, H, T, D) tensors -> (B, T, 3*H*D) in a qkv projection's layout (the
+    (B, T, 3, H, D) order): one strided pass per tensor."""
+    B, H, T, D = q.shape
+    packed = q.new_empty((B, T, 3, H, D), dtype=dtype)
+    for i, t in enumerate((q, k, v)):
+        packed[:, :, i].copy_(t.transpose(1, 2))
+    return packed.view(B, T, 3 * H * D)
 
 
 def _linear(x, w, b):

@@ -90,6 +90,18 @@ def test_linears_with_and_without_biases_in_one_block(monkeypatch):
     _assert_same(module, fused)
 
 
+def test_each_dropout_module_keeps_its_own_probability_and_mode(monkeypatch):
+    """As the module path does: one branch's dropout changed, another put in eval mode."""
+    def retune(block):
+        block.mlp.dropout.p = 0.5
+        block.attn.resid_dropout.eval()
+    config, x = _config(dropout=0.1), torch.randn(2, 16, 32)
+    module = _block_pass(config, x, False, monkeypatch, edit=retune)
+    fused = _block_pass(config, x, True, monkeypatch, edit=retune)
+    assert fused[3] == FUSED
+    _assert_same(module, fused)
+
+
 def test_eval_mode_with_grad_runs_without_dropout(monkeypatch):
     config = _config(dropout=0.5)
     x = torch.randn(2, 16, 32)

@@ -5,11 +5,12 @@ Why: at the CPU seed run's sizes (12 x 64 tokens, 128 channels) an iteration spe
 fifth of its time on fixed per-op costs rather than arithmetic (on the module path, the
 same step at 1 x 8 tokens still took 5.9 of ~26 ms). Eager autograd records ~40 nodes per
 block (the dtype casts autocast inserts, views, transposes, the residual adds, each
-Linear's addmm) and runs each through the engine. Here the forward calls the ATen ops the module path calls, in the
-same order, and the backward calls their backward ops directly: one node per block, the
-same numbers bit for bit (tests/test_cpu_block.py compares the two). The seed run's
-training step is 4-7 % faster (2-core EPYC, torch 2.14; 400 steps interleaved with the
-module path's in one process, 5 of 6 runs; the sixth, on a quiet machine, showed none).
+Linear's addmm) and runs each through the engine. Here the forward calls the ATen ops the
+module path calls, in the same order, and the backward calls their backward ops directly:
+one node per block, the same numbers bit for bit (tests/test_cpu_block.py compares the
+two). The seed run's training step is 4-7 % faster (2-core EPYC, torch 2.14; 400 steps
+interleaved with the module path's in one process, 5 of 6 runs; the sixth, on a quiet
+machine, showed none).
 
 Forward, per block; x is the fp32 residual stream, every matmul runs in bf16 (weights
 cast as autocast would), LayerNorm in fp32 (as autocast runs it):

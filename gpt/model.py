@@ -65,6 +65,7 @@ class GPTConfig:
 
 class LayerNorm(nn.Module):
     """LayerNorm with an optional bias (PyTorch's cannot drop only the bias)."""
+    eps = 1e-5
 
     def __init__(self, ndim: int, bias: bool, backend: str):
         super().__init__()
@@ -73,11 +74,11 @@ class LayerNorm(nn.Module):
         self.backend = backend
 
     def forward(self, x):
-        return kernels.layer_norm(x, self.weight, self.bias, 1e-5, backend=self.backend)
+        return kernels.layer_norm(x, self.weight, self.bias, self.eps, backend=self.backend)
 
     def add_forward(self, x, residual):
         """(x + residual, LayerNorm(x + residual)) in one fused pass."""
-        return kernels.add_layer_norm(x, residual, self.weight, self.bias, 1e-5,
+        return kernels.add_layer_norm(x, residual, self.weight, self.bias, self.eps,
                                       backend=self.backend)
 
 
@@ -196,7 +197,7 @@ class Block(nn.Module):
                 # CPU bf16 training: the same ops as below, as one autograd node.
                 return cpu_block.transformer_block(
                     x, self.attn.n_head, self._dropout_probabilities(),
-                    self.mlp.gelu_approximate, 1e-5, *params)
+                    self.mlp.gelu_approximate, self.ln_1.eps, *params)
         attn_out = self.attn(self.ln_1(x), kv_cache, layer, activations)
         resid_mid, h = self.ln_2.add_forward(attn_out, x)
         mlp_out = self.mlp(h)

@@ -7,3 +7,4 @@ design-parameter sweep, generic over the `kernels` op/backend registry.
 Every number is measured after the implementation's outputs (and gradients) were checked
 against `kernels.reference`; a backend that disagrees is reported as FAILED, never timed.
 """
+import gpt  # noqa: F401  (refuses a `kernels` that is not this project's: gpt/__init__.py)

@@ -7,7 +7,7 @@ transposed weights), so its checkpoints load as they are. Differences from nanoG
 - the loss fuses the lm_head with cross-entropy (`linear_cross_entropy`), so training never
   holds the full (B*T, vocab) logits;
 - on the CPU under bf16 autocast, each block trains as one autograd node with the same
-  numbers (`kernels.cpu_block`);
+  numbers (`kernels.cpu`), where the block is exactly this file's (`Block.runs_as_written`);
 - a KV cache makes generation cost one token's work per step instead of the whole prefix;
 - `run_with_cache` returns the named activations of a forward pass (`gpt.hooks`).
 """
@@ -21,8 +21,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import kernels
-from kernels import cpu_block
-from kernels.cpu_dropout import keep_mask
+from kernels import cpu
 from gpt.hooks import ActivationCache
 
 
@@ -39,6 +38,9 @@ class GPTConfig:
     # The MLP's GELU: "tanh" is GPT-2's approximation (Hugging Face GPT-2 uses it too),
     # "none" the exact erf form of nanoGPT's nn.GELU(). Checkpoints record it.
     gelu_approximate: str = "tanh"
+    # CPU bf16 training runs each block as one autograd node (`kernels.cpu.fused_block`)
+    # where that gives the module path's numbers; False always runs the modules.
+    cpu_fused_block: bool = True
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -83,7 +85,7 @@ class LayerNorm(nn.Module):
 
 
 class Dropout(nn.Dropout):
-    """nn.Dropout whose masks are drawn ~2.5x faster on the CPU (`kernels.cpu_dropout`:
+    """nn.Dropout whose masks are drawn ~2.5x faster on the CPU (`kernels.cpu.dropout`:
     reproducible under torch.manual_seed). GPU tensors and compiled graphs use
     nn.Dropout's own path."""
 
@@ -91,8 +93,7 @@ class Dropout(nn.Dropout):
         if not self.training or self.p == 0.0 or x.device.type != "cpu" \
                 or torch.compiler.is_compiling():
             return super().forward(x)
-        scale = keep_mask(x.shape, self.p).to(x.dtype).mul_(1.0 / (1.0 - self.p))
-        return x * scale
+        return cpu.dropout(x, self.p)
 
 
 class KVCache:
@@ -162,7 +163,7 @@ class _SplitHeads(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
-        return cpu_block.pack_heads(dq, dk, dv, dtype=ctx.dtype), None
+        return cpu.pack_heads(dq, dk, dv, dtype=ctx.dtype), None
 
 
 class MLP(nn.Module):
@@ -175,8 +176,12 @@ class MLP(nn.Module):
         self.gelu_approximate = config.gelu_approximate
 
     def forward(self, x):
-        y = kernels.mlp_gelu(x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight,
-                             self.c_proj.bias, self.gelu_approximate, backend=self.backend)
+        if as_written(self.c_fc, nn.Linear) and as_written(self.c_proj, nn.Linear):
+            # The fused op reads the weights, never calling the Linears: only for plain ones.
+            y = kernels.mlp_gelu(x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight,
+                                 self.c_proj.bias, self.gelu_approximate, backend=self.backend)
+        else:  # a subclassed, replaced or hooked Linear runs as itself
+            y = self.c_proj(F.gelu(self.c_fc(x), approximate=self.gelu_approximate))
         return self.dropout(y)
 
 
@@ -187,19 +192,26 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = LayerNorm(config.n_embd, config.bias, config.backend)
         self.mlp = MLP(config)
+        self.cpu_fused = config.cpu_fused_block
 
     def forward(self, x, kv_cache: KVCache | None = None, layer: int = 0,
                 activations: ActivationCache | None = None):
-        if kv_cache is None and activations is None:
-            params = self.fused_params()
-            if cpu_block.applies(x, params, self.ln_1.backend) and \
-                    not self._submodules_hooked():
-                # CPU bf16 training: the same ops as below, as one autograd node.
-                return cpu_block.transformer_block(
-                    x, self.attn.n_head, self._dropout_probabilities(),
-                    self.mlp.gelu_approximate, self.ln_1.eps, *params)
+        if kv_cache is None and activations is None and self.cpu_fused:
+            # CPU bf16 training: the same ops as below, as one autograd node (None where
+            # that path does not apply).
+            out = cpu.fused_block(x, self.fused_params(), n_head=self.attn.n_head,
+                                  dropout=self._dropout_probabilities(),
+                                  gelu_approximate=self.mlp.gelu_approximate,
+                                  eps=(self.ln_1.eps, self.ln_2.eps), backend=self.ln_1.backend,
+                                  as_written=self.runs_as_written)
+            if out is not None:
+                return out
         attn_out = self.attn(self.ln_1(x), kv_cache, layer, activations)
-        resid_mid, h = self.ln_2.add_forward(attn_out, x)
+        if as_written(self.ln_2, LayerNorm):
+            resid_mid, h = self.ln_2.add_forward(attn_out, x)
+        else:  # the fused add would bypass ln_2's own forward and hooks
+            resid_mid = attn_out + x
+            h = self.ln_2(resid_mid)
         mlp_out = self.mlp(h)
         resid_post = resid_mid + mlp_out
         if activations is not None:
@@ -207,13 +219,17 @@ class Block(nn.Module):
                                      mlp_out=mlp_out, resid_post=resid_post)
         return resid_post
 
-    def _submodules_hooked(self) -> bool:
-        """Whether a module hook would see the block's submodules run (one registered on
-        them, or globally): the one-node path runs none of them."""
-        hook_dicts = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                      "_backward_pre_hooks")
-        return any(getattr(nn.modules.module, "_global" + name) for name in hook_dicts) or \
-            any(getattr(m, name) for m in self.modules() if m is not self for name in hook_dicts)
+    def runs_as_written(self) -> bool:
+        """Whether this block computes exactly what this file says, so that a shortcut
+        (the CPU one-node path) may stand in for its modules: each is of this file's own
+        type (a subclass, say a LoRA Linear or another MLP, may compute anything), none has
+        a method replaced on the instance or the class, and no module hook would see a
+        submodule run."""
+        attn, mlp = self.attn, self.mlp
+        return is_stock(self, Block) and all(as_written(module, cls) for module, cls in (
+            (self.ln_1, LayerNorm), (self.ln_2, LayerNorm), (attn, CausalSelfAttention),
+            (attn.c_attn, nn.Linear), (attn.c_proj, nn.Linear), (attn.resid_dropout, Dropout),
+            (mlp, MLP), (mlp.c_fc, nn.Linear), (mlp.c_proj, nn.Linear), (mlp.dropout, Dropout)))
 
     def _dropout_probabilities(self) -> tuple[float, float, float]:
         """The attention's, the attention branch's and the MLP branch's dropout, as the
@@ -223,11 +239,39 @@ class Block(nn.Module):
                 *(d.p if d.training else 0.0 for d in (attn.resid_dropout, self.mlp.dropout)))
 
     def fused_params(self) -> list:
-        """The block's parameters in `kernels.cpu_block.transformer_block`'s order."""
+        """The block's parameters in `kernels.cpu.block.PARAMS` order."""
         attn, mlp = self.attn, self.mlp
         return [self.ln_1.weight, self.ln_1.bias, attn.c_attn.weight, attn.c_attn.bias,
                 attn.c_proj.weight, attn.c_proj.bias, self.ln_2.weight, self.ln_2.bias,
                 mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight, mlp.c_proj.bias]
+
+
+# ----------------------------------------------------------------------------- as written
+
+# The methods a shortcut stands in for, per module type, as this file (and torch.nn, for
+# nn.Linear) defines them. A fused op that reads a module's parameters instead of calling
+# it, or the CPU one-node block, gives the module's answer only while these are in place.
+_METHODS = ("forward", "add_forward")
+_AS_WRITTEN = {cls: {name: vars(cls)[name] for name in _METHODS if name in vars(cls)}
+               for cls in (Block, LayerNorm, CausalSelfAttention, MLP, Dropout)}
+_AS_WRITTEN[nn.Linear] = {"forward": nn.Linear.forward}
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+               "_backward_pre_hooks")
+
+
+def is_stock(module: nn.Module, cls: type) -> bool:
+    """module is exactly a `cls` (no subclass, no parametrization, which swaps the class)
+    whose methods are this file's, replaced neither on the instance nor on the class."""
+    return type(module) is cls and not any(name in vars(module) for name in _METHODS) \
+        and all(getattr(cls, name) is method for name, method in _AS_WRITTEN[cls].items())
+
+
+def as_written(module: nn.Module, cls: type) -> bool:
+    """`is_stock`, and no module hook (its own or a global one) would see it run: a shortcut
+    that does not call the module may stand in for it."""
+    return is_stock(module, cls) and not any(
+        getattr(module, name) or getattr(nn.modules.module, "_global" + name)
+        for name in _HOOK_DICTS)
 
 
 class GPT(nn.Module):

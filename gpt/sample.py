@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 import kernels
+from kernels import cpu
 from gpt.checkpoint import clean_state_dict, load_checkpoint_file, model_config
 from gpt.configurator import ConfigError, configure, usage
 from gpt.data import DataError, load_meta, tokenizer_from_meta
 from gpt.model import GPT
-from gpt.host_memory import keep_freed_memory
 from gpt.train import DTYPES, default_device, default_dtype, exit_quickly
 
 GPT2_META = {"vocab_size": 50257, "tokenizer": "gpt2"}
@@ -133,8 +133,6 @@ def sample(config: SampleConfig) -> list[str]:
     generator = torch.Generator(device).manual_seed(config.seed)
     autocast = (nullcontext() if config.dtype == "float32"
                 else torch.autocast(device.type, dtype=DTYPES[config.dtype]))
-    if device.type == "cpu":
-        keep_freed_memory()  # no page faults on every step's activations
     with torch.inference_mode(), autocast:  # the tokens are only decoded: no autograd at all
         y = model.generate(x, config.max_new_tokens, temperature=config.temperature,
                            top_k=config.top_k or None, use_kv_cache=config.kv_cache,
@@ -150,7 +148,11 @@ def main(argv: list[str] | None = None) -> None:
         print(usage("gpt-sample", SampleConfig()))
         return
     try:
-        texts = sample(configure(SampleConfig(), argv, verbose=False))  # stdout: samples only
+        config = configure(SampleConfig(), argv, verbose=False)  # stdout: samples only
+        if as_program and config.device.split(":")[0] == "cpu":
+            # A process-wide malloc setting: this program's to make, not the library's.
+            cpu.keep_freed_memory()  # no page faults on every step's activations
+        texts = sample(config)
     except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
         print(f"gpt-sample: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -41,13 +41,12 @@ import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import kernels
-from kernels import gpus
+from kernels import cpu, gpus
 from gpt.checkpoint import (CheckpointError, clean_state_dict, load_checkpoint_file, model_config,
                             save_checkpoint)
 from gpt.configurator import ConfigError, configure, usage
 from gpt.data import (DEFAULT_SOURCE, TINY_SHAKESPEARE_URL, TOKENIZERS, DataError, batch_at,
                       load_meta, load_split, prepare)
-from gpt.host_memory import keep_freed_memory
 from gpt.model import GPT, GPTConfig
 from gpt.peak import cpu_peak_flops, native_bf16_matmul
 from gpt.step import TrainStep, get_lr
@@ -110,6 +109,9 @@ class TrainConfig:
     # ~1.8x cheaper than "tanh" (GPT-2's approximation) on the CPU; both train alike.
     gelu_approximate: str = "none"
     backend: str = "auto"  # kernels: torch | triton | cuda | auto
+    # CPU bf16 training runs each block as one autograd node (kernels.cpu.fused_block, the
+    # same numbers as the modules); False always runs the modules. The log says which runs.
+    cpu_fused_block: bool = True
     # AdamW
     learning_rate: float = 6e-4
     max_iters: int = 600000
@@ -219,7 +221,8 @@ def find_dataset(config: TrainConfig) -> Path:
 
 def build_model(config: TrainConfig, meta: dict | None, device) -> tuple[GPT, dict | None, str]:
     """(model, checkpoint to resume from or None, what was done) per config.init_from."""
-    overrides = dict(dropout=config.dropout, backend=config.backend)
+    overrides = dict(dropout=config.dropout, backend=config.backend,
+                     cpu_fused_block=config.cpu_fused_block)
     checkpoint = None
     if config.init_from == "scratch":
         vocab_size = meta["vocab_size"] if meta else 50304  # nanoGPT: GPT-2's, padded
@@ -330,6 +333,38 @@ def describe_backend(backend: str, device: torch.device) -> str:
         return f"model backend {backend!r} on {device}: {next(iter(chosen.values()))} for every op"
     return f"model backend {backend!r} on {device}: " + ", ".join(
         f"{op}: {name}" for op, name in chosen.items())
+
+
+def describe_precision(config: TrainConfig, model: GPT, device: torch.device) -> str:
+    """The dtype the run computes in, and how its blocks run: the modules, or (CPU bf16
+    training) one autograd node per block (`kernels.cpu.fused_block`), and why not."""
+    if config.dtype == "float32":
+        dtype = "dtype float32 (no autocast)"
+    else:
+        dtype = f"dtype {config.dtype} (autocast; fp32 weights, optimizer and residual stream)"
+    return f"{dtype}; blocks: {block_path(config, model, device)}"
+
+
+def block_path(config: TrainConfig, model: GPT, device: torch.device) -> str:
+    """Which path a training forward of the model's blocks takes (see `gpt.model.Block`)."""
+    modules = "the modules"
+    if device.type != "cpu" or config.dtype != "bfloat16":
+        return modules
+    if not config.cpu_fused_block:
+        return f"{modules} (--cpu_fused_block=False)"
+    if config.compile:
+        return f"{modules}, compiled (torch.compile fuses them itself)"
+    probe = torch.zeros(1, min(config.block_size, model.config.block_size), model.config.n_embd,
+                        device=device)
+    blocks = list(model.transformer.h)
+    with torch.autocast(device.type, dtype=torch.bfloat16), torch.enable_grad():
+        fused = all(b.cpu_fused and cpu.block.applies(probe, b.fused_params(), b.ln_1.backend)
+                    and b.runs_as_written() for b in blocks)
+    if fused:
+        return "one autograd node each (kernels.cpu.fused_block; --cpu_fused_block=False for " \
+               "the modules)"
+    return f"{modules} (the one-node CPU path does not apply: kernels.cpu.block.applies, " \
+           f"Block.runs_as_written)"
 
 
 def device_peak_flops(config: TrainConfig, device: torch.device) -> tuple[float | None, str]:
@@ -443,8 +478,6 @@ def train(config: TrainConfig) -> None:
 
 
 def _train(config: TrainConfig, dist: Distributed, device: torch.device) -> None:
-    if device.type == "cpu":
-        keep_freed_memory()  # no page faults on every iteration's activations
     tokens_per_iter = config.gradient_accumulation_steps * config.batch_size * config.block_size
     log = print_log if dist.master else (lambda line: None)
     log(f"tokens per iteration will be: {tokens_per_iter:,}")
@@ -467,6 +500,7 @@ def _train(config: TrainConfig, dist: Distributed, device: torch.device) -> None
     log(f"number of parameters: {model.get_num_params() / 1e6:.2f}M")
     log("kernels: " + "; ".join(str(s) for s in kernels.available_backends().values()))
     log(describe_backend(config.backend, device))
+    log(describe_precision(config, model, device))
     peak_flops, peak_text = device_peak_flops(config, device)
     log(f"mfu: {peak_text}")
     flops_per_token = model.flops_per_token(config.block_size)  # for each log line's mfu
@@ -562,7 +596,11 @@ def main(argv: list[str] | None = None) -> None:
         print(usage("gpt-train", TrainConfig()))
         return
     try:
-        train(configure(TrainConfig(), argv, verbose=Distributed.from_env().master))
+        config = configure(TrainConfig(), argv, verbose=Distributed.from_env().master)
+        if as_program and config.device.split(":")[0] == "cpu":
+            # A process-wide malloc setting: this program's to make, not the library's.
+            cpu.keep_freed_memory()  # no page faults on every iteration's activations
+        train(config)
     except (ConfigError, DataError, CheckpointError, FileNotFoundError) as exc:
         print(f"gpt-train: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -6,7 +6,7 @@ always None), so `auto` always has somewhere to go. It must agree with
 `kernels.reference` (the conformance suite checks it), but it is written for speed:
 `F.layer_norm`, `F.gelu`, `F.scaled_dot_product_attention` (which picks flash /
 memory-efficient / math kernels itself; on the CPU, short bf16 sequences take the batched
-matmuls of `kernels.cpu_attention` instead), `F.cross_entropy`, and the chunked linear +
+matmuls of `kernels.cpu.attention` instead), `F.cross_entropy`, and the chunked linear +
 cross-entropy of `kernels.chunked_linear_cross_entropy` (eager linear + cross-entropy when
 the logits fit in one chunk).
 """
@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from kernels import chunked_linear_cross_entropy as chunked
-from kernels import cpu_attention
 from kernels import reference
+from kernels.cpu import attention as cpu_attention
 from kernels.reference import causal_mask
 from kernels.specs import OPS as SPEC_OPS
 

@@ -1,13 +1,13 @@
 """The torch backend's CPU attention in bf16: batched matmuls for short sequences
-(`kernels.cpu_attention`), SDPA for longer ones; and attention dropout, which the
+(`kernels.cpu.attention`), SDPA for longer ones; and attention dropout, which the
 conformance suite (deterministic ops only) does not cover. (fp16 calls with a backward
 take SDPA in fp32: the conformance suite's fp16 cases run that path.)"""
 import pytest
 import torch
 
 import kernels
-from kernels import cpu_attention
-from kernels.cpu_dropout import keep_mask
+from kernels.cpu import attention as cpu_attention
+from kernels.cpu.dropout import keep_mask
 from kernels.reference import causal_mask
 from kernels.specs import SPECS
 from kernels.testing import assert_close, run_case

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from gpt.checkpoint import save_checkpoint
-from gpt.model import GPT, GPTConfig, split_heads
+import kernels
+from gpt.model import GPT, GPTConfig, LayerNorm, split_heads
 from kernels.testing import assert_close
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50, dropout=0.0)
@@ -182,3 +183,67 @@ def test_split_heads_is_the_views_with_their_gradient_packed(dtype):
     (got,) = torch.autograd.grad(heads, qkv, upstream)
     (want,) = torch.autograd.grad(views, qkv, upstream)
     assert got.dtype == dtype and torch.equal(got, want)
+
+
+# ----------------------------------------------------------------------------- research edits
+
+BACKENDS_HERE = [b for b in ("torch", "triton") if kernels.available_backends()[b].available]
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_module_hooks_on_every_submodule_fire(backend):
+    """The fused ops read the MLP's Linears and ln_2 without calling them; a hook set on
+    one of them must still fire (the block then runs that module itself), with the same
+    logits as without the hook."""
+    model = tiny_model(backend=backend)
+    idx = torch.randint(0, 50, (2, 8))
+    plain = model.logits(idx)
+    seen = []
+    block = model.transformer.h[1]
+    names = ["ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj", "mlp"]
+    handles = [block.get_submodule(n).register_forward_hook(
+        lambda module, args, out, n=n: seen.append(n)) for n in names]
+    hooked = model.logits(idx)
+    for h in handles:
+        h.remove()
+    assert sorted(seen) == sorted(names)
+    assert_close(hooked, plain)
+
+
+class DoubledLinear(torch.nn.Linear):
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_a_subclassed_mlp_linear_runs_its_own_forward(backend):
+    """A LoRA-style subclass on mlp.c_fc: the fused MLP would read its weight and ignore
+    its forward; the MLP must run it instead (here: c_fc's output doubled by hand)."""
+    model = tiny_model(backend=backend)
+    idx = torch.randint(0, 50, (2, 8))
+    mlp = model.transformer.h[0].mlp
+    doubled = DoubledLinear(mlp.c_fc.in_features, mlp.c_fc.out_features)
+    doubled.load_state_dict(mlp.c_fc.state_dict())
+    by_hand = torch.nn.Linear(mlp.c_fc.in_features, mlp.c_fc.out_features)
+    by_hand.weight.data, by_hand.bias.data = 2 * mlp.c_fc.weight.data, 2 * mlp.c_fc.bias.data
+    mlp.c_fc = doubled
+    edited = model.logits(idx)
+    mlp.c_fc = by_hand
+    assert_close(edited, model.logits(idx))
+
+
+def test_a_layer_norm_subclass_in_ln_2_runs_its_own_forward():
+    """ln_2 is fused with the residual add; a subclass with its own forward (an RMSNorm,
+    say) must run instead of the fused LayerNorm."""
+    class RMSNorm(LayerNorm):
+        def forward(self, x):
+            return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps) * self.weight
+
+    model = tiny_model()
+    idx = torch.randint(0, 50, (2, 8))
+    plain = model.logits(idx)
+    block = model.transformer.h[0]
+    rms = RMSNorm(32, bias=True, backend="torch")
+    rms.load_state_dict(block.ln_2.state_dict())
+    block.ln_2 = rms
+    assert (model.logits(idx) - plain).abs().max() > 1e-3

@@ -254,7 +254,7 @@ def test_main_as_a_program_freezes_the_heap_before_exit(tmp_path, text_file, mon
 
 
 def test_host_memory_is_kept_on_glibc():
-    from gpt.host_memory import keep_freed_memory
+    from kernels.cpu import keep_freed_memory
     import platform
     assert keep_freed_memory() == (platform.libc_ver()[0] == "glibc")
 

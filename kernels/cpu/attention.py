@@ -27,7 +27,8 @@ import functools
 
 import torch
 
-from kernels.cpu_dropout import keep_mask
+from kernels.cpu.dropout import keep_mask
+from kernels.cpu.once import once_differentiable
 
 # Longest sequence this path takes. Its (B*H, T, T) probabilities stay alive for the
 # backward, as in eager attention: 128 KiB per head in bf16 at T = 256, where it runs
@@ -76,12 +77,14 @@ class _BatchedCausalAttention(torch.autograd.Function):
         return out.view(b, h, t, d)
 
     @staticmethod
+    @once_differentiable("the torch backend's CPU causal attention (kernels.cpu.attention, "
+                         "bf16 on the CPU; fp32 takes PyTorch's own)")
     def backward(ctx, grad_out):
         q3, k3, v3, probs, keep = ctx.saved_tensors
         shape = grad_out.shape
-        dq, dk, dv = backward(_heads(grad_out), q3, k3, v3, probs, keep, ctx.dropout_p,
-                              ctx.scale)
-        return dq.view(shape), dk.view(shape), dv.view(shape), None, None
+        grads = backward(_heads(grad_out), q3, k3, v3, probs, keep, ctx.dropout_p, ctx.scale,
+                         ctx.needs_input_grad[:3])
+        return (*(None if g is None else g.view(shape) for g in grads), None, None)
 
 
 def forward(q3, k3, v3, scale: float, keep, dropout_p: float):
@@ -92,13 +95,19 @@ def forward(q3, k3, v3, scale: float, keep, dropout_p: float):
     return torch.bmm(_dropout(probs, keep, dropout_p), v3), probs
 
 
-def backward(do3, q3, k3, v3, probs, keep, dropout_p: float, scale: float):
-    """(dq, dk, dv) as (B*H, T, D) given dO and what `forward` saw and returned."""
-    dv = torch.bmm(_dropout(probs, keep, dropout_p).transpose(1, 2), do3)
+def backward(do3, q3, k3, v3, probs, keep, dropout_p: float, scale: float,
+             needed=(True, True, True)):
+    """(dq, dk, dv) as (B*H, T, D) given dO and what `forward` saw and returned; None for
+    those not `needed`."""
+    need_q, need_k, need_v = needed
+    dv = torch.bmm(_dropout(probs, keep, dropout_p).transpose(1, 2), do3) if need_v else None
+    if not (need_q or need_k):
+        return None, None, dv
     # Dropout's backward is dropout with the forward's mask.
     dp = _dropout(torch.bmm(do3, v3.transpose(1, 2)), keep, dropout_p)
     ds = torch._softmax_backward_data(dp, probs, -1, probs.dtype).mul_(scale)
-    return torch.bmm(ds, k3), torch.bmm(ds.transpose(1, 2), q3), dv
+    return (torch.bmm(ds, k3) if need_q else None,
+            torch.bmm(ds.transpose(1, 2), q3) if need_k else None, dv)
 
 
 def _dropout(t, keep, p):

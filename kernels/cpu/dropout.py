@@ -22,3 +22,9 @@ def keep_mask(shape, p: float) -> torch.Tensor:
     bits = np.random.Generator(np.random.PCG64(seed)).bytes(2 * math.prod(shape))
     keep = np.frombuffer(bits, dtype=np.uint16) >= round(p * 65536)
     return torch.from_numpy(keep).view(shape)
+
+
+def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """nn.Dropout's training-mode result for a CPU tensor: x with each element zeroed with
+    probability p and the rest scaled by 1 / (1 - p), the mask from `keep_mask`."""
+    return x * keep_mask(x.shape, p).to(x.dtype).mul_(1.0 / (1.0 - p))

@@ -112,7 +112,7 @@ def logit_lens(model: GPT, cache: ActivationCache, targets: torch.Tensor, top_k:
     for stream in streams_by_depth(cache, model.config.n_layer):
         logits = model.lm_head(model.transformer.ln_f(stream)).float()
         position_loss = F.cross_entropy(logits, targets, ignore_index=NO_TARGET, reduction="none")
-        probs, ids = logits.softmax(dim=-1).topk(top_k, dim=-1)
+        probs, ids = logits.softmax(dim=-1).topk(min(top_k, logits.shape[-1]), dim=-1)
         lens["loss"].append(position_loss[has_target].mean().item())
         lens["position_loss"].append(position_loss[has_target].tolist())
         lens["top_ids"].append(ids.tolist())

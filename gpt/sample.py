@@ -77,6 +77,11 @@ def check_device_and_backend(device: str, backend: str) -> None:
         raise ConfigError(f"device {device!r} is not a torch device") from None
     if device_type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device is cuda but CUDA is not available here; pass --device=cpu")
+    if backend != kernels.AUTO:
+        status = kernels.available_backends()[backend]
+        if not status.available:
+            raise ConfigError(f"backend {backend!r} is not available here: {status.reason} "
+                              f"(--backend=auto picks one that is)")
 
 
 def load_for_sampling(config: SampleConfig) -> tuple[GPT, dict]:

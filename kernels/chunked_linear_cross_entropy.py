@@ -93,7 +93,9 @@ def torch_chunk_cross_entropy(logits, targets, ignore_index, row_weight, compute
         # softmax - onehot, weighted per row; ignored rows get weight 0.
         grad = logits_f.sub_(lse.unsqueeze(1)).exp_()
         grad.scatter_add_(1, safe_targets, grad.new_full(safe_targets.shape, -1.0))
-        grad.mul_(torch.where(keep, row_weight, 0.0).unsqueeze(1))
+        # An ignored row counts 0 with a zero gradient whatever its logits (a row of -inf
+        # gives exp(-inf - -inf) = NaN above).
+        grad.mul_(row_weight.unsqueeze(1)).masked_fill_(~keep.unsqueeze(1), 0.0)
         if grad is not logits:
             logits.copy_(grad)
     return losses

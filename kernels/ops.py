@@ -10,9 +10,12 @@ first backend that supports this very call. The math of each op is specified in
 """
 from __future__ import annotations
 
+import torch.nn.functional as F
+
 from kernels.backends import resolve
 from kernels.specs import OPS, SPECS
 from kernels.specs.checks import REDUCTIONS
+from kernels.specs.cross_entropy import without_classes
 
 __all__ = ["OPS", "REDUCTIONS", "add_layer_norm", "causal_attention", "cross_entropy",
            "layer_norm", "linear_cross_entropy", "mlp_gelu"]
@@ -62,7 +65,10 @@ def cross_entropy(logits, targets, ignore_index=-100, reduction="mean", *, backe
     """Cross-entropy of logits[..., V] against class indices targets[...], as F.cross_entropy
     (mean over the targets that are not ignore_index). The loss is fp32 whatever the logits'
     dtype."""
-    return _run(_CROSS_ENTROPY.canonicalize(logits, targets, ignore_index, reduction), backend)
+    call = _CROSS_ENTROPY.canonicalize(logits, targets, ignore_index, reduction)
+    if call["logits"].shape[-1] == 0:  # no classes: nothing for a kernel to compute
+        return without_classes(*call.args)
+    return _run(call, backend)
 
 
 def linear_cross_entropy(x, weight, targets, bias=None, ignore_index=-100, reduction="mean", *,
@@ -70,4 +76,7 @@ def linear_cross_entropy(x, weight, targets, bias=None, ignore_index=-100, reduc
     """cross_entropy(x @ weight.T + bias, targets) without materializing all the logits at
     once where the backend can (the lm_head fused with the loss)."""
     call = _LINEAR_CROSS_ENTROPY.canonicalize(x, weight, targets, bias, ignore_index, reduction)
+    if call["weight"].shape[0] == 0:  # no classes: nothing for a kernel to compute
+        return without_classes(F.linear(call["x"], call["weight"], call["bias"]),
+                               *call.args[2:3], *call.args[4:])
     return _run(call, backend)

@@ -7,7 +7,7 @@ PyTorch's fused built-ins. Statistics and reductions run in fp32 whatever the in
 dtype; outputs come back in the input dtype (losses in fp32).
 
 Shapes (C = channels, V = vocabulary, D = head dim):
-- layer_norm(x[..., C], weight[C], bias[C] | None)                      -> [..., C]
+- layer_norm(x[..., C], weight[C] | None, bias[C] | None)               -> [..., C]
 - add_layer_norm(x[..., C], residual[..., C], weight, bias)             -> (x + residual, its layer_norm)
 - mlp_gelu(x[..., C], w_fc[H, C], b_fc[H], w_proj[C, H], b_proj[C], approximate) -> [..., C]
   (nn.Linear weight layout; GELU between the two linears: GPT-2's tanh approximation,
@@ -35,7 +35,9 @@ def layer_norm(x, weight, bias=None, eps=1e-5):
     xf = _wide(x)
     mean = xf.mean(dim=-1, keepdim=True)
     var = (xf - mean).square().mean(dim=-1, keepdim=True)  # biased, as nn.LayerNorm
-    y = (xf - mean) * torch.rsqrt(var + eps) * _wide(weight)
+    y = (xf - mean) * torch.rsqrt(var + eps)
+    if weight is not None:  # None: no gain, as F.layer_norm takes it
+        y = y * _wide(weight)
     if bias is not None:
         y = y + _wide(bias)
     return y.to(x.dtype)
@@ -81,11 +83,16 @@ def causal_attention(q, k, v, scale=None, dropout_p=0.0):
 
 
 def cross_entropy(logits, targets, ignore_index=-100, reduction="mean"):
-    """-log softmax(logits)[target] per row; rows whose target is ignore_index count 0."""
-    logits = _wide(logits.reshape(-1, logits.shape[-1]))
+    """-log softmax(logits)[target] per row. A row whose target is ignore_index is ignored
+    whatever its logits (all -inf, say): it counts 0, and its gradient is exactly 0."""
     flat_targets = targets.reshape(-1).long()
     keep = flat_targets != ignore_index
-    picked = logits.gather(1, torch.where(keep, flat_targets, 0).unsqueeze(1)).squeeze(1)
+    logits = _wide(logits.reshape(flat_targets.numel(), logits.shape[-1]))
+    logits = torch.where(keep.unsqueeze(1), logits, 0.0)
+    if logits.shape[1]:
+        picked = logits.gather(1, torch.where(keep, flat_targets, 0).unsqueeze(1)).squeeze(1)
+    else:  # no classes: every target is ignored (the op's checks see to it)
+        picked = logits.sum(dim=1)
     losses = torch.where(keep, torch.logsumexp(logits, dim=-1) - picked, 0.0)
     if reduction == "none":
         return losses.view(targets.shape)

@@ -1,37 +1,56 @@
 """The one rule by which a kernel's result is judged: the tests and the benchmark's
 correctness gate both compare through here.
 
-Error. A result a is compared with r, the same quantity computed by `kernels.reference`
-in fp64 from the same input values, as
+A result a (an output, or the gradient of an input) is compared with r, the same quantity
+computed by `kernels.reference` in fp64 from the same input values. Four checks, all of
+which must pass:
 
-    err(a, r) = max |a - r| / max |r|        (over the finite entries)
+1. dtype. a has the dtype the op's spec promises (`OpSpec.result_dtypes`: a loss is fp32
+   whatever the logits' dtype, a LayerNorm returns its input's dtype, ...); a gradient
+   has its input's dtype. A right value in the wrong dtype is a wrong answer.
 
-that is, relative to the reference tensor's own scale, with no floor: a gradient whose
-entries are all about 1e-4 is judged against 1e-4, so returning zeros is an error of 1
-whatever the magnitudes involved. Non-finite entries must match exactly (a NaN where the
-reference has a NaN, the same infinity where it has one); any mismatch is an infinite
-error. A reference that is exactly zero everywhere (the gradient of a query that sees only
-itself, say) leaves no scale: then err = max |a|, in absolute terms.
+2. Non-finite entries match exactly (a NaN where r has a NaN, the same infinity where it
+   has one); any mismatch is an infinite error.
 
-Tolerance (FlashAttention's rule). Rounding is part of a low-precision result, so the
-error is held to what PyTorch itself achieves in the same dtype: the spec's `eager`
-implementation (plain PyTorch, as a user would write the op, e.g. nanoGPT) is run on the
-same inputs in the same dtype and compared with the same reference, and
+3. Every row, against its own scale. The tensor is read as rows along its last dim (one
+   query's head vector, one token's logits gradient, one output channel's weight
+   gradient; a 0-d or 1-D tensor is one row), and each row's error is
 
-    err(kernel) <= max(EAGER_FACTOR * err(eager), SLACK[dtype of the result])
+       err_i = max_j |a_ij - r_ij| / max_j |r_ij|
 
-The slack is a floor for results that eager happens to compute (almost) exactly while a
-kernel rounds: in bf16 and fp16 two units of roundoff (one rounding of the stored result,
-and one more), in fp32 2e-5, the error of the fast exp/erf approximations GPU kernels and
-PyTorch's own CPU flash attention use. It lets no real defect through: a zeroed, halved
-or negated result is off by 1, 0.5 or 2; a mistake of 1e-4 (the wrong GELU flavour)
-fails in fp32; fp16 gradients that lose their small probabilities fail against eager
-fp16, which keeps them.
+   with no floor: a row whose entries are all about 1e-4 is judged against 1e-4, so an
+   error confined to one small row (the last key's dK, which few queries see) is as
+   visible as one spread over the whole tensor. A row that is exactly zero in r (a query
+   that sees only itself has dQ = 0) is judged against the tensor's largest entry.
+
+4. No systematic bias. The least-squares scale of a onto r, s = <a, r> / <r, r>, must be
+   1: rounding to nearest is unbiased, so a correct result's |s - 1| shrinks like
+   u / sqrt(n) over n entries, while a kernel off by a constant factor (a wrong
+   normalization, a wrong exp base), or by a smooth function of its input (the wrong GELU
+   flavour), moves every entry the same way and shows here long before any single entry
+   stands out of its rounding.
+
+Tolerances. Rounding is part of a low-precision result, so where eager PyTorch (the spec's
+`eager`: the op as a user writes it, e.g. nanoGPT, computing in the inputs' dtype) is run
+on the same inputs in the same dtype, a kernel may be EAGER_FACTOR times as far off, row
+by row and in bias, plus a rounding term (FlashAttention's rule, 2x plus a rounding term):
+
+    err_i(kernel) <= 2 * err_i(eager) + SLACK[dtype]
+    |s(kernel) - 1| <= 2 * |s(eager) - 1| + BIAS_SLACK[dtype] / sqrt(n_eff)
+
+SLACK is two units of roundoff in bf16 and fp16 (one rounding of the stored result and
+one more), 2e-5 in fp32 (the fast exp/erf approximations GPU kernels use). The `torch`
+backend *is* eager PyTorch in most calls, so it is never given eager's error as an
+allowance (that would judge it against itself): it gets a fixed rounding budget instead,
+BUDGET[dtype] per row and the same bias term, which a result computed with fp32
+statistics and rounded a few times meets and PyTorch's own 16-bit shortcuts (a bf16
+reduction of a LayerNorm's weight gradient on the CPU) do not.
 
 `run_case` puts this together for one op call: the reference in fp64, eager and the
 backend in the case's dtype, outputs and the gradients of every differentiable input
-under the same random upstream gradients. `mutate` zeroes, halves or negates one output
-or gradient of a result, for the tests that prove this comparison can fail.
+under the same random upstream gradients. `mutate` returns a result with one defect (one
+output or gradient zeroed, halved or negated; one small row 10 % off; the whole tensor
+0.2 % off; see MUTATIONS), for the tests that prove this comparison can fail.
 """
 from __future__ import annotations
 
@@ -44,68 +63,162 @@ import torch
 
 import kernels.ops
 
-EAGER_FACTOR = 3.0  # a kernel may be this many times less accurate than eager PyTorch...
-SLACK = {torch.float64: 1e-12, torch.float32: 2e-5,   # ...or this much (see the docstring)
+UNIT_ROUNDOFF = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24,
+                 torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+EAGER_FACTOR = 2.0  # a kernel may be this many times less accurate than eager PyTorch...
+SLACK = {torch.float64: 1e-12, torch.float32: 2e-5,   # ...plus this (see the docstring)
          torch.bfloat16: 2 * 2.0 ** -8, torch.float16: 2 * 2.0 ** -11}
+# The fixed budget every backend may use, relative to each row's scale: a result rounded
+# a few times in 16 bits (a weight gradient whose dY was rounded before its GEMM) is
+# within 8 units of roundoff of its row; fp32 as the slack.
+BUDGET = {torch.float64: 1e-12, torch.float32: 4e-5,
+          torch.bfloat16: 8 * 2.0 ** -8, torch.float16: 8 * 2.0 ** -11}
+# ...plus, in absolute terms, this fraction of the tensor's largest entry: about one unit
+# of roundoff of it in 16 bits, the noise a row made by cancellation carries whoever
+# computes it (FlashAttention's dQ = dS K, with dS rounded to 16 bits for the GEMM).
+ABSOLUTE = {torch.float64: 1e-12, torch.float32: 1e-5,
+            torch.bfloat16: 2.0 ** -8, torch.float16: 4 * 2.0 ** -11}
+# The bias allowance: BIAS_SLACK / sqrt(n_eff), a few standard deviations of the scale of
+# n_eff entries each rounded to nearest (u / sqrt(12) each), never below BIAS_FLOOR (fp32:
+# the fast approximations' own bias).
+BIAS_SLACK = {dtype: 3 * u for dtype, u in UNIT_ROUNDOFF.items()}
+BIAS_FLOOR = {torch.float64: 1e-13, torch.float32: 1e-5, torch.bfloat16: 0.0,
+              torch.float16: 0.0}
 
 
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected| (see the module docstring)."""
+@dataclass(frozen=True)
+class Errors:
+    """How far a result is from the reference: per row (see the module docstring) and in
+    bias (s - 1, and the number of entries that effectively weigh in it)."""
+    rows: torch.Tensor        # fp64 (R,): each row's error against its own scale
+    scales: torch.Tensor      # fp64 (R,): each row's scale over the tensor's (<= 1)
+    bias: float               # s - 1 (0 where the reference is zero)
+    n_eff: float              # how many rows (entries of a 1-D tensor) weigh in the bias
+
+    @property
+    def worst(self) -> float:
+        return self.rows.max().item() if self.rows.numel() else 0.0
+
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1]) if t.dim() >= 2 and t.shape[-1] > 0 else t.reshape(1, -1)
+
+
+def errors(actual: torch.Tensor, expected: torch.Tensor) -> Errors:
+    """The row errors and the bias of `actual` against the high-precision `expected`."""
     if tuple(actual.shape) != tuple(expected.shape):
         raise ValueError(f"shape {tuple(actual.shape)} differs from the expected "
                          f"{tuple(expected.shape)}")
     if expected.numel() == 0:
-        return 0.0
-    a = actual.detach().to(torch.float64)
-    e = expected.detach().to(torch.float64)
+        none = torch.zeros(0, dtype=torch.float64)
+        return Errors(none, none, 0.0, 0.0)
+    a = _as_rows(actual.detach().to(torch.float64))
+    e = _as_rows(expected.detach().to(torch.float64))
     finite = torch.isfinite(e)
     same_non_finite = torch.where(finite, torch.isfinite(a),
                                   (a == e) | (torch.isnan(a) & torch.isnan(e)))
     if not bool(same_non_finite.all()):
-        return math.inf
-    if not bool(finite.any()):
-        return 0.0
-    diff = (a - e).abs()[finite].max().item()
-    scale = e.abs()[finite].max().item()
-    return diff / scale if scale > 0 else diff
+        inf = torch.full((a.shape[0],), math.inf, dtype=torch.float64)
+        return Errors(inf, torch.ones_like(inf), math.inf, 0.0)
+    a, e = a.where(finite, 0.0), e.where(finite, 0.0)
+    row_diff = (a - e).abs().amax(dim=1)
+    row_scale = e.abs().amax(dim=1)
+    overall = row_scale.max()
+    if overall > 0:  # a row that is zero in r is judged against the largest entry
+        relative_scale = row_scale / overall
+        denominator = torch.where(row_scale > 0, row_scale, overall)
+    else:  # r is zero: absolute errors
+        relative_scale, denominator = torch.ones_like(row_scale), torch.ones_like(row_scale)
+    row_energy = (e * e).sum(dim=1)
+    energy = row_energy.sum()
+    if energy > 0:
+        bias = ((a * e).sum() / energy - 1.0).item()
+        # The rounding errors within a row of a matmul's result share their inputs'
+        # roundings, so rows (entries of a 1-D tensor) are what average out.
+        weights = row_energy if e.shape[0] > 1 else (e * e).flatten()
+        n_eff = (energy * energy / (weights * weights).sum()).item()
+    else:
+        bias, n_eff = 0.0, 0.0
+    return Errors(row_diff / denominator, relative_scale.where(row_scale > 0, 1.0), bias, n_eff)
 
 
-def tolerance(dtype: torch.dtype, eager_error: float | None) -> float:
-    """The largest error allowed for a result stored in `dtype`, given eager PyTorch's
-    error on the same inputs (None: no eager baseline, only the slack)."""
-    if eager_error is None or not math.isfinite(eager_error):
-        return SLACK[dtype]
-    return max(EAGER_FACTOR * eager_error, SLACK[dtype])
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """The worst row's error (see the module docstring)."""
+    return errors(actual, expected).worst
+
+
+def coarser(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype of least precision: a result stored in fp32 but computed from bf16
+    values (a loss from bf16 logits, an fp32 weight's gradient under autocast) carries
+    the bf16 rounding."""
+    return max(dtypes, key=lambda dtype: UNIT_ROUNDOFF[dtype])
+
+
+def bias_tolerance(dtype: torch.dtype, n_eff: float) -> float:
+    noise = BIAS_SLACK[dtype] / math.sqrt(n_eff) if n_eff > 0 else math.inf
+    return max(noise, BIAS_FLOOR[dtype])
 
 
 @dataclass(frozen=True)
 class Comparison:
-    """One output or gradient of one call, judged."""
+    """One output or gradient of one call, judged: its worst row (the one furthest over, or
+    closest to, its tolerance), its bias, and its dtype."""
     name: str
-    error: float
-    eager_error: float | None
-    tolerance: float
+    error: float               # the worst row's error
+    eager_error: float | None  # eager's error on that row (None: the fixed budget)
+    tolerance: float           # that row's tolerance
+    bias: float = 0.0
+    bias_tolerance: float = math.inf
+    dtype_problem: str | None = None
+    row: int = 0
 
     @property
     def passed(self) -> bool:
-        return self.error <= self.tolerance  # False for NaN
+        return (self.dtype_problem is None and self.error <= self.tolerance  # False for NaN
+                and abs(self.bias) <= self.bias_tolerance)
 
     def __str__(self) -> str:
-        eager = "n/a" if self.eager_error is None else f"{self.eager_error:.2e}"
+        if self.dtype_problem is not None:
+            return f"{self.name}: {self.dtype_problem} FAILED"
+        eager = "fixed budget" if self.eager_error is None else f"eager {self.eager_error:.2e}"
         verdict = "ok" if self.passed else "FAILED"
-        return (f"{self.name}: error {self.error:.2e} (eager {eager}, tolerance "
-                f"{self.tolerance:.2e}) {verdict}")
+        return (f"{self.name}: row {self.row} error {self.error:.2e} ({eager}, tolerance "
+                f"{self.tolerance:.2e}), bias {self.bias:+.2e} (tolerance "
+                f"{self.bias_tolerance:.2e}) {verdict}")
 
 
 def compare(name: str, actual: torch.Tensor, expected: torch.Tensor,
-            eager: torch.Tensor | None = None) -> Comparison:
+            eager: torch.Tensor | None = None, dtype: torch.dtype | None = None,
+            precision: torch.dtype | None = None) -> Comparison:
     """Judge `actual` against the high-precision `expected`, allowing what `eager` (the
-    same quantity from plain PyTorch in the same dtype) gets wrong."""
-    eager_error = None if eager is None else relative_error(eager, expected)
+    same quantity from plain PyTorch in the same dtype) gets wrong, or, without eager, the
+    fixed budget. `dtype`: the dtype actual must have (None: any); `precision`: the dtype
+    the call computed in, when coarser than actual's (bf16 logits, an fp32 loss)."""
+    if dtype is not None and actual.dtype != dtype:
+        return Comparison(name, math.inf, None, 0.0,
+                          dtype_problem=f"dtype {actual.dtype}, promised {dtype}")
     if actual.dtype not in SLACK:
         raise TypeError(f"{name}: cannot judge a {actual.dtype} result")
-    return Comparison(name, relative_error(actual, expected), eager_error,
-                      tolerance(actual.dtype, eager_error))
+    working = coarser(actual.dtype, precision or actual.dtype)
+    found = errors(actual, expected)
+    budget = torch.full_like(found.rows, BUDGET[working])
+    if eager is None:
+        eager_rows, allowance = None, budget
+    else:
+        eager_rows = errors(eager, expected).rows
+        # A non-finite eager error (eager overflowed) allows nothing beyond the budget.
+        allowance = torch.maximum(
+            budget, torch.where(torch.isfinite(eager_rows), EAGER_FACTOR * eager_rows, 0.0))
+    tolerances = allowance + ABSOLUTE[working] / found.scales
+    bias_tol = bias_tolerance(working, found.n_eff)
+    if found.rows.numel() == 0:
+        return Comparison(name, 0.0, None if eager is None else 0.0,
+                          BUDGET[working] if eager is None else SLACK[working], 0.0, bias_tol)
+    margin = found.rows - tolerances
+    row = int(torch.nan_to_num(margin, nan=math.inf).argmax())
+    return Comparison(name, found.rows[row].item(),
+                      None if eager_rows is None else eager_rows[row].item(),
+                      tolerances[row].item(), found.bias, bias_tol, row=row)
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor,
@@ -181,28 +294,35 @@ def random_upstream(outputs: Sequence[torch.Tensor], generator: torch.Generator,
     return upstream
 
 
-def judge(actual: Results, expected: Results, eager: Results | None) -> list[Comparison]:
+def judge(actual: Results, expected: Results, eager: Results | None,
+          promised: Sequence[torch.dtype] | None = None,
+          precision: torch.dtype | None = None) -> list[Comparison]:
     """Every output and gradient of `actual` against `expected`, with `eager`'s error as
-    the allowance (see the module docstring)."""
-    verdicts = []
+    the allowance (None: the fixed budget; see the module docstring), `promised` the
+    dtypes the outputs, then the gradients, must have (None: not checked) and `precision`
+    the dtype the call computed in (None: the coarsest dtype among its results, so that an
+    fp32 loss of bf16 logits is judged as the bf16 computation it is)."""
+    if len(actual.outputs) != len(expected.outputs):
+        return [Comparison(f"{len(actual.outputs)} outputs, expected {len(expected.outputs)}",
+                           math.inf, None, 0.0)]
+    if precision is None:
+        precision = coarser(*(t.dtype for t in (*actual.outputs, *actual.grads)
+                              if t is not None and t.dtype in UNIT_ROUNDOFF))
+    promised = list(promised) if promised is not None else \
+        [None] * (len(actual.outputs) + len(actual.grads))
     pairs = [(f"output {i}", a, e, None if eager is None else eager.outputs[i])
              for i, (a, e) in enumerate(zip(actual.outputs, expected.outputs))]
     pairs += [(f"grad {i}", a, e, None if eager is None else eager.grads[i])
               for i, (a, e) in enumerate(zip(actual.grads, expected.grads))]
-    if len(actual.outputs) != len(expected.outputs):
-        return [Comparison(f"{len(actual.outputs)} outputs, expected {len(expected.outputs)}",
-                           math.inf, None, 0.0)]
-    for name, a, e, g in pairs:
+    verdicts = []
+    for (name, a, e, g), dtype in zip(pairs, promised):
         if e is None:
             continue  # the reference gives this input no gradient either
         if a is None:
             verdicts.append(Comparison(f"{name}: no gradient", math.inf, None, 0.0))
             continue
-        verdicts.append(compare(name, a, e, g))
+        verdicts.append(compare(name, a, e, g, dtype, precision))
     return verdicts
-
-
-MUTATIONS = {"zero": torch.zeros_like, "half": lambda t: t * 0.5, "negate": torch.neg}
 
 
 # ----------------------------------------------------------------------------- one case
@@ -226,35 +346,105 @@ def autocast_for(inputs, device, dtype: torch.dtype):
     return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """One case of one op on one backend: what it returned, the fp64 reference, eager
+    PyTorch's results (None for the `torch` backend, judged by the fixed budget), and the
+    dtypes its outputs and gradients must have."""
+    actual: Results
+    expected: Results
+    eager: Results | None
+    promised: list[torch.dtype]
+    precision: torch.dtype  # what the op computes in
+
+    def verdicts(self, actual: Results | None = None) -> list[Comparison]:
+        """The judgement of `actual` (default: what the backend returned)."""
+        return judge(self.actual if actual is None else actual, self.expected, self.eager,
+                     self.promised, self.precision)
+
+    def verdict(self, actual: Results, target: str, index: int) -> Comparison:
+        """The judgement of one output (target="output") or gradient ("grad") of `actual`."""
+        part = target + "s"
+        offset = 0 if target == "output" else len(self.actual.outputs)
+        eager = None if self.eager is None else getattr(self.eager, part)[index]
+        return compare(f"{target} {index}", getattr(actual, part)[index],
+                       getattr(self.expected, part)[index], eager, self.promised[offset + index],
+                       self.precision)
+
+
+def promises(spec, inputs, device, dtype: torch.dtype) -> tuple[list[torch.dtype], torch.dtype]:
+    """What the op promises for this call: the dtypes of its outputs (its spec's
+    `result_dtypes`), then of the gradients (each its input's dtype); and the precision
+    it computes in (`OpSpec.working_dtype`)."""
+    with autocast_for(inputs, device, dtype):
+        call = spec.canonicalize(*inputs.args)
+    return ([*spec.result_dtypes(call), *(t.dtype for t in inputs.differentiable())],
+            spec.working_dtype(call))
+
+
 def evaluate_case(spec, case, backend: str, dtype: torch.dtype, device,
-                  seed: int = 0) -> tuple[Results, Results, Results]:
-    """(the op on `backend`, the fp64 reference, eager PyTorch) on `case` of op `spec`,
-    built in `dtype` on `device`, all under the same upstream gradients."""
+                  seed: int = 0) -> Evaluation:
+    """The op on `backend` on `case` of op `spec`, built in `dtype` on `device`, with the
+    fp64 reference and eager PyTorch, all under the same upstream gradients."""
     generator = torch.Generator().manual_seed(seed)
     inputs = case.build(dtype, torch.device(device), generator)
     expected, upstream = reference_results(spec, inputs, generator)
     op = getattr(kernels.ops, spec.name)
     with autocast_for(inputs, device, dtype):
-        eager = run(spec.eager, inputs.args, inputs.grad_args, upstream)
+        eager = None if backend == "torch" else \
+            run(spec.eager, inputs.args, inputs.grad_args, upstream)
         actual = run(lambda *args: op(*args, backend=backend), inputs.args, inputs.grad_args,
                      upstream)
-    return actual, expected, eager
+    return Evaluation(actual, expected, eager, *promises(spec, inputs, device, dtype))
 
 
 def run_case(spec, case, backend: str, dtype: torch.dtype, device,
              seed: int = 0) -> list[Comparison]:
     """Judge the op on `backend` on one case (see `evaluate_case`): one Comparison per
     output and gradient, all of which must pass."""
-    actual, expected, eager = evaluate_case(spec, case, backend, dtype, device, seed)
-    return judge(actual, expected, eager)
+    return evaluate_case(spec, case, backend, dtype, device, seed).verdicts()
 
 
-def mutate(results: Results, target: str, index: int, how: str) -> Results:
-    """`results` with output `index` (target="output") or gradient `index` ("grad")
-    zeroed, halved or negated (`how`): what a wrong kernel could return."""
+def resolved_row(precision: torch.dtype) -> float:
+    """The smallest row scale, as a fraction of the tensor's largest entry, at which a 10 %
+    error of that row alone is always caught: where the absolute term of the tolerance is
+    at most a quarter of it (bf16 0.16, fp16 0.08, fp32 4e-4)."""
+    return min(1.0, 40 * ABSOLUTE[precision])
+
+
+def _small_row(actual: torch.Tensor, expected: torch.Tensor,
+               precision: torch.dtype) -> torch.Tensor:
+    """actual with its smallest resolved row (see `resolved_row`) 10 % too large."""
+    rows = _as_rows(expected.detach().to(torch.float64))
+    scale = rows.abs().amax(dim=1).where(rows.isfinite().all(dim=1), 0.0)
+    floor = resolved_row(coarser(actual.dtype, precision)) * scale.max()
+    scale = scale.where(scale >= floor, math.inf)
+    mutated = _as_rows(actual.detach().clone())
+    row = int(scale.argmin())
+    mutated[row] = (mutated[row].to(torch.float64) * 1.1).to(actual.dtype)
+    return mutated.view(actual.shape)
+
+
+# What a wrong kernel could return, given its result, the reference and the precision the
+# op computes in: zeroed, halved or negated; one row 10 % off, the smallest whose 10 % the
+# rule resolves; the whole tensor 0.2 % off before its final rounding (an otherwise exact
+# kernel with a wrong constant).
+MUTATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.dtype], torch.Tensor]] = {
+    "zero": lambda a, r, p: torch.zeros_like(a),
+    "half": lambda a, r, p: a * 0.5,
+    "negate": lambda a, r, p: -a,
+    "small_row": _small_row,
+    "scale": lambda a, r, p: (r.detach().to(torch.float64) * 1.002).to(a.dtype),
+}
+
+
+def mutate(evaluation: Evaluation, target: str, index: int, how: str) -> Results:
+    """What the backend returned in `evaluation`, with output `index` (target="output") or
+    gradient `index` ("grad") changed as MUTATIONS[how] says."""
     if how not in MUTATIONS:
         raise ValueError(f"how must be one of {tuple(MUTATIONS)}, got {how!r}")
-    outputs, grads = list(results.outputs), list(results.grads)
-    chosen = outputs if target == "output" else grads
-    chosen[index] = MUTATIONS[how](chosen[index])
+    outputs, grads = list(evaluation.actual.outputs), list(evaluation.actual.grads)
+    chosen, reference = (outputs, evaluation.expected.outputs) if target == "output" else \
+        (grads, evaluation.expected.grads)
+    chosen[index] = MUTATIONS[how](chosen[index], reference[index], evaluation.precision)
     return Results(outputs, grads)

@@ -23,10 +23,19 @@ from kernels.specs import OPS as SPEC_OPS
 
 
 def layer_norm(x, weight, bias, eps):
+    if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+        # PyTorch's CPU kernel reduces a 16-bit LayerNorm's weight and bias gradients in
+        # 16 bits (~1e-2 relative error over a few thousand rows): compute in fp32, as
+        # every other backend does, and round the output once.
+        return layer_norm(x.float(), weight.float(), _float(bias), eps).to(x.dtype)
     if weight.dtype != x.dtype:  # the residual stream may be fp32 while weights are not
         weight = weight.to(x.dtype)
         bias = None if bias is None else bias.to(x.dtype)
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def _float(t):
+    return None if t is None else t.float()
 
 
 def add_layer_norm(x, residual, weight, bias, eps):
@@ -45,6 +54,10 @@ def causal_attention(q, k, v, scale, dropout_p):
         return reference.causal_attention(q, k, v, scale, dropout_p)
     if cpu_attention.applies(q, k):
         return cpu_attention.causal_attention(q, k, v, scale, dropout_p)
+    if scale <= 0.0:
+        # SDPA returns NaN rows for a scale of 0 or below (its CPU kernels, torch 2.14:
+        # the masked -inf times the scale); the reference's math is explicit and fp32.
+        return reference.causal_attention(q, k, v, scale, dropout_p)
     if _sdpa_in_fp32(q, k, v):
         return causal_attention(q.float(), k.float(), v.float(), scale, dropout_p).to(q.dtype)
     q, k, v = (_sdpa_aligned(t) for t in (q, k, v))
@@ -58,14 +71,14 @@ def causal_attention(q, k, v, scale, dropout_p):
 
 
 def _sdpa_in_fp32(q, k, v) -> bool:
-    """Whether to train SDPA in fp32 on the CPU: for short sequences its 16-bit backward
-    is 3-4x slower than its fp32 one (torch 2.14, 2-core EPYC, (12, 4, 64, 32) forward and
-    backward: fp16 6.3 vs 1.6 ms, bf16 4.3 vs 1.3 ms), which outweighs the casts; from
-    ~512 positions on the two cost the same. Short bf16 calls take `cpu_attention` first,
-    so this serves fp16 and the KV cache."""
-    return (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
-            and k.shape[-2] <= cpu_attention.MAX_SEQ
-            and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
+    """Whether to run SDPA in fp32 on the CPU, for every 16-bit call that reaches it: its
+    16-bit kernels round what FlashAttention keeps in fp32 (on scores in the tens, bf16
+    gradients off by more than their own size in some rows, where fp32 then rounded is
+    exact to the bf16 result), and for short sequences their backward is 3-4x slower than
+    the fp32 one too (torch 2.14, 2-core EPYC, (12, 4, 64, 32) forward and backward: fp16
+    6.3 vs 1.6 ms, bf16 4.3 vs 1.3 ms); from ~512 positions the two cost the same, plus
+    the casts. Short bf16 training calls take `cpu_attention` first."""
+    return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
 
 
 # SDPA's fused CUDA kernels load 16-byte vectors: each tensor must start on a 16-byte
@@ -96,18 +109,27 @@ def _sdpa_aligned(t):
 
 
 def cross_entropy(logits, targets, ignore_index, reduction):
-    losses = F.cross_entropy(_at_least_fp32(logits.reshape(-1, logits.shape[-1])),
-                             targets.reshape(-1).long(), ignore_index=ignore_index,
+    flat_targets = targets.reshape(-1).long()
+    # An ignored row is ignored whatever its logits: F.cross_entropy would give a row of
+    # -inf a NaN gradient (softmax 0/0) even though it does not count.
+    keep = (flat_targets != ignore_index).unsqueeze(1)
+    rows = _at_least_fp32(logits.reshape(flat_targets.numel(), logits.shape[-1]))
+    logits = torch.where(keep, rows, 0.0)
+    losses = F.cross_entropy(logits, flat_targets, ignore_index=ignore_index,
                              reduction=reduction)
     return losses.view(targets.shape) if reduction == "none" else losses
 
 
 def linear_cross_entropy(x, weight, targets, bias, ignore_index, reduction):
     rows = x.numel() // max(1, x.shape[-1])
-    if rows * weight.shape[0] <= chunked.SINGLE_CHUNK_LOGITS:
+    if rows * weight.shape[0] <= chunked.SINGLE_CHUNK_LOGITS and \
+            x.dtype in (torch.float32, torch.float64):
         # Logits no larger than one chunk: eager's linear and cross-entropy hold no more
         # memory than the chunk loop would, without its Python (at the CPU seed run's
-        # 768 x 65 logits, 0.4 ms of a 0.8 ms forward and backward).
+        # 768 x 65 logits, 0.4 ms of a 0.8 ms forward and backward). Not in 16 bits:
+        # eager's backward rounds the loss's gradient (upstream / N) to 16 bits with
+        # every entry of dlogits, so every gradient carries that one rounding, a bias of
+        # up to 0.2 % in bf16; the chunk loop applies the scale in fp32 after its GEMMs.
         return cross_entropy(F.linear(x, weight, bias), targets, ignore_index, reduction)
     return chunked.linear_cross_entropy(x, weight, targets, bias, ignore_index, reduction)
 

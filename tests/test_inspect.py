@@ -247,3 +247,9 @@ def test_help_lists_every_key(capsys):
     printed = capsys.readouterr().out
     for key in ("init_from", "start", "out_dir", "device", "backend", "top_k"):
         assert f"--{key}=" in printed
+
+
+def test_top_k_beyond_the_vocabulary_keeps_every_token(char_checkpoint, tmp_path, capsys):
+    record = run_inspect(capsys, tmp_path / "i", f"--init_from={char_checkpoint}",
+                         f"--start={PROMPT}", "--top_k=1000")
+    assert len(record["logit_lens"]["top_ids"][0][0]) == len(CHARS)  # depth 0, position 0

@@ -43,6 +43,32 @@ def test_1_zeros_are_rejected_however_small_the_gradient():
         assert not compare("dlogits", wrong, grad, eager).passed
 
 
+# ----------------------------------------------------------------------------- 2. autocast mix
+
+def test_2_cuda_add_layer_norm_takes_a_bf16_branch_on_an_fp32_stream():
+    """Under bf16 autocast the attention's output is bf16 and the residual stream fp32; the
+    cuda wrapper must promote them to the sum's dtype before its kernel, whose checks (its
+    fake implementation checks the same, so the meta device runs them without a GPU)
+    reject a mix."""
+    from kernels.cuda import layer_norm as cuda_layer_norm
+
+    x = torch.empty(4, 96, device="meta", dtype=torch.bfloat16)
+    residual = torch.empty(4, 96, device="meta", dtype=torch.float32)
+    weight = torch.empty(96, device="meta", dtype=torch.float32)
+    summed, y = cuda_layer_norm.add_layer_norm(x, residual, weight, None, 1e-5)
+    assert summed.dtype == y.dtype == torch.float32
+
+
+@pytest.mark.gpu
+def test_2_cuda_add_layer_norm_autocast_mix_on_gpu():
+    if not kernels.available_backends()["cuda"].available:
+        pytest.skip("cuda backend unavailable")
+    case = SPECS["add_layer_norm"].case("autocast_mix")
+    failed = [str(v) for v in run_case(SPECS["add_layer_norm"], case, "cuda", torch.bfloat16,
+                                       DEVICE) if not v.passed]
+    assert not failed, failed
+
+
 # ----------------------------------------------------------------------------- 3. auto
 
 @needs_triton

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import gpt.data
+import kernels
 from gpt import sample
 from gpt.checkpoint import save_checkpoint
 from gpt.model import GPT, GPTConfig
@@ -109,6 +110,21 @@ def test_bad_inputs_exit_2_with_a_message(override, message, char_checkpoint, ca
         sample.main([*RUN, f"--out_dir={char_checkpoint}", override])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_an_unavailable_backend_is_a_clear_error(char_checkpoint, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if kernels.available_backends()["triton"].available:
+        pytest.skip("triton runs here")
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main([*RUN, f"--out_dir={char_checkpoint}", "--backend=triton"])
+    assert exit_info.value.code == 2
+    assert "backend 'triton' is not available here" in capsys.readouterr().err
+
+
+def test_top_k_beyond_the_vocabulary_keeps_every_token(char_checkpoint, capsys):
+    texts = samples(capsys, [*RUN, f"--out_dir={char_checkpoint}", "--top_k=100000"])
+    assert len(texts) == 3
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):

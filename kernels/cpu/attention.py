@@ -18,8 +18,11 @@ Backward, given dO (dropout reuses the forward's mask Z, scaled by 1 / (1 - p)):
     dP = dropout(dO V^T) = (dO V^T) * Z
     dS = P * (dP - rowsum(dP * P))          (softmax's Jacobian: `_softmax_backward_data`)
     dQ = scale * dS K        dK = scale * dS^T Q
-The numerics are eager attention's in the same dtype (nanoGPT's non-flash path): S and P
-are rounded to bf16 between the products, the softmax itself runs in fp32.
+The numerics are FlashAttention's: S, the softmax, dP and dS are fp32 (from bf16
+operands), and only what enters a bf16 product is rounded to bf16: P for P V and dV, dS
+for dQ and dK. Eager bf16 attention (nanoGPT's non-flash path) rounds S too, which with
+scores in the tens loses the probabilities: one bf16 ulp of a score of 64 is 0.25, a 28 %
+change of its probability.
 """
 from __future__ import annotations
 
@@ -88,24 +91,34 @@ class _BatchedCausalAttention(torch.autograd.Function):
 
 
 def forward(q3, k3, v3, scale: float, keep, dropout_p: float):
-    """(out, probs) for dense (B*H, T, D) heads; `keep`: the dropout mask or None."""
+    """(out, probs) for dense (B*H, T, D) heads; `keep`: the dropout mask or None; probs
+    are the fp32 probabilities (the backward's), out is in q's dtype."""
     t = q3.shape[1]
-    scores = torch.baddbmm(_causal_bias(t, q3.dtype), q3, k3.transpose(1, 2), alpha=scale)
+    scores = torch.baddbmm(_causal_bias(t, torch.float32), q3.float(),
+                           k3.float().transpose(1, 2), alpha=scale)
     probs = torch.softmax(scores, dim=-1)
-    return torch.bmm(_dropout(probs, keep, dropout_p), v3), probs
+    return torch.bmm(_dropout(probs, keep, dropout_p).to(v3.dtype), v3), probs
 
 
 def backward(do3, q3, k3, v3, probs, keep, dropout_p: float, scale: float,
              needed=(True, True, True)):
     """(dq, dk, dv) as (B*H, T, D) given dO and what `forward` saw and returned; None for
     those not `needed`."""
+    with torch.autocast("cpu", enabled=False):  # a backward run inside autocast, too
+        return _backward(do3, q3, k3, v3, probs, keep, dropout_p, scale, needed)
+
+
+def _backward(do3, q3, k3, v3, probs, keep, dropout_p, scale, needed):
     need_q, need_k, need_v = needed
-    dv = torch.bmm(_dropout(probs, keep, dropout_p).transpose(1, 2), do3) if need_v else None
+    dtype = q3.dtype
+    dv = torch.bmm(_dropout(probs, keep, dropout_p).to(dtype).transpose(1, 2), do3) \
+        if need_v else None
     if not (need_q or need_k):
         return None, None, dv
-    # Dropout's backward is dropout with the forward's mask.
-    dp = _dropout(torch.bmm(do3, v3.transpose(1, 2)), keep, dropout_p)
-    ds = torch._softmax_backward_data(dp, probs, -1, probs.dtype).mul_(scale)
+    # Dropout's backward is dropout with the forward's mask. dP in fp32: dS = P (dP -
+    # rowsum(dP P)) cancels, and a bf16 dP would leave it a few bits.
+    dp = _dropout(torch.bmm(do3.float(), v3.float().transpose(1, 2)), keep, dropout_p)
+    ds = torch._softmax_backward_data(dp, probs, -1, torch.float32).mul_(scale).to(dtype)
     return (torch.bmm(ds, k3) if need_q else None,
             torch.bmm(ds.transpose(1, 2), q3) if need_k else None, dv)
 

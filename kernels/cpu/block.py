@@ -126,6 +126,11 @@ class _TransformerBlock(torch.autograd.Function):
     @once_differentiable("kernels.cpu.fused_block (the CPU one-node transformer block; "
                          "GPTConfig.cpu_fused_block=False trains through the modules)")
     def backward(ctx, dout):
+        with torch.autocast("cpu", enabled=False):  # a backward run inside autocast, too
+            return _TransformerBlock._backward(ctx, dout)
+
+    @staticmethod
+    def _backward(ctx, dout):
         (x2, mean1, rstd1, h1, q3, k3, v3, probs, keep, y, attn_drop, r, mean2, rstd2, h2, f, g,
          mlp_drop, ln1_w, ln1_b, ln2_w, ln2_b, wa, wp, wfc, wfp) = ctx.saved_tensors
         (B, T, C), H = ctx.shape, ctx.n_head

@@ -90,11 +90,16 @@ CASES = (
     _case("row_padded", 1, 2, 24, 32, layout="row_padded"),
     _case("strided", 1, 2, 17, 16, layout="strided"),
     _case("custom_scale", 1, 2, 30, 32, scale=0.37),
+    # Legal scales a kernel may mishandle: 0 (uniform attention over the allowed keys; a
+    # masked -inf times 0 is NaN) and negative (the mask must not flip with the sign).
+    _case("zero_scale", 1, 2, 21, 16, scale=0.0),
+    _case("negative_scale", 1, 2, 21, 16, scale=-0.3),
     # Scores of +-100s: softmax rows that are one-hot to fp32 precision.
     _case("peaked", 1, 2, 40, 32, value_scale=6.0),
     _case("kv_cache", 1, 2, 5, 32, t_k=19),
     _case("autocast", 2, 2, 33, 32, autocast_inputs=True,
           dtypes=(torch.bfloat16, torch.float16)),
+    _case("many_rows", 4, 4, 64, 16),  # 1024 query rows: a 0.2 % bias resolves
 )
 
 
@@ -105,4 +110,5 @@ def _bench_inputs(dims, dtype, device, gen):
 
 
 SPEC = OpSpec("causal_attention", PARAMS, canonicalize, reference.causal_attention, eager,
-              _bench_inputs, CASES)
+              _bench_inputs, CASES,
+              result_dtypes=lambda call: (call["q"].dtype,))  # autocast's, under autocast

@@ -47,6 +47,12 @@ class OpSpec:
                        dtype: the accuracy a kernel is held to in low precision.
     bench_inputs(dims, dtype, device, generator) -> Inputs   a benchmark shape's inputs.
     cases              the conformance suite's calls (`kernels.specs.inputs.Case`).
+    result_dtypes(call) -> (dtype, ...)   the dtype of each output the op promises for a
+                       call (part of the answer: the conformance suite checks it).
+    precision(call) -> dtype   the precision the op computes in, which bounds how exactly
+                       its results can be judged: by default the call's coarsest floating
+                       tensor (a matmul in bf16 rounds its products to bf16 however wide
+                       its output); cross-entropy promises fp32 math on its logits.
     """
     name: str
     params: tuple[str, ...]
@@ -55,6 +61,14 @@ class OpSpec:
     eager: Callable
     bench_inputs: Callable[[dict, torch.dtype, torch.device, torch.Generator], Inputs]
     cases: tuple[Case, ...]
+    result_dtypes: Callable[[Call], tuple[torch.dtype, ...]]
+    precision: Callable[[Call], torch.dtype] | None = None
+
+    def working_dtype(self, call: Call) -> torch.dtype:
+        """`precision(call)`, or the call's coarsest floating dtype."""
+        if self.precision is not None:
+            return self.precision(call)
+        return max(call.dtypes(), key=lambda dtype: torch.finfo(dtype).eps)
 
     def call(self, args: tuple, device: torch.device, torch_only: str | None = None) -> Call:
         return Call(self.name, self.params, args, device, torch_only)

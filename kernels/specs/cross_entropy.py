@@ -58,9 +58,21 @@ def canonicalize_linear(x, weight, targets, bias=None, ignore_index=-100, reduct
                             device)
 
 
+def without_classes(logits, targets, ignore_index, reduction):
+    """The result for logits with no classes (V = 0), where every target is ignore_index
+    (checked): losses of 0, reduced as F.cross_entropy does (a mean over no target is NaN),
+    connected to the logits so that their (empty) gradient flows. No kernel is involved:
+    `kernels.ops` answers such calls itself on every backend."""
+    losses = logits.reshape(targets.numel(), 0).sum(dim=1, dtype=loss_dtype(logits.dtype))
+    if reduction == "none":
+        return losses.view(targets.shape)
+    total = losses.sum()
+    return total if reduction == "sum" else total / (targets != ignore_index).sum()
+
+
 def eager(logits, targets, ignore_index=-100, reduction="mean"):
     """F.cross_entropy on the logits upcast to fp32, as under torch.autocast."""
-    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+    losses = F.cross_entropy(logits.reshape(targets.numel(), logits.shape[-1]).float(),
                              targets.reshape(-1).long(), ignore_index=ignore_index,
                              reduction=reduction)
     return losses.view(targets.shape) if reduction == "none" else losses
@@ -75,10 +87,12 @@ def eager_linear(x, weight, targets, bias=None, ignore_index=-100, reduction="me
 def _case(name, rows, vocab, reduction="mean", lead=None, logits_layout="contiguous",
           targets_layout="contiguous", ignore_index=-100, ignored=(1,), index_dtype=torch.int64,
           scale=3.0, neg_inf_columns=0, offset=0.0, loss_scale=1.0, out_of_range=False,
-          dtypes=None):
+          ignored_fill=None, dtypes=None):
     def build(dtype, device, gen):
         values = make.draw((rows, vocab), gen, scale, offset)
         values[:, :neg_inf_columns] = float("-inf")
+        if ignored_fill is not None:  # what an ignored row holds must not matter
+            values[list(ignored)] = ignored_fill
         if neg_inf_columns:  # the targets must have a finite logit for a finite loss
             values[:, -1] = values[:, -1].clamp(min=0.0)
         shape = lead + (vocab,) if lead else (rows, vocab)
@@ -123,6 +137,14 @@ CASES = (
     # gradient's small probabilities must survive in fp16.
     _case("gradscaler", 64, 512, loss_scale=GRADSCALER_SCALE, scale=4.0, ignored=(),
           dtypes=(torch.float16,)),
+    _case("many_rows", 256, 256),  # a 0.2 % bias resolves
+    # An ignored row counts 0 and gets a zero gradient whatever its logits, -inf included
+    # (its softmax would be 0/0).
+    _case("ignored_neg_inf_row", 5, 40, ignored=(1, 3), ignored_fill=float("-inf")),
+    # No classes at all: every target must be ignored; F.cross_entropy's results.
+    _case("no_classes", 3, 0, ignored=(0, 1, 2)),
+    _case("no_classes_sum", 3, 0, ignored=(0, 1, 2), reduction="sum"),
+    _case("no_classes_none", 3, 0, ignored=(0, 1, 2), reduction="none"),
     _case("target_out_of_range", 4, 30, out_of_range=True),
 )
 
@@ -176,6 +198,8 @@ LINEAR_CASES = (
     # The model under autocast: fp32 x and lm_head weight, the matmul in bf16/fp16.
     _linear_case("autocast", 16, 32, 100, bias=False, autocast_inputs=True,
                  dtypes=(torch.bfloat16, torch.float16)),
+    _linear_case("many_rows", 256, 32, 256),  # a 0.2 % bias resolves
+    _linear_case("no_classes", 4, 16, 0, ignored=(0, 1, 2, 3)),
     _linear_case("target_out_of_range", 5, 16, 40, out_of_range=True),
 )
 
@@ -193,8 +217,15 @@ def _bench_linear_inputs(dims, dtype, device, gen):
     return Inputs((x, weight, make.targets(n, v, device, gen), None, -100, "mean"), (0, 1))
 
 
+def loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Losses are fp32 whatever the logits' dtype (fp64 stays fp64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 SPEC = OpSpec("cross_entropy", PARAMS, canonicalize, reference.cross_entropy, eager,
-              _bench_inputs, CASES)
+              _bench_inputs, CASES,
+              result_dtypes=lambda call: (loss_dtype(call["logits"].dtype),),
+              precision=lambda call: loss_dtype(call["logits"].dtype))
 LINEAR_SPEC = OpSpec("linear_cross_entropy", LINEAR_PARAMS, canonicalize_linear,
                      reference.linear_cross_entropy, eager_linear, _bench_linear_inputs,
-                     LINEAR_CASES)
+                     LINEAR_CASES, result_dtypes=lambda call: (loss_dtype(call["x"].dtype),))

@@ -98,7 +98,7 @@ def tensor(shape, dtype, device, generator, layout="contiguous", scale=1.0, offs
 def targets(rows, vocab, device, generator, layout="contiguous", ignore_index=-100,
             ignored=(), dtype=torch.int64) -> torch.Tensor:
     """Class indices in [0, vocab) with the rows in `ignored` set to ignore_index."""
-    values = torch.randint(0, vocab, (rows,), generator=generator, device=generator.device)
+    values = torch.randint(0, max(vocab, 1), (rows,), generator=generator, device=generator.device)
     for row in ignored:
         if row < rows:
             values[row] = ignore_index

@@ -1,7 +1,8 @@
 """layer_norm and add_layer_norm: the checks, the eager baseline and the test inputs.
 
-layer_norm(x[..., C], weight[C], bias[C] | None, eps) -> [..., C] in x's dtype; the
-parameters may be another float dtype than x (fp32 weights on a bf16 activation).
+layer_norm(x[..., C], weight[C] | None, bias[C] | None, eps) -> [..., C] in x's dtype; the
+parameters may be another float dtype than x (fp32 weights on a bf16 activation); no
+weight means a gain of ones, as in F.layer_norm.
 add_layer_norm(x, residual, weight, bias, eps) -> (s, layer_norm(s)), s = x + residual in
 the dtype PyTorch gives the sum: under autocast a bf16 branch output is added to the fp32
 residual stream, and s is fp32.
@@ -27,6 +28,7 @@ def canonicalize(x, weight, bias=None, eps=1e-5):
     check_float("x", x)
     if x.dim() == 0:
         raise ValueError("x must have at least one dim (the channels), got a scalar")
+    weight = _no_gain(x) if weight is None else weight
     check_shape("weight", weight, (x.shape[-1],))
     check_shape("bias", bias, (x.shape[-1],))
     check_eps(eps)
@@ -38,6 +40,7 @@ def canonicalize_add(x, residual, weight, bias=None, eps=1e-5):
     check_float("x", x)
     if x.dim() == 0:
         raise ValueError("x must have at least one dim (the channels), got a scalar")
+    weight = _no_gain(x) if weight is None else weight
     check_shape("residual", residual, tuple(x.shape))
     check_shape("weight", weight, (x.shape[-1],))
     check_shape("bias", bias, (x.shape[-1],))
@@ -47,9 +50,15 @@ def canonicalize_add(x, residual, weight, bias=None, eps=1e-5):
                           float(eps)), device)
 
 
+def _no_gain(x):
+    """weight=None, as F.layer_norm takes it: a gain of ones (every backend then runs the
+    one form; no gradient is asked of it)."""
+    return torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
+
+
 def eager(x, weight, bias=None, eps=1e-5):
-    bias = None if bias is None else bias.to(x.dtype)
-    return F.layer_norm(x, (x.shape[-1],), weight.to(x.dtype), bias, eps)
+    weight, bias = (None if t is None else t.to(x.dtype) for t in (weight, bias))
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
 def eager_add(x, residual, weight, bias=None, eps=1e-5):
@@ -68,7 +77,7 @@ def _params(channels, dtype, device, gen, layout="contiguous", param_dtype=None,
 
 def _layer_norm_case(name, shape, x_layout="contiguous", param_layout="contiguous",
                      bias=True, fp32_params=False, scale=1.0, offset=0.0, constant_rows=0,
-                     dtypes=None):
+                     gain=True, dtypes=None):
     def build(dtype, device, gen):
         values = make.draw(shape, gen, scale, offset)
         if constant_rows:  # zero variance: y must be exactly the bias
@@ -76,8 +85,8 @@ def _layer_norm_case(name, shape, x_layout="contiguous", param_layout="contiguou
         x = make.place(values, dtype, device, x_layout)
         weight, b = _params(shape[-1], dtype, device, gen, param_layout,
                             torch.float32 if fp32_params else None, bias)
-        grad_args = (0, 1, 2) if bias else (0, 1)
-        return Inputs((x, weight, b, 1e-5), grad_args)
+        grad_args = (0,) + ((1,) if gain else ()) + ((2,) if bias else ())
+        return Inputs((x, weight if gain else None, b, 1e-5), grad_args)
     return Case(name, build, dtypes=dtypes)
 
 
@@ -95,6 +104,11 @@ LAYER_NORM_CASES = (
     _layer_norm_case("fp32_params", (4, 96), fp32_params=True, dtypes=LOW_PRECISION),
     _layer_norm_case("large_mean", (4, 128), offset=50.0, scale=3.0),
     _layer_norm_case("constant_rows", (5, 64), constant_rows=2, offset=2.0),
+    # Enough rows that the weight and bias gradients are long reductions (a 16-bit sum
+    # of them is off by ~1e-2), and that a 0.2 % bias stands out of the rounding noise.
+    _layer_norm_case("many_rows", (384, 128)),
+    _layer_norm_case("no_gain", (4, 64), gain=False),  # weight None, as F.layer_norm takes
+    _layer_norm_case("no_channels", (4, 0)),
 )
 
 
@@ -121,6 +135,8 @@ ADD_LAYER_NORM_CASES = (
     _add_case("no_bias", (4, 64), bias=False),
     # The model under autocast: a bf16/fp16 branch output onto the fp32 residual stream.
     _add_case("autocast_mix", (4, 6, 96), fp32_residual=True, dtypes=LOW_PRECISION),
+    _add_case("many_rows", (256, 128)),  # long reductions; a 0.2 % bias resolves
+    _add_case("no_channels", (3, 0)),
 )
 
 
@@ -137,7 +153,12 @@ def _bench_add_inputs(dims, dtype, device, gen):
     return Inputs((x, residual, weight, b, eps), (0, 1, 2, 3))
 
 
+def _sum_dtype(call) -> torch.dtype:
+    return torch.promote_types(call["x"].dtype, call["residual"].dtype)
+
+
 SPEC = OpSpec("layer_norm", PARAMS, canonicalize, reference.layer_norm, eager,
-              _bench_inputs, LAYER_NORM_CASES)
+              _bench_inputs, LAYER_NORM_CASES, result_dtypes=lambda call: (call["x"].dtype,))
 ADD_SPEC = OpSpec("add_layer_norm", ADD_PARAMS, canonicalize_add, reference.add_layer_norm,
-                  eager_add, _bench_add_inputs, ADD_LAYER_NORM_CASES)
+                  eager_add, _bench_add_inputs, ADD_LAYER_NORM_CASES,
+                  result_dtypes=lambda call: (_sum_dtype(call), _sum_dtype(call)))

@@ -82,6 +82,29 @@ def _case(name, lead, channels, hidden, x_layout="contiguous", layouts=("contigu
     return Case(name, build, dtypes=dtypes)
 
 
+def _gelu_tails_case(name, rows, channels, approximate):
+    """Each output is one GELU of a pre-activation in [-3.3, -2.5], where the two flavours
+    differ by 1.8-3 % of the largest output (and by 3-20 % of each): c_fc copies channel
+    j % C into hidden unit j and c_proj reads hidden unit i into output i, all exact in
+    every dtype. A kernel computing the other flavour fails here even in bf16, whose
+    rounding hides the difference in an ordinary MLP (~1e-4 of its outputs). 16-bit only:
+    fp32 sees the flavour in every case, and its erf form loses ~6e-5 of each value to
+    cancellation in these tails (1 + erf(x / sqrt 2) with erf near -1), in PyTorch too."""
+    hidden = 4 * channels
+
+    def build(dtype, device, gen):
+        x = make.place(-2.9 + 0.4 * torch.tanh(make.draw((rows, channels), gen)), dtype, device)
+        copy = torch.zeros(hidden, channels)
+        copy[torch.arange(hidden), torch.arange(hidden) % channels] = 1.0
+        read = torch.zeros(channels, hidden)
+        read[torch.arange(channels), torch.arange(channels)] = 1.0
+        w_fc, w_proj = make.place(copy, dtype, device), make.place(read, dtype, device)
+        b_fc = make.place(torch.zeros(hidden), dtype, device)
+        b_proj = make.place(torch.zeros(channels), dtype, device)
+        return Inputs((x, w_fc, b_fc, w_proj, b_proj, approximate), (0, 1, 2, 3, 4))
+    return Case(name, build, dtypes=(torch.bfloat16, torch.float16))
+
+
 CASES = (
     _case("basic", (3, 5), 32, 128),
     _case("exact_gelu", (3, 5), 32, 128, approximate="none"),
@@ -100,6 +123,9 @@ CASES = (
           dtypes=(torch.bfloat16, torch.float16)),
     _case("autocast_exact_gelu", (2, 5), 32, 128, approximate="none", autocast_inputs=True,
           dtypes=(torch.bfloat16, torch.float16)),
+    _case("many_rows", (512,), 64, 256),  # long reductions; a 0.2 % bias resolves
+    _gelu_tails_case("gelu_tails", 64, 32, "tanh"),
+    _gelu_tails_case("gelu_tails_exact", 64, 32, "none"),
 )
 
 
@@ -110,4 +136,5 @@ def _bench_inputs(dims, dtype, device, gen):
     return Inputs((x, w_fc, b_fc, w_proj, b_proj, "tanh"), (0, 1, 2, 3, 4))
 
 
-SPEC = OpSpec("mlp_gelu", PARAMS, canonicalize, reference.mlp_gelu, eager, _bench_inputs, CASES)
+SPEC = OpSpec("mlp_gelu", PARAMS, canonicalize, reference.mlp_gelu, eager, _bench_inputs, CASES,
+              result_dtypes=lambda call: (call["x"].dtype,))  # autocast's, under autocast

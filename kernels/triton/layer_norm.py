@@ -199,7 +199,7 @@ def _bwd_max_programs(device: torch.device) -> int:
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """t as (rows, C) with a unit column stride, copying only when no such view exists."""
-    t2d = t.reshape(-1, t.shape[-1])
+    t2d = t.reshape(t.numel() // max(t.shape[-1], 1), t.shape[-1])
     return t2d if t2d.stride(-1) == 1 else t2d.contiguous()
 
 
@@ -207,13 +207,13 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 def _forward(x, residual, weight, bias, eps, summed_dtype):
     n_rows, n_cols = x.shape
-    (block_m, block_n, num_warps), _ = launch_config(n_cols)
+    (block_m, block_n, num_warps), _ = launch_config(max(n_cols, 1))
     summed = torch.empty((n_rows, n_cols), dtype=summed_dtype, device=x.device) \
         if residual is not None else None
     y = torch.empty((n_rows, n_cols), dtype=summed_dtype, device=x.device)
     mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    if not n_rows:
+    if not n_rows or not n_cols:  # nothing to normalize (the sum of no channels too)
         return summed, y, mean, rstd
     with on_device_of(x):
         _layer_norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
@@ -266,7 +266,7 @@ def layer_norm_bwd(dy: torch.Tensor, dsummed: Optional[torch.Tensor], x: torch.T
     (the gradient reaching the fused variant's returned sum). dbias is in weight's dtype."""
     n_rows, n_cols = x.shape
     dy, dsummed = _rows(dy), None if dsummed is None else _rows(dsummed)
-    _, (block_m, block_n, num_warps, split_rows) = launch_config(n_cols)
+    _, (block_m, block_n, num_warps, split_rows) = launch_config(max(n_cols, 1))
     n_tiles = triton.cdiv(n_rows, block_m)
     # At least one program, so that 0 rows still give (zero) weight gradients.
     tiles_per_program = max(1, triton.cdiv(n_tiles, _bwd_max_programs(x.device)))
@@ -274,7 +274,7 @@ def layer_norm_bwd(dy: torch.Tensor, dsummed: Optional[torch.Tensor], x: torch.T
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     partial_dw = torch.zeros((n_programs, n_cols), dtype=torch.float32, device=x.device)
     partial_db = torch.zeros((n_programs, n_cols), dtype=torch.float32, device=x.device)
-    if n_rows:
+    if n_rows and n_cols:
         with on_device_of(x):
             _layer_norm_bwd_kernel[(n_programs, triton.cdiv(n_cols, block_n))](
                 dy, dsummed, x, weight, mean, rstd, dx, partial_dw, partial_db,

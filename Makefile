@@ -36,11 +36,11 @@ bench: install
 
 # The GPU runbook for a short rental, with the machine's Python: offline install, the GPU
 # conformance and GPU tests, the headline benchmarks, then the rest, within a time budget,
-# into bench/results/<gpu>-<date>/ (see bench/gpu_check.py). Arguments pass through:
+# into bench/results/<gpu>-<date>/ (see bench/gpu/check.py). Arguments pass through:
 #   make gpu-check GPU_CHECK_ARGS=--dry-run            # the plan and its estimates, no GPU needed
 #   make gpu-check GPU_CHECK_ARGS="--budget 900 --skip gpu-tests"
 gpu-check:
-	$(PYTHON) bench/gpu_check.py $(GPU_CHECK_ARGS)
+	$(PYTHON) bench/gpu/check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -7,16 +7,19 @@ import torch
 
 import kernels
 from kernels import reference, torch_backend
-from bench import correctness, kernel_suite, output, peaks, problems, report, results, timing
-from bench.problems import PROBLEMS, Shape, attention_flops, work
-from bench.results import CHECK_ONLY, FAILED, OK
+from bench import timing
+from bench.kernels import correctness, problems, suite as kernel_suite
+from bench.kernels.problems import PROBLEMS, Shape, attention_flops, work
+from bench.output import files as output, report, results
+from bench.output.results import CHECK_ONLY, FAILED, OK
+from bench.timing import peaks
 
 
 # ----------------------------------------------------------------------------- formulas
 
 def test_every_op_has_a_problem():
     assert set(kernels.OPS) <= set(PROBLEMS)
-    with pytest.raises(KeyError, match="add one to bench.problems.PROBLEMS"):
+    with pytest.raises(KeyError, match="add one to bench.kernels.problems.PROBLEMS"):
         problems.problem("no_such_op")
 
 

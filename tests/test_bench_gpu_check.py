@@ -7,8 +7,8 @@ import tarfile
 
 import pytest
 
-from bench import gpu_check
-from bench.gpu_check import Stage
+from bench.gpu import check as gpu_check
+from bench.gpu.check import Stage
 
 PY = sys.executable
 
@@ -70,11 +70,11 @@ def test_plan_rendering_fits_the_budget():
 
 
 def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path):
-    done = subprocess.run([PY, str(gpu_check.REPO_ROOT / "bench" / "gpu_check.py"), "--dry-run",
+    done = subprocess.run([PY, str(gpu_check.REPO_ROOT / "bench" / "gpu" / "check.py"), "--dry-run",
                            "--budget", "600"], capture_output=True, text=True, timeout=120,
                           cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "budget 600 s" in done.stdout and "bench.headline attention" in done.stdout
+    assert "budget 600 s" in done.stdout and "bench headline attention" in done.stdout
     assert not list(tmp_path.iterdir())
     assert "<gpu>" in done.stdout  # no device was looked up
 

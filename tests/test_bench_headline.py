@@ -3,9 +3,10 @@ only; here each runs at a tiny size through the same code)."""
 import pytest
 import torch
 
-from bench import headline, predictions
-from bench.problems import PROBLEMS
-from bench.results import OK
+from bench.kernels import headline
+from bench.kernels.problems import PROBLEMS
+from bench.output.results import OK
+from bench.static import predictions
 from kernels import gpus
 
 CPU = torch.device("cpu")

@@ -217,7 +217,7 @@ def test_7_nanogpt_checkpoints_are_evaluated_with_the_exact_gelu(tmp_path):
     GELU put our logits 5e-3 away from its own. A nanoGPT checkpoint (model_args without
     `backend` or `gelu_approximate`, keys prefixed by torch.compile) now loads with the
     exact GELU and gives nanoGPT's logits to 1e-5 in fp32."""
-    from bench.nanogpt_baseline import NanoGPT
+    from bench.training.nanogpt_baseline import NanoGPT
     from gpt.model import GPT, GPTConfig
 
     args = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=True, vocab_size=65,

@@ -1,10 +1,10 @@
 """Markdown tables from results documents (`python -m bench render FILE.json` re-renders)."""
 from __future__ import annotations
 
-from bench import side_by_side, sweep
-from bench.e2e import NANOGPT
-from bench.kernel_suite import COMPILE
-from bench.results import CHECK_ONLY, FAILED
+from bench.kernels.suite import COMPILE
+from bench.output.results import CHECK_ONLY, FAILED
+from bench.training import side_by_side, sweep
+from bench.training.e2e import NANOGPT
 
 IMPL_LEGEND = {
     "torch": "the `torch` backend: PyTorch eager with its fused built-ins (F.layer_norm, "
@@ -81,7 +81,7 @@ def render_kernels(doc: dict) -> str:
         "", "Implementations:", ""]
     impls = sorted({r["impl"] for r in rows}, key=lambda i: list(IMPL_LEGEND).index(i)
                    if i in IMPL_LEGEND else len(IMPL_LEGEND))
-    lines += [f"- `{i}`: {IMPL_LEGEND.get(i, 'see bench/problems.py')}" for i in impls]
+    lines += [f"- `{i}`: {IMPL_LEGEND.get(i, 'see bench/kernels/problems.py')}" for i in impls]
     if cpu:
         lines += ["", "On the CPU only PyTorch runs for real: the `triton` rows (if any) ran "
                       "under the Triton interpreter for correctness and were not timed. The "
@@ -124,7 +124,7 @@ def render_e2e(doc: dict) -> str:
     if any(r["impl"] == NANOGPT for r in train):
         lines += ["", f"`{NANOGPT}`: no nanoGPT checkout was given (`--nanogpt PATH`), so "
                       "a minimal re-implementation of nanoGPT's model (nn.GELU, SDPA, full "
-                      "logits + F.cross_entropy; bench/nanogpt_baseline.py) is trained by our "
+                      "logits + F.cross_entropy; bench/training/nanogpt_baseline.py) is trained by our "
                       "step instead. It is not nanoGPT's code or loop: compare with nanoGPT "
                       "itself side by side (nanogpt.md) where a checkout is at hand."]
     else:

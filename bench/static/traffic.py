@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 import kernels
-from bench.problems import Problem, Shape
+from bench.kernels.problems import Problem, Shape
 
 PASSES = ("fwd", "bwd")
 

@@ -5,14 +5,14 @@
 For every kernel x config the launchers can pick x dtype x arch (sm_80, sm_90), Triton
 (every AotSpec, compiled ahead of time: `kernels.triton.aot`) and CUDA (every kernel of the built extension, `cuobjdump`):
 - registers, spills, shared memory against the arch's per-block limit, and theoretical
-  occupancy (`bench.occupancy`);
-- the SASS instruction mix (`bench.sass`): tensor-core instruction, ldmatrix, async
+  occupancy (`bench.static.occupancy`);
+- the SASS instruction mix (`bench.static.sass`): tensor-core instruction, ldmatrix, async
   copies, 128-bit global accesses, local memory.
 Per op: the bytes each pass's Triton kernels move and the FLOPs they issue, counted under
 the Triton interpreter at the op's interpreter shape, beside the op's minimum at that
-shape (`bench.traffic`); and at GPT-2 shapes, the roofline (`bench.roofline`) on the GPUs
+shape (`bench.static.traffic`); and at GPT-2 shapes, the roofline (`bench.static.roofline`) on the GPUs
 of `kernels.gpus.ROOFLINE_GPUS`, ideal and with the counted traffic.
-Findings (`bench.static_findings`) list what the numbers say needs work.
+Findings (`bench.static.findings`) list what the numbers say needs work.
 
 Needs TRITON_INTERPRET=1 before triton is imported (`python -m bench static` sets it).
 """
@@ -27,11 +27,12 @@ from pathlib import Path
 import torch
 import triton
 
-from bench import machine, resources, roofline, sass, traffic
-from bench.occupancy import occupancy
-from bench.static_findings import findings
-from bench.static_markdown import render
-from bench.problems import DTYPE_NAMES, PROBLEMS, Problem
+from bench.kernels.problems import DTYPE_NAMES, PROBLEMS, Problem
+from bench.static import resources, roofline, sass, traffic
+from bench.static.findings import findings
+from bench.static.markdown import render
+from bench.static.occupancy import occupancy
+from bench.timing import machine
 from kernels.gpus import ARCHS, ROOFLINE_GPUS, Gpu
 from kernels.triton.aot import AotResult, compile_all
 

@@ -1,10 +1,10 @@
 """End-to-end benchmarks, in this process: training tokens/sec and MFU of whole models per
-backend, timed on the CLI's own training step (`bench.training`); and sampling tokens/sec
+backend, timed on the CLI's own training step (`bench.training.loop`); and sampling tokens/sec
 with and without the KV cache.
 
 The comparison with nanoGPT itself runs whole processes side by side
-(`bench.side_by_side`, given a nanoGPT checkout). Without one, nanoGPT's model
-re-implemented (bench/nanogpt_baseline.py) is trained by the same step here instead, a
+(`bench.training.side_by_side`, given a nanoGPT checkout). Without one, nanoGPT's model
+re-implemented (bench/training/nanogpt_baseline.py) is trained by the same step here instead, a
 fallback labelled as such: the re-implementation is not nanoGPT's code or loop."""
 from __future__ import annotations
 
@@ -14,15 +14,15 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from bench import training
-from bench.correctness import describe_error
-from kernels.testing import SLACK
-from bench.nanogpt_baseline import NanoGPT
-from bench.peaks import Peak, percent_of_peak
-from bench.problems import DTYPE_NAMES
-from bench.results import FAILED, OK
+from bench.kernels.correctness import describe_error
+from bench.kernels.problems import DTYPE_NAMES
+from bench.output.results import FAILED, OK
 from bench.timing import summarize
+from bench.timing.peaks import Peak, percent_of_peak
+from bench.training import loop as training
+from bench.training.nanogpt_baseline import NanoGPT
 from gpt.model import GPT, GPTConfig
+from kernels.testing import SLACK
 
 NANOGPT = "nanoGPT model.py re-implementation (fallback)"
 # Backends' losses at initialization, same weights and batch, agree to this many times

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench import plots, report, results
+from bench.output import plots, report, results
 
 SUMMARY = "summary.md"
 SUITE_ORDER = tuple(results.SUITES)

@@ -1,11 +1,11 @@
 """The headline GPU benchmarks of `make gpu-check`, each measurement beside the static
-report's prediction for it (`bench.predictions`).
+report's prediction for it (`bench.static.predictions`).
 
-    python -m bench.headline attention --out-dir DIR   # causal, d=64, bf16, T=1k..8k at fixed
+    python -m bench headline attention --out-dir DIR   # causal, d=64, bf16, T=1k..8k at fixed
                                                        # B*T: ours vs every SDPA backend
-    python -m bench.headline memory --out-dir DIR      # the memory-bound ops at GPT-2 124M:
+    python -m bench headline memory --out-dir DIR      # the memory-bound ops at GPT-2 124M:
                                                        # ours vs torch and torch.compile, GB/s
-    python -m bench.headline train --out-dir DIR       # GPT-2 124M training: tokens/s, MFU,
+    python -m bench headline train --out-dir DIR       # GPT-2 124M training: tokens/s, MFU,
                                                        # ours vs nanoGPT's model, torch.compile
 
 Every implementation is checked against the reference before it is timed (the kernel
@@ -24,13 +24,15 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from bench import kernel_suite, machine, training
-from bench.kernel_suite import COMPILE, Case, Impl
-from bench.nanogpt_baseline import NanoGPT
-from bench.peaks import device_peak, percent_of_peak
-from bench.predictions import load_static, predict, traffic_ratios
-from bench.problems import DTYPE_NAMES, HEAD_DIM, PROBLEMS, Shape
-from bench.results import OK
+from bench.kernels import suite as kernel_suite
+from bench.kernels.problems import DTYPE_NAMES, HEAD_DIM, PROBLEMS, Shape
+from bench.kernels.suite import COMPILE, Case, Impl
+from bench.output.results import OK
+from bench.static.predictions import load_static, predict, traffic_ratios
+from bench.timing import machine
+from bench.timing.peaks import device_peak, percent_of_peak
+from bench.training import loop as training
+from bench.training.nanogpt_baseline import NanoGPT
 from gpt.model import GPT, GPTConfig
 from kernels.gpus import gpu_by_name
 
@@ -231,12 +233,12 @@ def write(name: str, rows: list[dict], device: torch.device, out_dir: Path) -> l
                                   f"{meta['device']}; torch {meta['torch']}, triton "
                                   f"{meta['triton']}; commit `{meta['git_commit']}`. "
                                   "ideal / Triton est.: the static report's prediction "
-                                  "(bench/predictions.py).", "", *table]) + "\n")
+                                  "(bench/static/predictions.py).", "", *table]) + "\n")
     return [json_path, md_path]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.headline", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bench headline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bench", choices=tuple(TITLES))
     parser.add_argument("--out-dir", type=Path, required=True)

@@ -1,7 +1,7 @@
 """The results file: {"meta": {...}, "rows": [...]}, one per suite, validated on write and
 on read so that a renderer never meets a half-formed document.
 
-meta: where and how it was measured (see `bench.machine.describe`) plus the suite name,
+meta: where and how it was measured (see `bench.timing.machine.describe`) plus the suite name,
 the peak used for "% of peak" and the options of the run. rows: one dict per measurement,
 with the keys `ROW_KEYS[suite]` (values may be null where a number does not exist, e.g.
 the timings of a FAILED row, never a placeholder).

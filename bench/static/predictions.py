@@ -3,10 +3,10 @@
 For an op at a shape and dtype on a GPU of `kernels.gpus`: the roofline of its minimum
 work (what no implementation can beat) and, for the `triton` backend, the estimate with
 the bytes its kernels were counted to move (`bench/results/static.json`'s traffic
-ratios). Both come from the same code as the static report (`bench.roofline`), so a GPU
+ratios). Both come from the same code as the static report (`bench.static.roofline`), so a GPU
 run at any shape gets the prediction the report would give for it.
 
-    python -m bench.predictions bench/results/<gpu>-<date>/kernels.json
+    python -m bench predictions bench/results/<gpu>-<date>/kernels.json
         -> kernels-vs-static.md beside it: every timed row with its prediction
 """
 from __future__ import annotations
@@ -16,11 +16,11 @@ import json
 import sys
 from pathlib import Path
 
-from bench import roofline
-from bench.problems import DTYPES, PROBLEMS, Shape
+from bench.kernels.problems import DTYPES, PROBLEMS, Shape
+from bench.static import roofline
 from kernels.gpus import Gpu, gpu_by_name
 
-STATIC_JSON = Path(__file__).resolve().parent / "results" / "static.json"
+STATIC_JSON = Path(__file__).resolve().parents[1] / "results" / "static.json"
 TIMED_PASSES = ("fwd", "fwd_bwd")  # what the kernel suite times
 
 
@@ -86,7 +86,7 @@ def kernels_vs_static(doc: dict, static: dict | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.predictions", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bench predictions", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("kernels_json", type=Path)
     args = parser.parse_args(argv)

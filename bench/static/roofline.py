@@ -3,7 +3,7 @@ do (FLOPs) and the bytes it must move, and the datasheet peaks of `kernels.gpus`
 
     time >= max(bytes / bandwidth, FLOPs / peak FLOP/s of the dtype)
 
-The work is `bench.problems`' model: memory-bound ops (layer norms, cross-entropy) count
+The work is `bench.kernels.problems`' model: memory-bound ops (layer norms, cross-entropy) count
 the compulsory bytes of an ideal fused kernel and no FLOPs (their elementwise math is
 far below the FLOP roof); compute-bound ops count matmul FLOPs, and their compulsory
 bytes are every input and output tensor once, forward, plus reading the upstream
@@ -11,7 +11,7 @@ gradient and the inputs and writing their gradients, backward (shapes from runni
 reference op on fake tensors: no memory, no time).
 
 `estimate` goes one step further for the kernels we wrote: the bytes a pass's Triton
-kernels move beyond the minimum (`bench.traffic`, counted under the interpreter at a small
+kernels move beyond the minimum (`bench.static.traffic`, counted under the interpreter at a small
 shape) are assumed to grow with the shape as the minimum does, and the estimate is the
 roofline of those bytes. That holds for kernels whose traffic is a fixed multiple of the
 op's tensors (an extra full-size buffer, a tensor read twice); it is an extrapolation,
@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from bench.problems import DTYPE_NAMES, Problem, Shape, work
+from bench.kernels.problems import DTYPE_NAMES, Problem, Shape, work
 from kernels.gpus import Gpu
 
 PASSES = ("fwd", "bwd", "fwd_bwd")

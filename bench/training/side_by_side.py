@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 OURS, NANOGPT = "ours", "nanoGPT"
 
 # nanoGPT's CPU Shakespeare run, as its README writes it (config file first).

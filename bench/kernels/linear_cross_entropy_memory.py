@@ -1,7 +1,7 @@
 """Peak memory of the lm_head + loss, forward and backward: eager vs chunked.
 
-    python -m bench.linear_cross_entropy_memory            # GPT-2 size, writes bench/results/
-    python -m bench.linear_cross_entropy_memory --rows 1024 --vocab 8192 --no-write
+    python -m bench lce-memory            # GPT-2 size, writes bench/results/
+    python -m bench lce-memory --rows 1024 --vocab 8192 --no-write
 
 Eager is nanoGPT's `F.cross_entropy(lm_head(x).float(), targets)` (the fp32 cast is what
 autocast does to cross_entropy), which holds the whole (rows, V) logits and its softmax
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
-from bench.machine import REPO_ROOT, describe
+from bench.timing.machine import REPO_ROOT, describe
 from kernels.chunked_linear_cross_entropy import linear_cross_entropy as chunked_torch
 
 GPT2 = dict(rows=8192, channels=768, vocab=50257)  # B*T = 8 x 1024, GPT-2 small
@@ -126,7 +126,8 @@ def to_markdown(doc: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench lce-memory",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=GPT2["rows"])
     parser.add_argument("--channels", type=int, default=GPT2["channels"])
     parser.add_argument("--vocab", type=int, default=GPT2["vocab"])

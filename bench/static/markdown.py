@@ -1,7 +1,7 @@
 """bench/results/static.md: the static report as tables a kernel engineer can read."""
 from __future__ import annotations
 
-from bench.static_findings import HBM_TARGET_PCT
+from bench.static.findings import HBM_TARGET_PCT
 
 MISSING = "—"
 
@@ -72,7 +72,7 @@ def _method(doc: dict) -> list[str]:
         "extension as built. "
         "Registers, spills and shared memory are ptxas's / cuobjdump's. Shared memory is per "
         "block against the arch's opt-in limit.",
-        "- **Occupancy** is theoretical (CUDA's occupancy rules, `bench/occupancy.py`): blocks "
+        "- **Occupancy** is theoretical (CUDA's occupancy rules, `bench/static/occupancy.py`): blocks "
         "and warps per SM from registers, shared memory (+1 KiB reserved per block), threads. "
         "CUDA kernels without `__launch_bounds__` or with dynamic shared memory have no block "
         "size / shared size in the binary: their occupancy is missing.",
@@ -86,7 +86,7 @@ def _method(doc: dict) -> list[str]:
         "`tl.dot`), beside the op's minimum at that shape. PyTorch ops between kernels "
         "(cuBLAS, reductions) are not counted; the interpreter runs its own tiles.",
         f"- **Roofline** on {gpus}: ideal = max(minimum bytes / bandwidth, FLOPs / peak) with "
-        "`bench/problems.py`'s work model (memory-bound ops: their bytes, no FLOPs; "
+        "`bench/kernels/problems.py`'s work model (memory-bound ops: their bytes, no FLOPs; "
         "compute-bound: their FLOPs, and every input/output once as bytes). *Triton est.* "
         "scales the minimum bytes by the counted unique-bytes ratio (an extrapolation from "
         "the interpreter shape: a lower bound on time, loose where a kernel's traffic grows "

@@ -18,12 +18,12 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from tqdm import tqdm
 
-from bench import training
-from bench.correctness import describe_error
-from bench.peaks import Peak, percent_of_peak
-from bench.problems import DTYPE_NAMES
-from bench.results import FAILED, OK
+from bench.kernels.correctness import describe_error
+from bench.kernels.problems import DTYPE_NAMES
+from bench.output.results import FAILED, OK
 from bench.timing import summarize
+from bench.timing.peaks import Peak, percent_of_peak
+from bench.training import loop as training
 from gpt.model import GPT, GPTConfig
 
 EVAL_BATCH_SIZE = 12  # eval windows per batch, the same for every config

@@ -14,8 +14,8 @@ import torch
 from kernels import OPS
 from kernels.backends import BACKENDS
 
-from bench import correctness, kernel_suite
-from bench.problems import DTYPE_NAMES, problem, work
+from bench.kernels import correctness, suite as kernel_suite
+from bench.kernels.problems import DTYPE_NAMES, problem, work
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = (torch.bfloat16, torch.float32) if DEVICE.type == "cuda" else (torch.float32,)

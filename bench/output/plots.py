@@ -8,7 +8,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: CI and GPU machines have no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bench.results import OK  # noqa: E402
+from bench.output.results import OK  # noqa: E402
 
 
 def plot_kernels(doc: dict, out_dir: Path) -> list[Path]:

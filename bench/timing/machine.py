@@ -12,7 +12,7 @@ import torch
 
 from gpt.peak import cpu_name
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def device_name(device: torch.device) -> str:

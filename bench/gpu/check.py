@@ -1,9 +1,9 @@
 """The GPU runbook: one command that turns a short GPU rental into a record, most valuable
 results first, within a time budget.
 
-    make gpu-check                                   # = python3 bench/gpu_check.py
+    make gpu-check                                   # = python3 bench/gpu/check.py
     make gpu-check GPU_CHECK_ARGS="--dry-run"        # the plan and its time estimates only
-    python3 bench/gpu_check.py --budget 900 --skip gpu-tests
+    python3 bench/gpu/check.py --budget 900 --skip gpu-tests
 
 Stages, in order of value; each runs only if its estimate fits the budget left, and is
 stopped when it overruns its time slice (twice its estimate, at most what is left), so one
@@ -16,7 +16,7 @@ slow stage cannot starve the rest:
  6. train        GPT-2 124M training tokens/s and MFU vs nanoGPT's model, torch.compile
  7. kernels / e2e / tests / sweep   the full benchmark suites and test suite, while time remains
 Benchmark rows carry the static report's prediction beside each measurement
-(bench/predictions.py; after the kernel suite, kernels-vs-static.md).
+(bench/static/predictions.py; after the kernel suite, kernels-vs-static.md).
 
 Everything goes to bench/results/<device-slug>-<date>/: each stage's log and results,
 and gpu-check.{json,md} (plan, what ran, how long, result), rewritten as each stage ends;
@@ -43,7 +43,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 DEFAULT_BUDGET_S = 480
 SLICE_FACTOR = 2.0        # a stage may run this many times its estimate before it is stopped
@@ -101,15 +101,15 @@ def stages(python: str, folder: Path, repo: Path = REPO_ROOT) -> list[Stage]:
         Stage("gpu-tests", gpu_pytest + ["-m", "gpu", f"--ignore={CONFORMANCE_TESTS}",
                                          f"--junitxml={folder / 'gpu-tests.xml'}"], 150,
               "the GPU tests: kernels, model, memory, GPT-2 shapes"),
-        Stage("attention", [python, "-m", "bench.headline", "attention", "--out-dir", out], 90,
+        Stage("attention", [python, "-m", "bench", "headline", "attention", "--out-dir", out], 90,
               "attention fwd+bwd vs every SDPA backend, T=1k..8k"),
-        Stage("memory", [python, "-m", "bench.headline", "memory", "--out-dir", out], 90,
+        Stage("memory", [python, "-m", "bench", "headline", "memory", "--out-dir", out], 90,
               "LayerNorm and cross-entropy: GB/s and % of HBM peak"),
-        Stage("train", [python, "-m", "bench.headline", "train", "--out-dir", out], 180,
+        Stage("train", [python, "-m", "bench", "headline", "train", "--out-dir", out], 180,
               "GPT-2 124M tokens/s and MFU vs nanoGPT under torch.compile"),
         Stage("kernels", [python, "-m", "bench", "kernels", "--gpu-suite", "--out-dir", out], 420,
               "the full kernel suite: every op, dtype and GPT-2 size"),
-        Stage("kernels-vs-static", [python, "-m", "bench.predictions",
+        Stage("kernels-vs-static", [python, "-m", "bench", "predictions",
                                     str(folder / "kernels.json")], 15,
               "the kernel suite beside the static report's predictions",
               needs=str(folder / "kernels.json")),

@@ -19,10 +19,11 @@ import kernels.ops
 from kernels.availability import BackendUnavailableError, triton_interpreter_enabled
 from kernels.backends import BACKENDS, resolve_name, why_unsupported
 
-from bench import correctness, timing
-from bench.peaks import Peak, percent_of_peak
-from bench.problems import DTYPE_NAMES, Problem, Shape, problem, rate, work
-from bench.results import CHECK_ONLY, FAILED, OK
+from bench import timing
+from bench.kernels import correctness
+from bench.kernels.problems import DTYPE_NAMES, Problem, Shape, problem, rate, work
+from bench.output.results import CHECK_ONLY, FAILED, OK
+from bench.timing.peaks import Peak, percent_of_peak
 
 COMPILE = "torch.compile"
 

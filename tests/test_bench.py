@@ -211,6 +211,20 @@ def test_every_row_of_a_rendered_table_has_the_header_width():
     assert len({line.count("|") for line in table}) == 1
 
 
+def test_a_gpu_table_has_gpu_and_host_time_columns_and_flags_disagreements():
+    rows = _kernel_rows()
+    rows[0]["fwd"] = timing.Timing(0.0152, 0.015, 0.0155, 7, "cuda-graph", 41.0,
+                                   0.0149).to_json()
+    rows[0]["fwd_bwd"] = timing.Timing(0.05, 0.049, 0.051, 7, "cuda-graph", 120.0,
+                                       0.031).to_json()
+    md = report.render(results.document("kernels", {**_meta(), "device_type": "cuda"}, rows))
+    table = [line for line in md.splitlines() if line.startswith("|")]
+    assert len({line.count("|") for line in table}) == 1
+    assert "| fwd GPU µs | fwd host µs | fwd GPU time check |" in table[0]
+    assert "| 15.2 (15–15.5) | 41 |  |" in table[2]                # fwd: agrees
+    assert "| 50 (49–51) | 120 | **disagree**: profiler 31 µs (−61 %" in table[2]
+
+
 @pytest.mark.parametrize("broken, message", [
     (lambda d: d.pop("rows"), "exactly the keys"),
     (lambda d: d["meta"].pop("git_commit"), "meta lacks"),

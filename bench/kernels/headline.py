@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from bench.kernels import suite as kernel_suite
 from bench.kernels.problems import DTYPE_NAMES, HEAD_DIM, PROBLEMS, Shape
 from bench.kernels.suite import COMPILE, Case, Impl
+from bench.output import columns
+from bench.output.columns import number
 from bench.output.results import OK
 from bench.static.predictions import load_static, predict, traffic_ratios
 from bench.timing import machine
@@ -184,25 +186,34 @@ def run_training(device: torch.device, impls=TRAIN_IMPLS, model=GPT2_124M, batch
 
 # ----------------------------------------------------------------------------- tables
 
-def _fmt(value, digits: int = 3) -> str:
-    if value is None:
-        return "—"
-    return f"{value:,.0f}" if abs(value) >= 10 ** digits else f"{value:.{digits}g}"
+def _ms_as_us(value: float | None) -> str:
+    return number(None if value is None else 1e3 * value)
+
+
+def _checks(row: dict) -> str:
+    """The GPU time check of the row's two timings, each named."""
+    notes = [f"{name}: {note}" for name, key in (("fwd", "fwd"), ("fwd+bwd", "fwd_bwd"))
+             if (note := columns.gpu_time_check(row[key]))]
+    return "; ".join(notes)
 
 
 def kernel_table(rows: list[dict]) -> list[str]:
-    lines = ["| op | shape | impl | fwd ms | fwd+bwd ms | fwd+bwd rate | % of peak "
-             "| ideal fwd+bwd ms | Triton est. ms | measured / ideal | status |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    """Per row: GPU time and host time per call (columns of their own), the rate and % of
+    peak from the GPU time, the static prediction, and whether the GPU time's two
+    measurements agree (bench/timing/gpu.py)."""
+    lines = ["| op | shape | impl | fwd GPU µs | fwd host µs | fwd+bwd GPU µs "
+             "| fwd+bwd host µs | fwd+bwd rate | % of peak | ideal fwd+bwd µs "
+             "| Triton est. µs | measured / ideal | GPU time check | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        fwd = row["fwd"]["median_ms"] if row["fwd"] else None
-        both = row["fwd_bwd"]["median_ms"] if row["fwd_bwd"] else None
         status = row["status"] if row["status"] == OK else f"{row['status']}: {row['error']}"
         lines.append(
-            f"| {row['op']} | {row['shape_label']} | {row['impl']} | {_fmt(fwd)} | {_fmt(both)} "
-            f"| {_fmt(row['fwd_bwd_rate'])} {row['unit']} | {_fmt(row['fwd_bwd_pct_peak'])} "
-            f"| {_fmt(row['fwd_bwd_ideal_ms'])} | {_fmt(row['fwd_bwd_triton_est_ms'])} "
-            f"| {_fmt(row['fwd_bwd_over_ideal'])} | {status} |")
+            f"| {row['op']} | {row['shape_label']} | {row['impl']} "
+            f"| {columns.gpu_us(row['fwd'])} | {columns.host_us(row['fwd'])} "
+            f"| {columns.gpu_us(row['fwd_bwd'])} | {columns.host_us(row['fwd_bwd'])} "
+            f"| {number(row['fwd_bwd_rate'])} {row['unit']} | {number(row['fwd_bwd_pct_peak'])} "
+            f"| {_ms_as_us(row['fwd_bwd_ideal_ms'])} | {_ms_as_us(row['fwd_bwd_triton_est_ms'])} "
+            f"| {number(row['fwd_bwd_over_ideal'])} | {_checks(row)} | {status} |")
     return lines
 
 
@@ -211,8 +222,8 @@ def train_table(rows: list[dict]) -> list[str]:
     for row in rows:
         status = row["status"] if row["status"] == OK else f"{row['status']}: {row['error']}"
         lines.append(f"| {row['impl']} | {row['batch_size']} x {row['block_size']} "
-                     f"| {_fmt(row['ms_per_iter'])} | {_fmt(row['tokens_per_s'])} "
-                     f"| {_fmt(row['mfu_pct'])} | {status} |")
+                     f"| {number(row['ms_per_iter'])} | {number(row['tokens_per_s'])} "
+                     f"| {number(row['mfu_pct'])} | {status} |")
     return lines
 
 

@@ -181,8 +181,8 @@ PROBLEMS: dict[str, Problem] = {p.op: p for p in (
 
 def problem(op: str) -> Problem:
     if op not in PROBLEMS:
-        raise KeyError(f"no benchmark problem for op {op!r}; add one to bench.kernels.problems.PROBLEMS "
-                       f"(known: {sorted(PROBLEMS)})")
+        raise KeyError(f"no benchmark problem for op {op!r}; add one to "
+                       f"bench.kernels.problems.PROBLEMS (known: {sorted(PROBLEMS)})")
     return PROBLEMS[op]
 
 

@@ -18,11 +18,13 @@ from tqdm import tqdm
 import kernels.ops
 from kernels.availability import BackendUnavailableError, triton_interpreter_enabled
 from kernels.backends import BACKENDS, resolve_name, why_unsupported
+from kernels.specs import Inputs
+from kernels.testing import as_tensors
 
-from bench import timing
 from bench.kernels import correctness
 from bench.kernels.problems import DTYPE_NAMES, Problem, Shape, problem, rate, work
 from bench.output.results import CHECK_ONLY, FAILED, OK
+from bench.timing import Timing, gpu, peak_memory_mb, time_cpu
 from bench.timing.peaks import Peak, percent_of_peak
 
 COMPILE = "torch.compile"
@@ -119,29 +121,69 @@ def _peak_rate(case: Case, peak: Peak | None) -> float | None:
     return None if flops is None else flops / 1e12
 
 
-def _time_into(row: dict, case: Case, fn: Callable, inputs, expected, device: torch.device,
-               peak: Peak | None, quick: bool) -> None:
-    def forward():
-        with torch.no_grad():
-            return fn(*inputs.args)
+class InputSets:
+    """A case's inputs and, for timing on a GPU, more sets of the same shape drawn on
+    demand (and kept for the next implementation)."""
 
-    def forward_backward():
-        return correctness.forward_backward(fn, inputs, expected.upstream)
+    def __init__(self, case: Case, device: torch.device, generator: torch.Generator):
+        self.case, self.device, self.generator = case, device, generator
+        self.sets = [self._draw()]
+
+    def _draw(self) -> Inputs:
+        return self.case.problem.make_inputs(self.case.shape.dims, self.case.dtype, self.device,
+                                             self.generator)
+
+    @property
+    def first(self) -> Inputs:
+        return self.sets[0]
+
+    def __call__(self, count: int) -> list[Inputs]:
+        while len(self.sets) < count:
+            self.sets.append(self._draw())
+        return self.sets[:count]
+
+
+def time_call(call: Callable[[Inputs], object], inputs: InputSets, device: torch.device,
+              quick: bool) -> Timing:
+    """call(inputs): GPU time over rotating input sets on a GPU (`bench.timing.gpu`), the
+    host's clock on the CPU; `quick` trades precision for run time (the CPU suite)."""
+    if device.type == "cuda":
+        return gpu.time_rotating(call, inputs, gpu.tensor_bytes(inputs.first.args), device)
+    first = inputs.first
+    if quick:
+        return time_cpu(lambda: call(first), warmup=1, budget_s=0.2, min_repeats=3,
+                        max_repeats=10)
+    return time_cpu(lambda: call(first))
+
+
+def _time_into(row: dict, case: Case, fn: Callable, inputs: InputSets, expected,
+               device: torch.device, peak: Peak | None, quick: bool) -> None:
+    def forward(args: Inputs):
+        with torch.no_grad():
+            return fn(*args.args)
+
+    # The upstream gradients in the outputs' dtypes once, not cast inside every timed call.
+    outputs = as_tensors(forward(inputs.first))
+    upstream = [u.to(o.dtype) for u, o in zip(expected.upstream, outputs)]
+
+    def forward_backward(args: Inputs):
+        return correctness.forward_backward(fn, args, upstream)
 
     peak_rate = _peak_rate(case, peak)
     for key, call, amount in (("fwd", forward, row["work_fwd"]),
                               ("fwd_bwd", forward_backward, row["work_fwd_bwd"])):
-        measured = timing.time_call(call, device, quick=quick)
+        measured = time_call(call, inputs, device, quick)
         row[key] = measured.to_json()
         row[f"{key}_rate"] = rate(case.problem, amount, measured.median_ms)
         row[f"{key}_pct_peak"] = percent_of_peak(row[f"{key}_rate"], peak_rate)
-        row[f"{key}_mem_mb"] = timing.peak_memory_mb(call, device)
+        row[f"{key}_mem_mb"] = peak_memory_mb(lambda: call(inputs.first), device)
 
 
 def run_case(case: Case, device: torch.device, peak: Peak | None, quick: bool) -> list[dict]:
     """Check then time every implementation of one (op, shape, dtype)."""
     generator = torch.Generator(device).manual_seed(0)
-    inputs = case.problem.make_inputs(case.shape.dims, case.dtype, device, generator)
+    input_sets = InputSets(case, device, generator)
+    inputs = input_sets.first
     expected = correctness.expected_result(case.problem.spec, inputs, case.dtype, generator)
     rows = []
     call = case.problem.spec.canonicalize(*inputs.args)
@@ -164,7 +206,7 @@ def run_case(case: Case, device: torch.device, peak: Peak | None, quick: bool) -
             continue
         row = _row(case, impl, OK, check)
         try:
-            _time_into(row, case, fn, inputs, expected, device, peak, quick)
+            _time_into(row, case, fn, input_sets, expected, device, peak, quick)
         except Exception as exc:  # e.g. out of memory at a large shape: report, carry on
             row = _row(case, impl, FAILED, correctness.CheckResult.failure(
                 "while timing: " + correctness.describe_error(exc)))

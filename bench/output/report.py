@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 from bench.kernels.suite import COMPILE
+from bench.output import columns
+from bench.output.columns import number as fmt
+from bench.output.columns import wall_ms as fmt_timing
 from bench.output.results import CHECK_ONLY, FAILED
+from bench.timing import gpu
+from bench.timing.stats import DISAGREEMENT_LIMIT
 from bench.training import side_by_side, sweep
 from bench.training.e2e import NANOGPT
 
@@ -15,20 +20,6 @@ IMPL_LEGEND = {
     "eager-math": "attention written out in eager PyTorch, as nanoGPT without flash: "
                   "(T, T) scores, mask, softmax, @ V",
 }
-
-
-def fmt(value, digits: int = 3) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}" if abs(value) < 10 ** digits else f"{value:,.0f}"
-    return str(value)
-
-
-def fmt_timing(t: dict | None) -> str:
-    if t is None:
-        return "n/a"
-    return f"{fmt(t['median_ms'])} ({fmt(t['q1_ms'])}–{fmt(t['q3_ms'])})"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -51,31 +42,55 @@ def _meta_lines(meta: dict) -> list[str]:
     ]
 
 
-def _kernel_cells(row: dict) -> list[str]:
+def _time_cells(t: dict | None, cpu: bool) -> list[str]:
+    return [columns.wall_ms(t)] if cpu else columns.gpu_columns(t)
+
+
+def _kernel_cells(row: dict, cpu: bool) -> list[str]:
     head = [row["shape_label"], row["dtype"], row["impl"]]
+    width = 2 * len(_time_cells(None, cpu)) + 6
     if row["status"] == FAILED:
-        return head + [f"**FAILED**: {row['error']}"] + [""] * 7
+        return head + [f"**FAILED**: {row['error']}"] + [""] * (width - 1)
     if row["status"] == CHECK_ONLY:
-        return head + ["correctness only (Triton interpreter: checked, never timed)"] + [""] * 6 \
-            + [fmt(row["max_error"], 2)]
+        return head + ["correctness only (Triton interpreter: checked, never timed)"] \
+            + [""] * (width - 2) + [fmt(row["max_error"], 2)]
     return head + [
-        fmt_timing(row["fwd"]), fmt(row["fwd_rate"]), fmt(row["fwd_pct_peak"]),
-        fmt_timing(row["fwd_bwd"]), fmt(row["fwd_bwd_rate"]), fmt(row["fwd_bwd_pct_peak"]),
+        *_time_cells(row["fwd"], cpu), fmt(row["fwd_rate"]), fmt(row["fwd_pct_peak"]),
+        *_time_cells(row["fwd_bwd"], cpu), fmt(row["fwd_bwd_rate"]),
+        fmt(row["fwd_bwd_pct_peak"]),
         f"{fmt(row['fwd_mem_mb'])} / {fmt(row['fwd_bwd_mem_mb'])}", fmt(row["max_error"], 2),
     ]
+
+
+def _kernel_header(unit: str, cpu: bool) -> list[str]:
+    def timed(name: str) -> list[str]:
+        time = [f"{name} ms"] if cpu else [f"{name} {h}" for h in columns.GPU_HEADERS]
+        return time + [f"{name} {unit}", f"{name} % peak"]
+    return ["shape", "dtype", "impl", *timed("fwd"), *timed("fwd+bwd"), "peak MiB", "max err"]
+
+
+TIME_NOTES = {
+    True: ["- time: median (25th–75th percentile) in ms, CPU wall clock"],
+    False: [f"- GPU µs: GPU time per call, median (25th–75th percentile) over "
+            f"{gpu.TRIALS} trials, each R replays of a CUDA graph of K calls between one "
+            f"pair of events, the calls rotating over input sets together at least "
+            f"{gpu.ROTATION_L2_MULTIPLE}x the L2 cache (bench/timing/gpu.py); host µs: the "
+            f"host's time to issue one eager call, without waiting for the GPU",
+            f"- GPU time check: torch.profiler's sum of device time per eager call against "
+            f"the graph's; a difference over {100 * DISAGREEMENT_LIMIT:.0f} % is reported "
+            f"(empty: they agree)"],
+}
 
 
 def render_kernels(doc: dict) -> str:
     meta, rows = doc["meta"], doc["rows"]
     cpu = meta["device_type"] == "cpu"
-    lines = ["# Kernel benchmarks", ""] + _meta_lines(meta) + [
-        "- time: median (25th–75th percentile) in ms"
-        + (", CPU wall clock" if cpu else ", CUDA events with L2 flushed before each repeat"),
+    lines = ["# Kernel benchmarks", ""] + _meta_lines(meta) + TIME_NOTES[cpu] + [
         "- every implementation was checked against `kernels.reference` (outputs and "
         "gradients) before timing; `max err` is its largest error relative to the "
         "reference's magnitude; a FAILED row was not timed",
         "- memory-bound ops report GB/s over compulsory bytes, compute-bound ones TFLOP/s "
-        "(attention: 4·B·H·T²·D/2 forward, backward 2.5x forward)",
+        "(attention: 4·B·H·T²·D/2 forward, backward 2.5x forward), from the GPU time on a GPU",
         "- peak memory: MiB allocated beyond the inputs, forward / forward+backward"
         + (" (n/a on the CPU: torch keeps no allocator statistics there)" if cpu else ""),
         "", "Implementations:", ""]
@@ -92,9 +107,7 @@ def render_kernels(doc: dict) -> str:
         op_rows = [r for r in rows if r["op"] == op]
         unit = op_rows[0]["unit"]
         lines += ["", f"## {op} ({op_rows[0]['bound']}-bound, {unit})", ""]
-        lines += _table(["shape", "dtype", "impl", "fwd ms", f"fwd {unit}", "fwd % peak",
-                         "fwd+bwd ms", f"fwd+bwd {unit}", "fwd+bwd % peak", "peak MiB",
-                         "max err"], [_kernel_cells(r) for r in op_rows])
+        lines += _table(_kernel_header(unit, cpu), [_kernel_cells(r, cpu) for r in op_rows])
     return "\n".join(lines) + "\n"
 
 
@@ -112,21 +125,31 @@ def render_e2e(doc: dict) -> str:
         "- dtype: the CLIs' defaults on this device (`gpt.train` for training, `gpt.sample` "
         "for sampling): fp32, or the torch.autocast dtype (weights and optimizer state stay "
         "fp32)",
-        "- inference: `model.generate` from a 1-token prompt, ms per generated token", ""]
+        "- inference: `model.generate` from a 1-token prompt, ms per generated token"]
     train = [r for r in rows if r["kind"] == "train"]
-    lines += ["## Training", ""]
-    lines += _table(["model", "impl", "B", "T", "dtype", "ms/iter", "tokens/s", "MFU %", "loss"], [
+    cpu = meta["device_type"] == "cpu"
+    times = ["ms/iter"] if cpu else list(columns.ITERATION_HEADERS)
+    if not cpu:
+        lines += ["- on the GPU: ms/iter is the wall time of an iteration (the loss read "
+                  "at its end); GPU busy: torch.profiler's sum of device time per "
+                  "iteration; host: the time to issue one (until the step returns); GPU "
+                  "idle: the share of the iteration the GPU waited, where over "
+                  f"{100 * DISAGREEMENT_LIMIT:.0f} %"]
+    lines += ["", "## Training", ""]
+    lines += _table(["model", "impl", "B", "T", "dtype", *times, "tokens/s", "MFU %", "loss"], [
         [_model_label(r), r["impl"], str(r["batch_size"]), str(r["block_size"]), r["dtype"]]
-        + ([f"**FAILED**: {r['error']}", "", "", ""] if r["status"] == FAILED else
-           [fmt_timing(r["ms_per_iter"]), fmt(r["tokens_per_s"]), fmt(r["mfu_pct"]),
-            fmt(r["loss"])])
+        + ([f"**FAILED**: {r['error']}"] + [""] * (len(times) + 2) if r["status"] == FAILED else
+           [*([fmt_timing(r["ms_per_iter"])] if cpu else
+              columns.iteration_columns(r["ms_per_iter"])),
+            fmt(r["tokens_per_s"]), fmt(r["mfu_pct"]), fmt(r["loss"])])
         for r in train])
     if any(r["impl"] == NANOGPT for r in train):
         lines += ["", f"`{NANOGPT}`: no nanoGPT checkout was given (`--nanogpt PATH`), so "
                       "a minimal re-implementation of nanoGPT's model (nn.GELU, SDPA, full "
-                      "logits + F.cross_entropy; bench/training/nanogpt_baseline.py) is trained by our "
-                      "step instead. It is not nanoGPT's code or loop: compare with nanoGPT "
-                      "itself side by side (nanogpt.md) where a checkout is at hand."]
+                      "logits + F.cross_entropy; bench/training/nanogpt_baseline.py) is "
+                      "trained by our step instead. It is not nanoGPT's code or loop: "
+                      "compare with nanoGPT itself side by side (nanogpt.md) where a "
+                      "checkout is at hand."]
     else:
         lines += ["", "nanoGPT itself is compared whole process against whole process in "
                       "nanogpt.md (`--nanogpt PATH`)."]

@@ -72,10 +72,10 @@ def _method(doc: dict) -> list[str]:
         "extension as built. "
         "Registers, spills and shared memory are ptxas's / cuobjdump's. Shared memory is per "
         "block against the arch's opt-in limit.",
-        "- **Occupancy** is theoretical (CUDA's occupancy rules, `bench/static/occupancy.py`): blocks "
-        "and warps per SM from registers, shared memory (+1 KiB reserved per block), threads. "
-        "CUDA kernels without `__launch_bounds__` or with dynamic shared memory have no block "
-        "size / shared size in the binary: their occupancy is missing.",
+        "- **Occupancy** is theoretical (CUDA's occupancy rules, `bench/static/occupancy.py`): "
+        "blocks and warps per SM from registers, shared memory (+1 KiB reserved per block), "
+        "threads. CUDA kernels without `__launch_bounds__` or with dynamic shared memory have "
+        "no block size / shared size in the binary: their occupancy is missing.",
         "- **SASS mix** counts instructions in the binary (static, not executed): tensor-core "
         "instruction (HMMA = mma.sync; HGMMA = sm_90 wgmma), LDSM (ldmatrix), async copies "
         "(LDGSTS = cp.async; TMA = UTMALDG/UTMASTG/UBLKCP), share of 128-bit global loads "

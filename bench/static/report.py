@@ -10,8 +10,8 @@ For every kernel x config the launchers can pick x dtype x arch (sm_80, sm_90), 
   copies, 128-bit global accesses, local memory.
 Per op: the bytes each pass's Triton kernels move and the FLOPs they issue, counted under
 the Triton interpreter at the op's interpreter shape, beside the op's minimum at that
-shape (`bench.static.traffic`); and at GPT-2 shapes, the roofline (`bench.static.roofline`) on the GPUs
-of `kernels.gpus.ROOFLINE_GPUS`, ideal and with the counted traffic.
+shape (`bench.static.traffic`); and at GPT-2 shapes, the roofline (`bench.static.roofline`)
+on the GPUs of `kernels.gpus.ROOFLINE_GPUS`, ideal and with the counted traffic.
 Findings (`bench.static.findings`) list what the numbers say needs work.
 
 Needs TRITON_INTERPRET=1 before triton is imported (`python -m bench static` sets it).

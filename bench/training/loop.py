@@ -4,6 +4,7 @@ optimizer settings of nanoGPT's Shakespeare config, so that a benchmark's ms/ite
 `python -m gpt.train` gives a user with the same model and batch."""
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 
 from bench.timing import Timing, summarize
+from bench.timing.gpu import CudaDevice
 from gpt import train as cli
 from gpt.model import GPT, GPTConfig
 
@@ -86,9 +88,13 @@ def new_step(model: torch.nn.Module, corpus: Corpus, config: cli.TrainConfig,
 
 @dataclass(frozen=True)
 class TrainResult:
-    step: Timing          # ms per iteration, over the timed steps
+    step: Timing          # ms per iteration, over the timed steps; on a GPU with the host's
+                          # time to issue one and the GPU's busy time per iteration
     tokens_per_s: float   # from the median iteration
     loss: float           # mean training loss over the last (up to 10) steps
+
+
+PROFILED_STEPS = 3  # on a GPU: iterations after the timed ones, run under torch.profiler
 
 
 def train(model: torch.nn.Module, corpus: Corpus, batch_size: int, block_size: int, steps: int,
@@ -96,18 +102,34 @@ def train(model: torch.nn.Module, corpus: Corpus, batch_size: int, block_size: i
           generator: torch.Generator) -> TrainResult:
     """Train `warmup + steps` iterations of the CLI's step, timing the last `steps`; each
     one ends with the loss read on the host, as the CLI's per-iteration log does.
-    `generator` seeds the run (its initial seed)."""
-    config = run_config(batch_size, block_size, warmup + steps, dtype,
+    `generator` seeds the run (its initial seed).
+
+    On a GPU the timing also holds the host's time to issue an iteration (until the step
+    returns, before the loss is read) and the GPU's busy time per iteration (torch.profiler's
+    sum of device time over PROFILED_STEPS more iterations): an iteration much longer than
+    its GPU time is one in which the GPU waits for the host."""
+    profiled = PROFILED_STEPS if device.type == "cuda" else 0
+    config = run_config(batch_size, block_size, warmup + steps + profiled, dtype,
                         seed=generator.initial_seed())
     step = new_step(model, corpus, config, device)
     model.train()
-    samples, losses = [], []
+    samples, issue_us, losses = [], [], []
     for it in range(warmup + steps):
         start = time.perf_counter()
-        losses.append(step(it).item())
+        loss = step(it)
+        returned = time.perf_counter()
+        losses.append(loss.item())
         if it >= warmup:
             samples.append(1e3 * (time.perf_counter() - start))
-    timing = summarize(samples)
+            issue_us.append(1e6 * (returned - start))
+    details = {}
+    if profiled:
+        first = warmup + steps
+        busy_ms = CudaDevice(device).profiled_ms(
+            lambda: [step(it).item() for it in range(first, first + profiled)])
+        details = dict(host_us=statistics.median(issue_us),
+                       profiler_ms=None if busy_ms is None else busy_ms / profiled)
+    timing = summarize(samples, **details)
     return TrainResult(timing, batch_size * block_size / (timing.median_ms * 1e-3),
                        float(np.mean(losses[-10:])))
 

@@ -5,7 +5,8 @@
     python -m bench nanogpt --nanogpt PATH      # only the side-by-side comparison
     python -m bench render bench/results/<device>/kernels.json [...]
     python -m bench static [--out-dir DIR]      # the static performance report, no GPU
-    python -m bench headline attention|memory|train --out-dir DIR   # the GPU headlines
+    python -m bench headline attention|memory --out-dir DIR   # the GPU kernel headlines
+    python -m bench gpt2 --out-dir DIR [--nanogpt PATH]  # GPT-2 124M training vs nanoGPT
     python -m bench predictions bench/results/<gpu>-<date>/kernels.json
     python -m bench resources                   # compiled resources of every kernel, no GPU
     python -m bench lce-memory                  # fused lm_head + loss memory vs eager
@@ -28,8 +29,8 @@ from pathlib import Path
 
 SUITE_NAMES = ("kernels", "e2e", "nanogpt", "sweep")
 # Commands with a command line of their own: name -> the module whose main(argv) runs it.
-TOOLS = {"headline": "bench.kernels.headline", "predictions": "bench.static.predictions",
-         "resources": "bench.static.resources",
+TOOLS = {"headline": "bench.kernels.headline", "gpt2": "bench.training.gpt2",
+         "predictions": "bench.static.predictions", "resources": "bench.static.resources",
          "lce-memory": "bench.kernels.linear_cross_entropy_memory"}
 
 

@@ -1,30 +1,37 @@
-"""The GPU runbook: one command that turns a short GPU rental into a record, most valuable
-results first, within a time budget.
+"""The GPU runbook: one command that turns a 15-minute GPU rental into a record, most
+valuable results first, within a time budget.
 
     make gpu-check                                   # = python3 bench/gpu/check.py
     make gpu-check GPU_CHECK_ARGS="--dry-run"        # the plan and its time estimates only
+    make gpu-check GPU_CHECK_ARGS="--nanogpt ../nanoGPT"   # training beside nanoGPT itself
     python3 bench/gpu/check.py --budget 900 --skip gpu-tests
 
 Stages, in order of value; each runs only if its estimate fits the budget left, and is
 stopped when it overruns its time slice (twice its estimate, at most what is left), so one
 slow stage cannot starve the rest:
- 1. install      offline `pip install -e .`: builds the CUDA extension
- 2. conformance  tests/test_conformance.py (when it exists): every backend against the spec
- 3. gpu-tests    every other test marked `gpu`
- 4. attention    causal attention fwd+bwd, d=64 bf16, T=1k..8k: ours vs every SDPA backend
- 5. memory       LayerNorm (+residual) and cross-entropy at GPT-2 124M: GB/s, % of HBM
- 6. train        GPT-2 124M training tokens/s and MFU vs nanoGPT's model, torch.compile
- 7. kernels / e2e / tests / sweep   the full benchmark suites and test suite, while time remains
-Benchmark rows carry the static report's prediction beside each measurement
-(bench/static/predictions.py; after the kernel suite, kernels-vs-static.md).
+ 1. install         offline `pip install -e .`: builds the CUDA extension
+ 2. train           GPT-2 124M training side by side: nanoGPT's train.py (with --nanogpt)
+                    and ours with backend=auto, compiled and eager (`python -m bench gpt2`)
+ 3. attention       causal attention fwd+bwd, d=64 bf16, T=1k..8k: ours at every kernel
+                    version vs torch and every SDPA backend
+ 4. memory          LayerNorm (+residual) and cross-entropy at GPT-2 124M: GB/s, % of HBM
+ 5. conformance     tests/test_conformance.py under pytest-xdist: every backend against the spec
+ 6. gpu-tests       every other test marked `gpu`
+ 7. train-backends  the training table's other runs: each backend, compiled and eager
+ 8. kernels / e2e / tests / sweep   the full benchmark suites and test suite, while time remains
+Every kernel row is GPU time from CUDA-graph replays with the host's time beside it
+(bench/timing/gpu.py) and the static report's prediction (bench/static/predictions.py;
+after the kernel suite, kernels-vs-static.md).
 
 Everything goes to bench/results/<device-slug>-<date>/: each stage's log and results,
 and gpu-check.{json,md} (plan, what ran, how long, result), rewritten as each stage ends;
 with $OUT set (a remote runner that returns the files under it), the folder's tarball and
 the Markdown summaries are copied there after every stage, so a run cut short still
 returns what it did. Estimates are planning figures for an H100 (build included), replaced
-by the durations the last record in bench/results measured. Run with the machine's Python:
-the project need not be installed (the install is a stage); --dry-run needs no GPU.
+by the durations the last record in bench/results measured. The default budget leaves a
+15-minute rental ~2 minutes for the machine's start and the transfers. Run with the
+machine's Python: the project need not be installed (the install is a stage); --dry-run
+needs no GPU.
 """
 from __future__ import annotations
 
@@ -45,7 +52,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
-DEFAULT_BUDGET_S = 480
+DEFAULT_BUDGET_S = 780      # a 15-minute rental less the machine's start and transfers
 SLICE_FACTOR = 2.0        # a stage may run this many times its estimate before it is stopped
 CONFORMANCE_TESTS = "tests/test_conformance.py"
 RECORD = "gpu-check.json"
@@ -85,14 +92,28 @@ def xdist_workers() -> list[str]:
     return ["-n", str(min(8, os.cpu_count() or 1))]
 
 
-def stages(python: str, folder: Path, repo: Path = REPO_ROOT) -> list[Stage]:
-    """Every stage, most valuable first."""
+def stages(python: str, folder: Path, repo: Path = REPO_ROOT,
+           nanogpt: Path | None = None) -> list[Stage]:
+    """Every stage, most valuable first: training right after the install, then the kernel
+    headlines, then the conformance suite and the rest."""
     out = str(folder)
     pytest = [python, "-m", "pytest", "-q", "-rs"]
     gpu_pytest = pytest + xdist_workers()
-    plan = [Stage("install", [python, "-m", "pip", "install", "--no-build-isolation",
-                              "--no-deps", "--no-index", "-e", "."], 90,
-                  "the project and its CUDA extension build on this machine")]
+    gpt2 = [python, "-m", "bench", "gpt2", "--out-dir", out]
+    beside = ["--nanogpt", str(nanogpt)] if nanogpt is not None else []
+    plan = [
+        Stage("install", [python, "-m", "pip", "install", "--no-build-isolation", "--no-deps",
+                          "--no-index", "-e", "."], 90,
+              "the project and its CUDA extension build on this machine"),
+        Stage("train", gpt2 + beside + ["--backends", "auto"], 200,
+              "GPT-2 124M tokens/s and MFU, ours (auto, compiled and eager) vs nanoGPT's "
+              "train.py" + ("" if nanogpt else " (no --nanogpt: ours only)")),
+        Stage("attention", [python, "-m", "bench", "headline", "attention", "--out-dir", out],
+              90, "attention fwd+bwd at every kernel version vs torch and every SDPA backend, "
+                  "T=1k..8k"),
+        Stage("memory", [python, "-m", "bench", "headline", "memory", "--out-dir", out], 60,
+              "LayerNorm and cross-entropy: GB/s and % of HBM peak"),
+    ]
     if (repo / CONFORMANCE_TESTS).exists():
         plan.append(Stage("conformance", gpu_pytest + [f"--junitxml={folder / 'conformance.xml'}",
                                                        CONFORMANCE_TESTS], 120,
@@ -100,13 +121,9 @@ def stages(python: str, folder: Path, repo: Path = REPO_ROOT) -> list[Stage]:
     plan += [
         Stage("gpu-tests", gpu_pytest + ["-m", "gpu", f"--ignore={CONFORMANCE_TESTS}",
                                          f"--junitxml={folder / 'gpu-tests.xml'}"], 150,
-              "the GPU tests: kernels, model, memory, GPT-2 shapes"),
-        Stage("attention", [python, "-m", "bench", "headline", "attention", "--out-dir", out], 90,
-              "attention fwd+bwd vs every SDPA backend, T=1k..8k"),
-        Stage("memory", [python, "-m", "bench", "headline", "memory", "--out-dir", out], 90,
-              "LayerNorm and cross-entropy: GB/s and % of HBM peak"),
-        Stage("train", [python, "-m", "bench", "headline", "train", "--out-dir", out], 180,
-              "GPT-2 124M tokens/s and MFU vs nanoGPT under torch.compile"),
+              "the GPU tests: kernels, model, memory, GPT-2 shapes, the timing harness"),
+        Stage("train-backends", gpt2 + ["--append", "--backends", "torch", "triton", "cuda"],
+              330, "the training table's other runs: each backend, compiled and eager"),
         Stage("kernels", [python, "-m", "bench", "kernels", "--gpu-suite", "--out-dir", out], 420,
               "the full kernel suite: every op, dtype and GPT-2 size"),
         Stage("kernels-vs-static", [python, "-m", "bench", "predictions",
@@ -133,7 +150,10 @@ def measured_durations(results_dir: Path = RESULTS_DIR) -> dict[str, float]:
 
 
 def with_estimates(plan: list[Stage], measured: dict[str, float]) -> list[Stage]:
-    return [replace(s, estimate_s=measured.get(s.name, s.estimate_s)) for s in plan]
+    """The plan with each stage's estimate raised to what the last record measured (never
+    lowered: a stage the code has since grown would otherwise be stopped at a slice sized
+    for its older self)."""
+    return [replace(s, estimate_s=max(s.estimate_s, measured.get(s.name, 0.0))) for s in plan]
 
 
 def select(plan: list[Stage], only: list[str] | None, skip: list[str]) -> list[Stage]:
@@ -279,15 +299,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S,
                         help=f"seconds for the whole run, build included (default "
-                             f"{DEFAULT_BUDGET_S}, for an H100)")
+                             f"{DEFAULT_BUDGET_S}: a 15-minute rental)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the plan with its time estimates; run nothing")
+    parser.add_argument("--nanogpt", type=Path, metavar="PATH",
+                        help="a nanoGPT checkout: the train stage runs its train.py beside ours")
     parser.add_argument("--only", nargs="+", metavar="STAGE", help="run only these stages")
     parser.add_argument("--skip", nargs="+", metavar="STAGE", default=[],
                         help="leave these stages out")
     args = parser.parse_args(argv)
     if args.budget <= 0:
         parser.error(f"--budget must be positive, got {args.budget}")
+    if args.nanogpt is not None:
+        if not (args.nanogpt / "train.py").is_file():
+            parser.error(f"--nanogpt {args.nanogpt}: no train.py there (a checkout of "
+                         f"https://github.com/karpathy/nanoGPT)")
+        args.nanogpt = args.nanogpt.resolve()
     return args
 
 
@@ -297,13 +324,13 @@ def main(argv: list[str] | None = None) -> int:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     if args.dry_run:
         folder = RESULTS_DIR / f"<gpu>-{date}"
-        plan = select(with_estimates(stages(python, folder), measured_durations()),
-                      args.only, args.skip)
+        plan = select(with_estimates(stages(python, folder, nanogpt=args.nanogpt),
+                                     measured_durations()), args.only, args.skip)
         print(render_plan(plan, args.budget), end="")
         return 0
     folder = RESULTS_DIR / f"{_device_slug()}-{date}"
-    plan = select(with_estimates(stages(python, folder), measured_durations()),
-                  args.only, args.skip)
+    plan = select(with_estimates(stages(python, folder, nanogpt=args.nanogpt),
+                                 measured_durations()), args.only, args.skip)
     folder.mkdir(parents=True, exist_ok=True)
     print(render_plan(plan, args.budget), end="")
     outcomes = run(plan, folder, args.budget)

@@ -2,11 +2,12 @@
 report's prediction for it (`bench.static.predictions`).
 
     python -m bench headline attention --out-dir DIR   # causal, d=64, bf16, T=1k..8k at fixed
-                                                       # B*T: ours vs every SDPA backend
+                                                       # B*T: ours at every kernel version vs
+                                                       # torch and every SDPA backend
     python -m bench headline memory --out-dir DIR      # the memory-bound ops at GPT-2 124M:
                                                        # ours vs torch and torch.compile, GB/s
-    python -m bench headline train --out-dir DIR       # GPT-2 124M training: tokens/s, MFU,
-                                                       # ours vs nanoGPT's model, torch.compile
+
+GPT-2 124M training is compared with nanoGPT's own train.py by `python -m bench gpt2`.
 
 Every implementation is checked against the reference before it is timed (the kernel
 suite's `run_case`); one that disagrees or cannot run is a FAILED row with the reason.
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -33,9 +33,7 @@ from bench.output.results import OK
 from bench.static.predictions import load_static, predict, traffic_ratios
 from bench.timing import machine
 from bench.timing.peaks import device_peak, percent_of_peak
-from bench.training import loop as training
-from bench.training.nanogpt_baseline import NanoGPT
-from gpt.model import GPT, GPTConfig
+from kernels import versions
 from kernels.gpus import gpu_by_name
 
 OUR_BACKENDS = ("triton", "cuda")
@@ -88,6 +86,40 @@ def our_impls(op: str, device: torch.device) -> list[Impl]:
             if impl.timed]
 
 
+# The numbered kernel versions (`kernels.versions`) of each of our attention backends.
+ATTENTION_VERSIONS = {"triton": "triton_attention", "cuda": "cuda_attention"}
+
+
+def at_version(impl: Impl, kernel: str, version: int, default: int) -> Impl:
+    """`impl` running `kernel` at `version`: selected before every call (the launchers read
+    it per call), so rows of different versions can interleave in one process. The default
+    version keeps the backend's plain name; others are named "<backend> v<N>"."""
+    def make():
+        run = impl.make()
+
+        def call(*args):
+            versions.select(kernel, version)
+            return run(*args)
+        return call
+    name = impl.name if version == default else f"{impl.name} v{version}"
+    return Impl(name, make, impl.timed)
+
+
+def every_version(impls: list[Impl]) -> list[Impl]:
+    """Each of our backends at every version of its attention kernels (the backends'
+    modules, imported by `our_impls`, have declared them)."""
+    declared = {k["name"]: k for k in versions.table()}
+    out = []
+    for impl in impls:
+        kernel = declared.get(ATTENTION_VERSIONS.get(impl.name))
+        if kernel is None:
+            out.append(impl)
+            continue
+        out += [at_version(impl, kernel["name"], v, kernel["default"])
+                for v in sorted(kernel["versions"])]
+    return out
+
+
 # ----------------------------------------------------------------------------- running
 
 def _with_predictions(rows: list[dict], gpu, ratios) -> list[dict]:
@@ -100,7 +132,7 @@ def _with_predictions(rows: list[dict], gpu, ratios) -> list[dict]:
             row[f"{name}_ideal_ms"] = None if p is None else p["ideal_ms"]
             # The Triton estimate applies to our Triton kernels only.
             row[f"{name}_triton_est_ms"] = (p["triton_ms"] if p is not None
-                                            and row["impl"] == "triton" else None)
+                                            and row["impl"].split()[0] == "triton" else None)
             measured = row[name]["median_ms"] if row[name] else None
             row[f"{name}_over_ideal"] = (measured / p["ideal_ms"]
                                          if measured is not None and p is not None else None)
@@ -123,7 +155,8 @@ def run_kernel_cases(cases: list[Case], device: torch.device) -> list[dict]:
 def attention_cases(device: torch.device, seq_lens=ATTENTION_SEQ_LENS,
                     tokens=ATTENTION_TOKENS, sdpa_backends=tuple(SDPA_BACKENDS)) -> list[Case]:
     problem = PROBLEMS["causal_attention"]
-    impls = our_impls("causal_attention", device) + [
+    impls = every_version(our_impls("causal_attention", device)) + [
+        Impl("torch", lambda: kernel_suite.op_on("causal_attention", "torch"), timed=True)] + [
         Impl(name, lambda backend=SDPA_BACKENDS[name]: sdpa_impl(backend), timed=True)
         for name in sdpa_backends]
     return [Case(problem, shape, torch.bfloat16, tuple(impls))
@@ -135,53 +168,6 @@ def memory_bound_cases(device: torch.device) -> list[Case]:
                  tuple(our_impls(op, device) + [Impl("torch", lambda op=op: kernel_suite.op_on(
                      op, "torch"), timed=True), compiled_torch_impl(op)]))
             for op, shape in memory_cases()]
-
-
-@dataclass(frozen=True)
-class TrainImpl:
-    name: str
-    build: Callable[[GPTConfig], torch.nn.Module]
-    compile: bool
-
-
-GPT2_124M = dict(n_layer=12, n_head=12, n_embd=768)
-TRAIN_IMPLS = (
-    TrainImpl("ours, backend=auto", GPT, compile=False),
-    TrainImpl("ours, backend=auto + torch.compile", GPT, compile=True),
-    TrainImpl("nanoGPT model.py + torch.compile", NanoGPT, compile=True),
-)
-
-
-def run_training(device: torch.device, impls=TRAIN_IMPLS, model=GPT2_124M, batch_size=16,
-                 block_size=1024, steps=20, warmup=5, dtype=torch.bfloat16) -> list[dict]:
-    """Tokens/s and MFU of each implementation training the same model on random GPT-2
-    token ids (warm-up iterations absorb torch.compile's compile)."""
-    corpus = training.random_gpt2_tokens(2_000_000)
-    peak = device_peak(device, machine.cpu_name())
-    peak_flops = None if peak is None else peak.flops_for(DTYPE_NAMES[dtype])
-    rows = []
-    for impl in impls:
-        config = GPTConfig(block_size=block_size, vocab_size=corpus.vocab_size, dropout=0.0,
-                           bias=True, backend="auto", **model)
-        row = {"impl": impl.name, "compiled": impl.compile, "batch_size": batch_size,
-               "block_size": block_size, "dtype": DTYPE_NAMES[dtype], "status": OK,
-               "error": None, "ms_per_iter": None, "tokens_per_s": None, "mfu_pct": None}
-        try:
-            torch.manual_seed(0)
-            net = impl.build(config).to(device)
-            trained = torch.compile(net) if impl.compile else net
-            result = training.train(trained, corpus, batch_size, block_size, steps, warmup,
-                                    device, dtype, torch.Generator().manual_seed(0))
-        except Exception as exc:  # an implementation that cannot train is a FAILED row
-            row.update(status="FAILED", error=f"{type(exc).__name__}: {exc}"[:300])
-        else:
-            achieved = training.flops_per_token(config, block_size) * result.tokens_per_s
-            row.update(ms_per_iter=result.step.median_ms, tokens_per_s=result.tokens_per_s,
-                       mfu_pct=percent_of_peak(achieved, peak_flops))
-        rows.append(row)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return rows
 
 
 # ----------------------------------------------------------------------------- tables
@@ -217,20 +203,9 @@ def kernel_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def train_table(rows: list[dict]) -> list[str]:
-    lines = ["| impl | B x T | ms/iter | tokens/s | MFU % | status |", "|---|---|---|---|---|---|"]
-    for row in rows:
-        status = row["status"] if row["status"] == OK else f"{row['status']}: {row['error']}"
-        lines.append(f"| {row['impl']} | {row['batch_size']} x {row['block_size']} "
-                     f"| {number(row['ms_per_iter'])} | {number(row['tokens_per_s'])} "
-                     f"| {number(row['mfu_pct'])} | {status} |")
-    return lines
-
-
 TITLES = {
     "attention": "Causal attention fwd+bwd, d=64 bf16, B*T fixed: ours vs every SDPA backend",
     "memory": "Memory-bound ops at GPT-2 124M shapes (bf16): GB/s and % of HBM bandwidth",
-    "train": "GPT-2 124M training (bf16 autocast): tokens/s and MFU",
 }
 
 
@@ -239,7 +214,7 @@ def write(name: str, rows: list[dict], device: torch.device, out_dir: Path) -> l
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / f"headline-{name}.json", out_dir / f"headline-{name}.md"
     json_path.write_text(json.dumps({"meta": meta, "bench": name, "rows": rows}, indent=1) + "\n")
-    table = train_table(rows) if name == "train" else kernel_table(rows)
+    table = kernel_table(rows)
     md_path.write_text("\n".join([f"## {TITLES[name]}", "",
                                   f"{meta['device']}; torch {meta['torch']}, triton "
                                   f"{meta['triton']}; commit `{meta['git_commit']}`. "
@@ -253,17 +228,14 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bench", choices=tuple(TITLES))
     parser.add_argument("--out-dir", type=Path, required=True)
-    parser.add_argument("--steps", type=int, default=20, help="train: timed iterations")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("the headline benchmarks need a CUDA GPU, and torch sees none here")
     device = torch.device("cuda")
     if args.bench == "attention":
         rows = run_kernel_cases(attention_cases(device), device)
-    elif args.bench == "memory":
-        rows = run_kernel_cases(memory_bound_cases(device), device)
     else:
-        rows = run_training(device, steps=args.steps)
+        rows = run_kernel_cases(memory_bound_cases(device), device)
     for path in write(args.bench, rows, device, args.out_dir):
         print(path)
     return 0

@@ -8,6 +8,7 @@
     python -m bench headline attention|memory --out-dir DIR   # the GPU kernel headlines
     python -m bench gpt2 --out-dir DIR [--nanogpt PATH]  # GPT-2 124M training vs nanoGPT
     python -m bench predictions bench/results/<gpu>-<date>/kernels.json
+    python -m bench routes [--check]            # auto's routes from the GPU records
     python -m bench resources                   # compiled resources of every kernel, no GPU
     python -m bench lce-memory                  # fused lm_head + loss memory vs eager
 
@@ -30,6 +31,7 @@ from pathlib import Path
 SUITE_NAMES = ("kernels", "e2e", "nanogpt", "sweep")
 # Commands with a command line of their own: name -> the module whose main(argv) runs it.
 TOOLS = {"headline": "bench.kernels.headline", "gpt2": "bench.training.gpt2",
+         "routes": "bench.kernels.routes",
          "predictions": "bench.static.predictions", "resources": "bench.static.resources",
          "lce-memory": "bench.kernels.linear_cross_entropy_memory"}
 

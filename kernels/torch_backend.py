@@ -120,7 +120,33 @@ def _at_least_fp32(t):
 # Every declared op, by name (a KeyError here: an op without a torch version).
 OPS = {op: globals()[op] for op in SPEC_OPS}
 
-__all__ = ["OPS", "add_layer_norm", "causal_attention", "cross_entropy", "layer_norm",
+
+# SDPA's kernels, by the name `auto`'s routes (`kernels.routing`) and the benchmarks give
+# them: SDPA tries the preferred one first, then its usual order, so every call still runs.
+SDPA_KERNELS = {"sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-flash": "FLASH_ATTENTION",
+                "sdpa-efficient": "EFFICIENT_ATTENTION", "sdpa-math": "MATH"}
+
+
+def causal_attention_preferring(kernel: str):
+    """causal_attention with SDPA trying `kernel` (a key of SDPA_KERNELS) first."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = list(dict.fromkeys(getattr(SDPBackend, name) for name in
+                               (SDPA_KERNELS[kernel], *SDPA_KERNELS.values())))
+
+    def attention(q, k, v, scale, dropout_p):
+        with sdpa_kernel(order, set_priority=True):
+            return causal_attention(q, k, v, scale, dropout_p)
+    attention.__name__ = f"causal_attention_preferring_{kernel.replace('-', '_')}"
+    return attention
+
+
+# Implementations of an op besides OPS[op] that a route may name ("torch:<variant>").
+VARIANTS = {"causal_attention": {name: causal_attention_preferring(name)
+                                 for name in SDPA_KERNELS}}
+
+__all__ = ["OPS", "SDPA_KERNELS", "VARIANTS", "add_layer_norm", "causal_attention",
+           "causal_attention_preferring", "cross_entropy", "layer_norm",
            "linear_cross_entropy", "mlp_gelu", "unsupported"]
 
 

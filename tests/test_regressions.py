@@ -49,7 +49,7 @@ def test_1_zeros_are_rejected_however_small_the_gradient():
 def test_3_auto_moves_on_to_a_backend_that_supports_the_call(monkeypatch):
     """With triton preferred (as on a GPU), a call triton refuses (fp64; a LayerNorm wider
     than it keeps in registers) runs on torch instead of raising; one it takes runs on it."""
-    monkeypatch.setattr(backends, "_auto_candidates", lambda device: iter(("triton", "torch")))
+    monkeypatch.setattr(backends.routing, "candidates", lambda op, device: ("triton", "torch"))
     x = torch.randn(3, 32)
     fp64 = SPECS["layer_norm"].canonicalize(x.double(), torch.ones(32, dtype=torch.float64))
     assert backends.resolve(fp64, "auto") is backends._module("torch").OPS["layer_norm"]

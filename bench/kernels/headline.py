@@ -34,12 +34,13 @@ from bench.static.predictions import load_static, predict, traffic_ratios
 from bench.timing import machine
 from bench.timing.peaks import device_peak, percent_of_peak
 from kernels import versions
+from kernels.torch_backend import SDPA_KERNELS
 from kernels.gpus import gpu_by_name
 
 OUR_BACKENDS = ("triton", "cuda")
-# torch.nn.attention.SDPBackend members, by the impl name they get in the tables.
-SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION",
-                 "sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-math": "MATH"}
+# torch.nn.attention.SDPBackend members, by the impl name they get in the tables (the names
+# `auto`'s routes give the torch backend preferring each: kernels.routing).
+SDPA_BACKENDS = SDPA_KERNELS
 ATTENTION_SEQ_LENS = (1024, 2048, 4096, 8192)
 ATTENTION_TOKENS = 16384          # B*T, the same at every length: B=16 at 1k, 2 at 8k
 ATTENTION_HEADS = 12              # GPT-2 124M

@@ -9,6 +9,7 @@
     python -m bench gpt2 --out-dir DIR [--nanogpt PATH]  # GPT-2 124M training vs nanoGPT
     python -m bench predictions bench/results/<gpu>-<date>/kernels.json
     python -m bench routes [--check]            # auto's routes from the GPU records
+    python -m bench dispatch [--out-dir DIR]    # per-op host overhead over the bare call (CPU)
     python -m bench resources                   # compiled resources of every kernel, no GPU
     python -m bench lce-memory                  # fused lm_head + loss memory vs eager
 
@@ -31,7 +32,7 @@ from pathlib import Path
 SUITE_NAMES = ("kernels", "e2e", "nanogpt", "sweep")
 # Commands with a command line of their own: name -> the module whose main(argv) runs it.
 TOOLS = {"headline": "bench.kernels.headline", "gpt2": "bench.training.gpt2",
-         "routes": "bench.kernels.routes",
+         "routes": "bench.kernels.routes", "dispatch": "bench.kernels.dispatch",
          "predictions": "bench.static.predictions", "resources": "bench.static.resources",
          "lce-memory": "bench.kernels.linear_cross_entropy_memory"}
 
@@ -90,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"
         from bench.static.report import main as static_main
         return static_main(argv[1:])
+    if argv[:1] == ["dispatch"]:
+        # Its launch-free triton rows run Triton's launchers on CPU tensors.
+        os.environ["TRITON_INTERPRET"] = "1"
     if argv[:1] and argv[0] in TOOLS:
         return importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
     args = parse_args(argv)

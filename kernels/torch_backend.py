@@ -47,7 +47,8 @@ def causal_attention(q, k, v, scale, dropout_p):
         return cpu_attention.causal_attention(q, k, v, scale, dropout_p)
     if _sdpa_in_fp32(q, k, v):
         return causal_attention(q.float(), k.float(), v.float(), scale, dropout_p).to(q.dtype)
-    q, k, v = (_sdpa_aligned(t) for t in (q, k, v))
+    if q.is_cuda:
+        q, k, v = _sdpa_aligned(q), _sdpa_aligned(k), _sdpa_aligned(v)
     t_q, t_k = q.shape[-2], k.shape[-2]
     if t_q == t_k:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
@@ -90,14 +91,19 @@ def is_sdpa_aligned(t) -> bool:
 def _sdpa_aligned(t):
     # Under torch.compile, Inductor's SDPA lowering imposes its own alignment (and
     # data_ptr() is not traceable).
-    if t.device.type != "cuda" or torch.compiler.is_compiling() or is_sdpa_aligned(t):
+    if torch.compiler.is_compiling() or is_sdpa_aligned(t):
         return t
     return t.clone(memory_format=torch.contiguous_format)
 
 
 def cross_entropy(logits, targets, ignore_index, reduction):
-    losses = F.cross_entropy(_at_least_fp32(logits.reshape(-1, logits.shape[-1])),
-                             targets.reshape(-1).long(), ignore_index=ignore_index,
+    # (N, V) logits and (N,) int64 targets, the common case, go to F.cross_entropy as they
+    # are: each no-op reshape or cast is a dispatcher round trip of ~1 us.
+    rows = logits if logits.dim() == 2 else logits.reshape(-1, logits.shape[-1])
+    flat_targets = targets if targets.dim() == 1 else targets.reshape(-1)
+    if flat_targets.dtype != torch.int64:
+        flat_targets = flat_targets.long()
+    losses = F.cross_entropy(_at_least_fp32(rows), flat_targets, ignore_index=ignore_index,
                              reduction=reduction)
     return losses.view(targets.shape) if reduction == "none" else losses
 
@@ -114,7 +120,7 @@ def linear_cross_entropy(x, weight, targets, bias, ignore_index, reduction):
 
 def _at_least_fp32(t):
     """The loss math runs in fp32 for 16-bit inputs (and stays fp64 for fp64 ones)."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 # Every declared op, by name (a KeyError here: an op without a torch version).

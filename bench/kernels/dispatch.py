@@ -9,8 +9,8 @@ wraps, per op, measured on the CPU.
   canonical form, the backend's wrapper, its autograd, the allocation of outputs and the
   launcher's arithmetic — with each kernel launch replaced by a no-op (Triton's
   `kernel[grid](...)`; the CUDA extension's entry points, which return their outputs
-  unwritten), against that no-op: the host time our code adds to a GPU kernel, measurable
-  without a GPU. The `cuda` rows call the backend's function on the op's canonical call
+  unwritten), against the kernel called directly less its launch (its outputs allocated):
+  the host time our code adds to a GPU kernel, measurable without a GPU. The `cuda` rows call the backend's function on the op's canonical call
   (`backend="cuda"` refuses CPU tensors, so its backend choice, the same code as every
   backend's, is timed in the other rows). mlp_gelu and linear_cross_entropy are left out
   of these rows: they run cuBLAS matmuls beside our kernels, which on the CPU are real
@@ -22,7 +22,8 @@ enabled, inputs that require grad: both calls build their autograd node) and inf
 of `calls` calls each, the order alternating from round to round; a round's overhead is
 the difference of the two per-call times, and the row gives the median over the rounds
 (and their quartiles) with both medians: on a shared machine only differences measured
-side by side carry over.
+side by side carry over. Times are the thread's CPU time (time.thread_time), not the wall
+clock: the host work a call costs, without the time other processes held the core.
 """
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ class Overhead:
 
 
 def interleaved(bare: Callable[[], object], ours: Callable[[], object], rounds: int = ROUNDS,
-                calls: int = CALLS, clock: Callable[[], float] = time.perf_counter
+                calls: int = CALLS, clock: Callable[[], float] = time.thread_time
                 ) -> tuple[list[float], list[float]]:
     """Per-call microseconds of `bare` and of `ours`, one sample each per round, the two
     measured back to back with the order alternating (after one warm-up round)."""
@@ -187,9 +188,10 @@ def cuda_launch_free():
 
 
 def launch_free_pairs(backend: str) -> dict[str, tuple[Callable, Callable]]:
-    """op -> (the bare launch, our launch-free call of the op) on `backend`: for triton the
-    no-op `kernel[grid](...)`; for cuda the extension's entry point (LaunchFreeExtension),
-    called as the backend calls it."""
+    """op -> (the bare call, our launch-free call of the op) on `backend`. The bare call is
+    what calling the kernel directly costs less its launch: allocating its outputs (as
+    LaunchFreeExtension does: the cuda backend's own entry point; a Triton kernel's
+    caller allocates the same tensors)."""
     import kernels
     from kernels import cuda
     from kernels.specs import SPECS
@@ -200,32 +202,21 @@ def launch_free_pairs(backend: str) -> dict[str, tuple[Callable, Callable]]:
     logits, targets = _leaf(4, 32), torch.randint(0, 32, (4,))
     public = {"layer_norm": (x, w, b), "add_layer_norm": (x, r, w, b),
               "causal_attention": (q, k, v), "cross_entropy": (logits, targets)}
+    ext = LaunchFreeExtension
+    d = {name: t.detach() for name, t in
+         dict(x=x, r=r, w=w, b=b, q=q, k=k, v=v, logits=logits).items()}
+    bare = {"layer_norm": lambda: ext.layer_norm_forward(d["x"], d["w"], d["b"], 1e-5),
+            "add_layer_norm": lambda: ext.add_layer_norm_forward(d["x"], d["r"], d["w"], d["b"],
+                                                                 1e-5),
+            "causal_attention": lambda: ext.attention_forward(d["q"], d["k"], d["v"], 0.25, 1),
+            "cross_entropy": lambda: ext.cross_entropy_forward(d["logits"], targets, -100)}
     if backend == "triton":
         def ours(op):
             return lambda: getattr(kernels, op)(*public[op], backend="triton")
-
-        def bare(op):
-            return _no_launch
     else:
         def ours(op):
             return lambda: cuda.OPS[op](*SPECS[op].canonicalize(*public[op]).args)
-
-        ext = LaunchFreeExtension
-        detached = {name: t.detach() for name, t in
-                    dict(x=x, r=r, w=w, b=b, q=q, k=k, v=v, logits=logits).items()}
-        entry_points = {
-            "layer_norm": lambda d=detached: ext.layer_norm_forward(d["x"], d["w"], d["b"],
-                                                                    1e-5),
-            "add_layer_norm": lambda d=detached: ext.add_layer_norm_forward(
-                d["x"], d["r"], d["w"], d["b"], 1e-5),
-            "causal_attention": lambda d=detached: ext.attention_forward(d["q"], d["k"],
-                                                                         d["v"], 0.25, 1),
-            "cross_entropy": lambda d=detached: ext.cross_entropy_forward(d["logits"],
-                                                                          targets, -100)}
-
-        def bare(op):
-            return entry_points[op]
-    return {op: (bare(op), ours(op)) for op in LAUNCH_FREE_OPS}
+    return {op: (bare[op], ours(op)) for op in LAUNCH_FREE_OPS}
 
 
 # ----------------------------------------------------------------------------- the suite

@@ -242,6 +242,12 @@ def test_the_check_column_names_an_events_fallback_and_a_missing_profiler():
                                          "calls; no profiler cross-check")
 
 
+def test_a_record_older_than_the_harness_says_how_it_was_timed():
+    old = {"median_ms": 0.3, "q1_ms": 0.2, "q3_ms": 0.4, "repeats": 200}
+    assert columns.gpu_time_check(old).startswith("events around one call")
+    assert columns.gpu_columns(old)[:2] == ["300 (200–400)", "n/a"]
+
+
 def test_columns_of_a_missing_timing():
     assert columns.gpu_columns(None) == ["n/a", "n/a", ""]
     assert columns.wall_ms(None) == "n/a"

@@ -1,7 +1,7 @@
 """Dispatch overhead: what a call through `kernels.<op>` costs the host beyond the call it
 wraps, per op, measured on the CPU.
 
-    python -m bench dispatch [--rounds 41] [--calls 300] [--out-dir DIR]
+    python -m bench dispatch [--rounds 101] [--calls 200] [--out-dir DIR]
 
 - `torch`: `kernels.<op>(..., backend="torch")` against the PyTorch built-ins the torch
   backend runs (F.layer_norm, F.scaled_dot_product_attention, F.cross_entropy, ...).
@@ -9,21 +9,22 @@ wraps, per op, measured on the CPU.
   canonical form, the backend's wrapper, its autograd, the allocation of outputs and the
   launcher's arithmetic — with each kernel launch replaced by a no-op (Triton's
   `kernel[grid](...)`; the CUDA extension's entry points, which return their outputs
-  unwritten), against the kernel called directly less its launch (its outputs allocated):
-  the host time our code adds to a GPU kernel, measurable without a GPU. The `cuda` rows call the backend's function on the op's canonical call
-  (`backend="cuda"` refuses CPU tensors, so its backend choice, the same code as every
-  backend's, is timed in the other rows). mlp_gelu and linear_cross_entropy are left out
-  of these rows: they run cuBLAS matmuls beside our kernels, which on the CPU are real
-  work that cannot be told apart from our host time.
+  unwritten), against the kernel called directly less its launch (its outputs
+  allocated): the host time our code adds to a GPU kernel, measurable without a GPU. The
+  `cuda` rows call the backend's function on the op's canonical call (`backend="cuda"`
+  refuses CPU tensors, so its backend choice, the same code as every backend's, is timed
+  in the other rows). mlp_gelu and linear_cross_entropy are left out of these rows: they
+  run cuBLAS matmuls beside our kernels, which on the CPU are real work that cannot be
+  told apart from our host time.
 
 Tiny inputs (nothing to compute), one thread, forward only, in two modes: training (grad
 enabled, inputs that require grad: both calls build their autograd node) and inference
-(no grad). The bare call and ours run interleaved, in rounds
-of `calls` calls each, the order alternating from round to round; a round's overhead is
-the difference of the two per-call times, and the row gives the median over the rounds
-(and their quartiles) with both medians: on a shared machine only differences measured
-side by side carry over. Times are the thread's CPU time (time.thread_time), not the wall
-clock: the host work a call costs, without the time other processes held the core.
+(no grad). The bare call and ours run interleaved, in rounds of `calls` calls each, the
+order alternating from round to round; a round's overhead is the difference of the two
+per-call times, and the row gives the median over the rounds (and their quartiles) with
+both medians: on a shared machine only differences measured side by side carry over.
+Times are the thread's CPU time (time.thread_time), not the wall clock: the host work a
+call costs, without the time other processes held the core.
 """
 from __future__ import annotations
 
@@ -42,8 +43,8 @@ import torch
 import torch.nn.functional as F
 
 TARGET_US = 5.0     # the issue's target: at most this much forward overhead per op
-ROUNDS = 41
-CALLS = 300
+ROUNDS = 101
+CALLS = 200
 
 
 @dataclass(frozen=True)

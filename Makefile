@@ -34,13 +34,14 @@ test: install
 bench: install
 	$(PY) -m bench all $(BENCH_ARGS)
 
-# The GPU runbook for a short rental, with the machine's Python: offline install, the GPU
-# conformance and GPU tests, the headline benchmarks, then the rest, within a time budget,
-# into bench/results/<gpu>-<date>/ (see bench/gpu_check.py). Arguments pass through:
+# The GPU runbook for a 15-minute rental, with the machine's Python: offline install, GPT-2
+# training (beside nanoGPT's train.py with --nanogpt), the attention and LayerNorm /
+# cross-entropy headlines, the GPU conformance suite and tests, then the rest, within a
+# time budget, into bench/results/<gpu>-<date>/ (see bench/gpu/check.py). Arguments pass:
 #   make gpu-check GPU_CHECK_ARGS=--dry-run            # the plan and its estimates, no GPU needed
-#   make gpu-check GPU_CHECK_ARGS="--budget 900 --skip gpu-tests"
+#   make gpu-check GPU_CHECK_ARGS="--nanogpt ../nanoGPT --budget 900 --skip gpu-tests"
 gpu-check:
-	$(PYTHON) bench/gpu_check.py $(GPU_CHECK_ARGS)
+	$(PYTHON) bench/gpu/check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -5,6 +5,13 @@
     python -m bench nanogpt --nanogpt PATH      # only the side-by-side comparison
     python -m bench render bench/results/<device>/kernels.json [...]
     python -m bench static [--out-dir DIR]      # the static performance report, no GPU
+    python -m bench headline attention|memory --out-dir DIR   # the GPU kernel headlines
+    python -m bench gpt2 --out-dir DIR [--nanogpt PATH]  # GPT-2 124M training vs nanoGPT
+    python -m bench predictions bench/results/<gpu>-<date>/kernels.json
+    python -m bench routes [--check]            # auto's routes from the GPU records
+    python -m bench dispatch [--out-dir DIR]    # per-op host overhead over the bare call (CPU)
+    python -m bench resources                   # compiled resources of every kernel, no GPU
+    python -m bench lce-memory                  # fused lm_head + loss memory vs eager
 
 Without --gpu-suite: the CPU-sized suite on the CPU (small GPT-2 shapes, under 10 minutes),
 with the Triton kernels checked under the interpreter but not timed. With it: the full
@@ -16,18 +23,24 @@ bench/results/<device-slug>/<suite>.{json,md,png} and a summary.md.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import time
 from pathlib import Path
 
 SUITE_NAMES = ("kernels", "e2e", "nanogpt", "sweep")
+# Commands with a command line of their own: name -> the module whose main(argv) runs it.
+TOOLS = {"headline": "bench.kernels.headline", "gpt2": "bench.training.gpt2",
+         "routes": "bench.kernels.routes", "dispatch": "bench.kernels.dispatch",
+         "predictions": "bench.static.predictions", "resources": "bench.static.resources",
+         "lce-memory": "bench.kernels.linear_cross_entropy_memory"}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=SUITE_NAMES + ("all", "render", "static"))
+    parser.add_argument("command", choices=SUITE_NAMES + ("all", "render", "static") + tuple(TOOLS))
     parser.add_argument("files", nargs="*", type=Path, help="render: results JSON files")
     parser.add_argument("--gpu-suite", action="store_true",
                         help="the full GPU suite (needs a CUDA GPU); default: the CPU suite")
@@ -47,7 +60,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                              "then times both whole processes side by side; without it, "
                              "nanoGPT's model is re-implemented in-process as a fallback")
     parser.add_argument("--tokens", type=int, help="sweep: training tokens per config "
-                                                   "(default: see bench/sweep.py)")
+                                                   "(default: see bench/training/sweep.py)")
     parser.add_argument("--out-dir", type=Path,
                         help="where results go (default: bench/results/<device-slug>)")
     parser.add_argument("--data-dir", type=Path, default=None,
@@ -62,7 +75,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.command == "nanogpt" and args.nanogpt is None:
         parser.error("nanogpt compares with a nanoGPT checkout: pass --nanogpt PATH")
     if args.nanogpt is not None:
-        from bench.side_by_side import SetupError, nanogpt
+        from bench.training.side_by_side import SetupError, nanogpt
         try:
             nanogpt(args.nanogpt)  # checked now, not after the other suites ran
         except SetupError as exc:
@@ -76,11 +89,16 @@ def main(argv: list[str] | None = None) -> int:
         # Its traffic count runs the Triton kernels under the interpreter: set before
         # triton is first imported. (Its AOT compiles run in workers without it.)
         os.environ["TRITON_INTERPRET"] = "1"
-        from bench.static import main as static_main
+        from bench.static.report import main as static_main
         return static_main(argv[1:])
+    if argv[:1] == ["dispatch"]:
+        # Its launch-free triton rows run Triton's launchers on CPU tensors.
+        os.environ["TRITON_INTERPRET"] = "1"
+    if argv[:1] and argv[0] in TOOLS:
+        return importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
     args = parse_args(argv)
     if args.command == "render":
-        from bench.output import render_files
+        from bench.output.files import render_files
         for path in render_files(args.files):
             print(path)
         return 0

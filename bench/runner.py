@@ -11,9 +11,11 @@ from pathlib import Path
 import torch
 
 import kernels
-from bench import (e2e, kernel_suite, machine, output, peaks, results, side_by_side, sweep,
-                   training)
-from bench.problems import DTYPES
+from bench.kernels import suite as kernel_suite
+from bench.kernels.problems import DTYPES
+from bench.output import files as output, results
+from bench.timing import machine, peaks
+from bench.training import e2e, loop as training, side_by_side, sweep
 from gpt import train as cli
 from gpt.sample import default_sample_dtype
 

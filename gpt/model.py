@@ -24,6 +24,10 @@ import kernels
 from kernels import cpu
 from gpt.hooks import ActivationCache
 
+# Attention's training FLOPs per token, in units of L * C * T (`GPT.flops_per_token`): the
+# causal half the kernels compute, or the full T x T that nanoGPT's MFU counts.
+ATTENTION_FLOP_COUNTS = {"causal": 6, "nanogpt": 12}
+
 
 @dataclass
 class GPTConfig:
@@ -380,16 +384,24 @@ class GPT(nn.Module):
         fused = device_type in ("cuda", "cpu")
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
-    def flops_per_token(self, seq_len: int | None = None) -> int:
-        """Training FLOPs per token: 6 N for the matmuls' forward and backward plus
-        6 L C T for attention's (PaLM appendix B, with T the sequence length)."""
+    def flops_per_token(self, seq_len: int | None = None, attention: str = "causal") -> int:
+        """Training FLOPs per token: 6 N for the matmuls' forward and backward (N without
+        the position embeddings, the tied lm_head counted once) plus attention's score and
+        value matmuls, 12 L C T over a full T x T (PaLM appendix B). attention="causal"
+        counts the half the causal mask keeps, 6 L C T (what the fused kernels compute);
+        attention="nanogpt" counts the full 12 L C T, as nanoGPT's estimate_mfu does."""
+        if attention not in ATTENTION_FLOP_COUNTS:
+            raise ValueError(f"attention must be one of {tuple(ATTENTION_FLOP_COUNTS)}, "
+                             f"got {attention!r}")
         T = seq_len or self.config.block_size
         cfg = self.config
-        return 6 * self.get_num_params() + 6 * cfg.n_layer * cfg.n_embd * T
+        return 6 * self.get_num_params() + ATTENTION_FLOP_COUNTS[attention] * cfg.n_layer \
+            * cfg.n_embd * T
 
-    def estimate_mfu(self, tokens_per_second: float, peak_flops: float, seq_len: int | None = None):
+    def estimate_mfu(self, tokens_per_second: float, peak_flops: float, seq_len: int | None = None,
+                     attention: str = "causal"):
         """Model FLOPs utilization: achieved training FLOP/s over the device's peak."""
-        return self.flops_per_token(seq_len) * tokens_per_second / peak_flops
+        return self.flops_per_token(seq_len, attention) * tokens_per_second / peak_flops
 
     # ------------------------------------------------------------------ generation
 

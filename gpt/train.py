@@ -17,7 +17,10 @@ Run with --help for every key. What differs from nanoGPT:
 - The logged loss is the mean over all micro-batches (and ranks) of the iteration, not
   the last micro-batch's. mfu is relative to the peak of the device in the run's dtype:
   a GPU's datasheet dense peak, a CPU's measured matmul peak (gpt/peak.py: measured once,
-  then cached), or --peak_flops; n/a for a GPU missing from the table.
+  then cached), or --peak_flops; n/a for a GPU missing from the table (nanoGPT divides by
+  the A100's 312 TFLOP/s on any device). Its FLOPs are counted as nanoGPT counts them
+  (6 N + 12 L C T per token, attention over the full T x T); the causal mfu beside it counts
+  the half the mask keeps (6 L C T), the work the fused kernels do.
 - Evals stack their batches into a few large forward passes (same batches, same mean).
 - One iteration is `gpt.step.TrainStep`, which the benchmarks time too.
 - out_dir/metrics.jsonl gets every log line and eval as JSON; a tqdm bar shows progress
@@ -503,7 +506,11 @@ def _train(config: TrainConfig, dist: Distributed, device: torch.device) -> None
     log(describe_precision(config, model, device))
     peak_flops, peak_text = device_peak_flops(config, device)
     log(f"mfu: {peak_text}")
-    flops_per_token = model.flops_per_token(config.block_size)  # for each log line's mfu
+    log("mfu counts FLOPs as nanoGPT does (6 N + 12 L C T per token: attention over the full "
+        "T x T); causal mfu counts the half the mask keeps (6 N + 6 L C T)")
+    # For each log line's two MFUs (nanoGPT's count first, so the logs compare line by line).
+    flops_per_token = {count: model.flops_per_token(config.block_size, count)
+                       for count in ("nanogpt", "causal")}
 
     optimizer, scaler = new_optimizer(config, model, device)
     iter_num, best_val_loss = 0, 1e9
@@ -531,7 +538,7 @@ def _train(config: TrainConfig, dist: Distributed, device: torch.device) -> None
                      TrainBatches(splits["train"], config, device, dist), dist)
     lr_at = lr_schedule(config)
     t0 = time.perf_counter()
-    local_iter_num, running_mfu = 0, -1.0
+    local_iter_num, running_mfu = 0, {count: -1.0 for count in flops_per_token}
     while True:
         lr = lr_at(iter_num)
         if iter_num % config.eval_interval == 0 and dist.master:
@@ -564,16 +571,21 @@ def _train(config: TrainConfig, dist: Distributed, device: torch.device) -> None
             lossf = loss.item()  # the only host sync of a training iteration
             tokens_per_sec = tokens_per_iter / dt
             if local_iter_num >= 5 and peak_flops:  # let the first iterations warm up
-                mfu = flops_per_token * tokens_per_sec / dist.world_size / peak_flops
-                running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
-            mfu_text = f"{running_mfu * 100:.2f}%" if running_mfu >= 0 else "n/a"
-            log(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, mfu {mfu_text}")
+                for count, flops in flops_per_token.items():
+                    now = flops * tokens_per_sec / dist.world_size / peak_flops
+                    running_mfu[count] = now if running_mfu[count] == -1.0 \
+                        else 0.9 * running_mfu[count] + 0.1 * now
+            mfu = {count: value if value >= 0 else None for count, value in running_mfu.items()}
+            mfu_text = {count: "n/a" if value is None else f"{value * 100:.2f}%"
+                        for count, value in mfu.items()}
+            log(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, "
+                f"mfu {mfu_text['nanogpt']}, causal mfu {mfu_text['causal']}")
             if bar is not None:
                 bar.set_postfix(loss=f"{lossf:.4f}", refresh=False)
             if metrics:
                 metrics.write(event="train", iter=iter_num, loss=lossf, lr=lr, time_ms=dt * 1000,
-                              tokens_per_sec=tokens_per_sec,
-                              mfu=running_mfu if running_mfu >= 0 else None)
+                              tokens_per_sec=tokens_per_sec, mfu=mfu["nanogpt"],
+                              mfu_causal=mfu["causal"])
         iter_num += 1
         local_iter_num += 1
         if iter_num > config.max_iters:

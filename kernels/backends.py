@@ -13,9 +13,11 @@ which calls it supports: `unsupported(call)` returns None, or the limit the call
 - ``cuda``   — the compiled C++/CUDA extension (`kernels.cuda`): needs the built
   extension and a CUDA GPU.
 
-``"auto"`` runs each call on the first backend, in the order cuda, triton, torch, that is
-available, runs on the inputs' device (never the interpreter) and supports the call, so
-it never picks a backend that would then refuse. An explicitly named backend that cannot
+``"auto"`` runs each call on the first implementation of the op's route
+(`kernels.routing`: per op and GPU architecture, the fastest correct one in the committed
+GPU records, PyTorch's own included; on the CPU, ``torch``) that is available, runs on the
+inputs' device (never the interpreter) and supports the call, so it never picks a backend
+that would then refuse. An explicitly named backend that cannot
 run a call raises `BackendUnavailableError` naming the limit, with one exception: a call
 using a feature only the `torch` backend implements (attention dropout, queries shorter
 than keys) runs there, with a warning the first time. The process-wide default is
@@ -33,13 +35,13 @@ from typing import Callable
 
 import torch
 
+from kernels import routing
 from kernels.availability import (BackendStatus, BackendUnavailableError,
                                   triton_interpreter_enabled)
 from kernels.specs import OPS, Call
 
 BACKENDS = ("torch", "triton", "cuda")
 AUTO = "auto"
-_AUTO_PREFERENCE = ("cuda", "triton", "torch")
 _MODULES = {"torch": "kernels.torch_backend", "triton": "kernels.triton", "cuda": "kernels.cuda"}
 
 __all__ = ["AUTO", "BACKENDS", "BackendStatus", "BackendUnavailableError", "available_backends",
@@ -121,7 +123,7 @@ def prepare(backend: str | None) -> None:
     """Probe and import what `backend` may dispatch to, ahead of time: torch.compile cannot
     trace an import, so a model calls this when it is built, before it is compiled."""
     name = _check_name(backend or get_default_backend())
-    for candidate in (_AUTO_PREFERENCE if name == AUTO else (name, "torch")):
+    for candidate in (BACKENDS if name == AUTO else (name, "torch")):
         if backend_status(candidate).available:
             _module(candidate)
 
@@ -166,21 +168,39 @@ def _can_take(name: str, op: str, device: torch.device) -> bool:
             and op in _module(name).OPS)
 
 
-def _auto_candidates(device: torch.device):
-    for name in _AUTO_PREFERENCE:
-        if name == "triton" and device.type != "cuda":
-            continue  # the interpreter is for tests, never an automatic choice
-        yield name
+def _implementation(candidate: str, call: Call) -> Callable | None:
+    """The function of one of a route's implementations (`kernels.routing`) for `call`, or
+    None when it cannot take this call here."""
+    backend, variant = routing.split(candidate)
+    if backend != "torch" and call.torch_only:
+        return None
+    if not _can_take(backend, call.op, call.device) or _module(backend).unsupported(call):
+        return None
+    if variant is None:
+        return _module(backend).OPS[call.op]
+    return _variants(backend, call.op).get(variant)
+
+
+def _variants(backend: str, op: str) -> dict[str, Callable]:
+    """A backend's variants of `op` (e.g. the torch backend's attention with one SDPA
+    kernel preferred), by name; a backend declares them in VARIANTS, if it has any."""
+    return getattr(_module(backend), "VARIANTS", {}).get(op, {})
 
 
 def resolve_name(op: str, backend: str | None, device: torch.device) -> str:
-    """The backend `backend` stands for when running `op` on `device` with arguments it
-    supports (for describing a run; `resolve` decides per call)."""
+    """The implementation `backend` stands for when running `op` on `device` with arguments
+    it supports (for describing a run; `resolve` decides per call): a backend name, or for
+    `auto` the first of the op's route that can run here."""
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; ops: {OPS}")
     name = _check_name(backend or get_default_backend())
     if name == AUTO:
-        return next(n for n in _auto_candidates(device) if _can_take(n, op, device))
+        for candidate in routing.candidates(op, device):
+            backend_name, variant = routing.split(candidate)
+            if _can_take(backend_name, op, device) and (
+                    variant is None or variant in _variants(backend_name, op)):
+                return candidate
+        return "torch"
     _explain_if_unable(name, op, device)
     return name
 
@@ -216,12 +236,10 @@ def resolve(call: Call, backend: str | None) -> Callable:
     """The function that runs `call` when `backend` (None: the default) is asked for."""
     name = _check_name(backend or get_default_backend())
     if name == AUTO:
-        for candidate in _auto_candidates(call.device):
-            if candidate != "torch" and call.torch_only:
-                continue
-            if _can_take(candidate, call.op, call.device) \
-                    and _module(candidate).unsupported(call) is None:
-                return _module(candidate).OPS[call.op]
+        for candidate in routing.candidates(call.op, call.device):
+            function = _implementation(candidate, call)
+            if function is not None:
+                return function
         return _module("torch").OPS[call.op]
     _explain_if_unable(name, call.op, call.device)
     if call.torch_only and name != "torch":

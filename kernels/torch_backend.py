@@ -54,13 +54,14 @@ def causal_attention(q, k, v, scale, dropout_p):
         return reference.causal_attention(q, k, v, scale, dropout_p)
     if cpu_attention.applies(q, k):
         return cpu_attention.causal_attention(q, k, v, scale, dropout_p)
-    if scale <= 0.0:
+    if scale is not None and scale <= 0.0:
         # SDPA returns NaN rows for a scale of 0 or below (its CPU kernels, torch 2.14:
         # the masked -inf times the scale); the reference's math is explicit and fp32.
         return reference.causal_attention(q, k, v, scale, dropout_p)
     if _sdpa_in_fp32(q, k, v):
         return causal_attention(q.float(), k.float(), v.float(), scale, dropout_p).to(q.dtype)
-    q, k, v = (_sdpa_aligned(t) for t in (q, k, v))
+    if q.is_cuda:
+        q, k, v = _sdpa_aligned(q), _sdpa_aligned(k), _sdpa_aligned(v)
     t_q, t_k = q.shape[-2], k.shape[-2]
     if t_q == t_k:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
@@ -103,19 +104,23 @@ def is_sdpa_aligned(t) -> bool:
 def _sdpa_aligned(t):
     # Under torch.compile, Inductor's SDPA lowering imposes its own alignment (and
     # data_ptr() is not traceable).
-    if t.device.type != "cuda" or torch.compiler.is_compiling() or is_sdpa_aligned(t):
+    if torch.compiler.is_compiling() or is_sdpa_aligned(t):
         return t
     return t.clone(memory_format=torch.contiguous_format)
 
 
 def cross_entropy(logits, targets, ignore_index, reduction):
-    flat_targets = targets.reshape(-1).long()
+    # (N, V) logits and (N,) int64 targets, the common case, go to F.cross_entropy as they
+    # are: each no-op reshape or cast is a dispatcher round trip of ~1 us.
+    flat_targets = targets if targets.dim() == 1 else targets.reshape(-1)
+    if flat_targets.dtype != torch.int64:
+        flat_targets = flat_targets.long()
+    rows = logits if logits.dim() == 2 else \
+        logits.reshape(flat_targets.numel(), logits.shape[-1])
     # An ignored row is ignored whatever its logits: F.cross_entropy would give a row of
     # -inf a NaN gradient (softmax 0/0) even though it does not count.
-    keep = (flat_targets != ignore_index).unsqueeze(1)
-    rows = _at_least_fp32(logits.reshape(flat_targets.numel(), logits.shape[-1]))
-    logits = torch.where(keep, rows, 0.0)
-    losses = F.cross_entropy(logits, flat_targets, ignore_index=ignore_index,
+    rows = torch.where((flat_targets != ignore_index).unsqueeze(1), _at_least_fp32(rows), 0.0)
+    losses = F.cross_entropy(rows, flat_targets, ignore_index=ignore_index,
                              reduction=reduction)
     return losses.view(targets.shape) if reduction == "none" else losses
 
@@ -136,13 +141,39 @@ def linear_cross_entropy(x, weight, targets, bias, ignore_index, reduction):
 
 def _at_least_fp32(t):
     """The loss math runs in fp32 for 16-bit inputs (and stays fp64 for fp64 ones)."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 # Every declared op, by name (a KeyError here: an op without a torch version).
 OPS = {op: globals()[op] for op in SPEC_OPS}
 
-__all__ = ["OPS", "add_layer_norm", "causal_attention", "cross_entropy", "layer_norm",
+
+# SDPA's kernels, by the name `auto`'s routes (`kernels.routing`) and the benchmarks give
+# them: SDPA tries the preferred one first, then its usual order, so every call still runs.
+SDPA_KERNELS = {"sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-flash": "FLASH_ATTENTION",
+                "sdpa-efficient": "EFFICIENT_ATTENTION", "sdpa-math": "MATH"}
+
+
+def causal_attention_preferring(kernel: str):
+    """causal_attention with SDPA trying `kernel` (a key of SDPA_KERNELS) first."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = list(dict.fromkeys(getattr(SDPBackend, name) for name in
+                               (SDPA_KERNELS[kernel], *SDPA_KERNELS.values())))
+
+    def attention(q, k, v, scale, dropout_p):
+        with sdpa_kernel(order, set_priority=True):
+            return causal_attention(q, k, v, scale, dropout_p)
+    attention.__name__ = f"causal_attention_preferring_{kernel.replace('-', '_')}"
+    return attention
+
+
+# Implementations of an op besides OPS[op] that a route may name ("torch:<variant>").
+VARIANTS = {"causal_attention": {name: causal_attention_preferring(name)
+                                 for name in SDPA_KERNELS}}
+
+__all__ = ["OPS", "SDPA_KERNELS", "VARIANTS", "add_layer_norm", "causal_attention",
+           "causal_attention_preferring", "cross_entropy", "layer_norm",
            "linear_cross_entropy", "mlp_gelu", "unsupported"]
 
 

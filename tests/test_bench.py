@@ -7,16 +7,19 @@ import torch
 
 import kernels
 from kernels import reference, torch_backend
-from bench import correctness, kernel_suite, output, peaks, problems, report, results, timing
-from bench.problems import PROBLEMS, Shape, attention_flops, work
-from bench.results import CHECK_ONLY, FAILED, OK
+from bench import timing
+from bench.kernels import correctness, problems, suite as kernel_suite
+from bench.kernels.problems import PROBLEMS, Shape, attention_flops, work
+from bench.output import files as output, report, results
+from bench.output.results import CHECK_ONLY, FAILED, OK
+from bench.timing import peaks
 
 
 # ----------------------------------------------------------------------------- formulas
 
 def test_every_op_has_a_problem():
     assert set(kernels.OPS) <= set(PROBLEMS)
-    with pytest.raises(KeyError, match="add one to bench.problems.PROBLEMS"):
+    with pytest.raises(KeyError, match="add one to bench.kernels.problems.PROBLEMS"):
         problems.problem("no_such_op")
 
 
@@ -208,6 +211,20 @@ def test_every_row_of_a_rendered_table_has_the_header_width():
     md = report.render(results.document("kernels", _meta(), _kernel_rows()))
     table = [line for line in md.splitlines() if line.startswith("|")]
     assert len({line.count("|") for line in table}) == 1
+
+
+def test_a_gpu_table_has_gpu_and_host_time_columns_and_flags_disagreements():
+    rows = _kernel_rows()
+    rows[0]["fwd"] = timing.Timing(0.0152, 0.015, 0.0155, 7, "cuda-graph", 41.0,
+                                   0.0149).to_json()
+    rows[0]["fwd_bwd"] = timing.Timing(0.05, 0.049, 0.051, 7, "cuda-graph", 120.0,
+                                       0.031).to_json()
+    md = report.render(results.document("kernels", {**_meta(), "device_type": "cuda"}, rows))
+    table = [line for line in md.splitlines() if line.startswith("|")]
+    assert len({line.count("|") for line in table}) == 1
+    assert "| fwd GPU µs | fwd host µs | fwd GPU time check |" in table[0]
+    assert "| 15.2 (15–15.5) | 41 |  |" in table[2]                # fwd: agrees
+    assert "| 50 (49–51) | 120 | **disagree**: profiler 31 µs (−61 %" in table[2]
 
 
 @pytest.mark.parametrize("broken, message", [

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from bench import e2e, peaks, report, results, sweep, training
-from bench.results import OK
+from bench.output import report, results
+from bench.output.results import OK
+from bench.timing import peaks
+from bench.training import e2e, loop as training, sweep
 from gpt.model import GPT, GPTConfig
 
 CPU = torch.device("cpu")

@@ -7,8 +7,8 @@ import tarfile
 
 import pytest
 
-from bench import gpu_check
-from bench.gpu_check import Stage
+from bench.gpu import check as gpu_check
+from bench.gpu.check import Stage
 
 PY = sys.executable
 
@@ -19,10 +19,10 @@ def _stage(name, code="print('hi')", estimate=1.0, needs=None):
 
 def test_plan_is_in_order_of_value(tmp_path):
     names = [stage.name for stage in gpu_check.stages(PY, tmp_path)]
-    expected = ["install", "gpu-tests", "attention", "memory", "train", "kernels",
-                "kernels-vs-static", "e2e", "tests", "sweep"]
-    if (gpu_check.REPO_ROOT / gpu_check.CONFORMANCE_TESTS).exists():
-        expected.insert(1, "conformance")  # the conformance suite, before any other test
+    # Training right after the install, then attention at every version, then LayerNorm
+    # and cross-entropy, then the conformance suite and the rest.
+    expected = ["install", "train", "attention", "memory", "conformance", "gpu-tests",
+                "train-backends", "kernels", "kernels-vs-static", "e2e", "tests", "sweep"]
     assert names == expected
     gpu_tests = next(s for s in gpu_check.stages(PY, tmp_path) if s.name == "gpu-tests")
     assert "-m" in gpu_tests.command and "gpu" in gpu_tests.command
@@ -32,8 +32,7 @@ def test_conformance_stage_only_when_the_suite_exists(tmp_path):
     assert "conformance" not in [s.name for s in gpu_check.stages(PY, tmp_path, repo=tmp_path)]
     (tmp_path / "tests").mkdir()
     (tmp_path / gpu_check.CONFORMANCE_TESTS).write_text("")
-    assert [s.name for s in gpu_check.stages(PY, tmp_path, repo=tmp_path)][:2] == \
-        ["install", "conformance"]
+    assert [s.name for s in gpu_check.stages(PY, tmp_path, repo=tmp_path)][4] == "conformance"
 
 
 def test_time_slices_and_skips():
@@ -57,6 +56,8 @@ def test_select_and_measured_estimates(tmp_path):
     measured = gpu_check.measured_durations(tmp_path)
     assert measured == {"a": 42.0}
     assert [s.estimate_s for s in gpu_check.with_estimates(plan, measured)] == [42.0, 1.0, 1.0]
+    # A record never lowers a planning figure (the stage may have grown since).
+    assert gpu_check.with_estimates([_stage("a", estimate=90)], measured)[0].estimate_s == 90
 
 
 def test_plan_rendering_fits_the_budget():
@@ -70,13 +71,38 @@ def test_plan_rendering_fits_the_budget():
 
 
 def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path):
-    done = subprocess.run([PY, str(gpu_check.REPO_ROOT / "bench" / "gpu_check.py"), "--dry-run",
-                           "--budget", "600"], capture_output=True, text=True, timeout=120,
-                          cwd=tmp_path)
+    done = subprocess.run([PY, str(gpu_check.REPO_ROOT / "bench" / "gpu" / "check.py"),
+                           "--dry-run", "--budget", "600"], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "budget 600 s" in done.stdout and "bench.headline attention" in done.stdout
+    assert "budget 600 s" in done.stdout and "bench headline attention" in done.stdout
     assert not list(tmp_path.iterdir())
     assert "<gpu>" in done.stdout  # no device was looked up
+
+
+def test_training_starts_within_the_first_150_seconds_of_the_default_plan(tmp_path):
+    """The dry run of `make gpu-check` as a 15-minute rental gets it: the stage before
+    training (the install) ends by 150 s, with the repository's own estimates."""
+    done = subprocess.run([PY, str(gpu_check.REPO_ROOT / "bench" / "gpu" / "check.py"),
+                           "--dry-run"], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    numbered = [line for line in done.stdout.splitlines() if line[:3].strip().rstrip(".").isdigit()]
+    names = [line.split()[1] for line in numbered]
+    assert names[:4] == ["install", "train", "attention", "memory"]
+    install_ends = float(numbered[0].split("ends at ~")[1].split(" s")[0])
+    assert install_ends <= 150
+    assert "run, ends at" in numbered[1]  # and training fits the default budget
+
+
+def test_the_train_stage_runs_nanogpt_when_given_a_checkout(tmp_path):
+    plain = next(s for s in gpu_check.stages(PY, tmp_path) if s.name == "train")
+    assert "--nanogpt" not in plain.command and "ours only" in plain.what
+    beside = next(s for s in gpu_check.stages(PY, tmp_path, nanogpt=tmp_path / "nanoGPT")
+                  if s.name == "train")
+    assert beside.command[beside.command.index("--nanogpt") + 1] == str(tmp_path / "nanoGPT")
+    rest = next(s for s in gpu_check.stages(PY, tmp_path) if s.name == "train-backends")
+    assert "--append" in rest.command
 
 
 def test_stages_are_logged_stopped_skipped_recorded_and_published(tmp_path, monkeypatch):

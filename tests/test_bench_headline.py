@@ -3,10 +3,12 @@ only; here each runs at a tiny size through the same code)."""
 import pytest
 import torch
 
-from bench import headline, predictions
-from bench.problems import PROBLEMS
-from bench.results import OK
-from kernels import gpus
+from bench.kernels import headline
+from bench.kernels.suite import Impl
+from bench.kernels.problems import PROBLEMS
+from bench.output.results import OK
+from bench.static import predictions
+from kernels import gpus, versions
 
 CPU = torch.device("cpu")
 
@@ -38,8 +40,10 @@ def test_memory_benchmarks_are_the_memory_bound_ops_at_gpt2_124m():
 def test_an_sdpa_backend_runs_checked_and_timed_beside_no_prediction_on_the_cpu():
     cases = headline.attention_cases(CPU, seq_lens=(16,), tokens=32,
                                      sdpa_backends=("sdpa-math",))
-    (row,) = headline.run_kernel_cases(cases, CPU)
-    assert (row["impl"], row["status"]) == ("sdpa-math", OK), row["error"]
+    rows = headline.run_kernel_cases(cases, CPU)
+    assert [r["impl"] for r in rows] == ["torch", "sdpa-math"]  # triton: interpreted, untimed
+    row = rows[1]
+    assert row["status"] == OK, row["error"]
     assert row["fwd_bwd"]["median_ms"] > 0
     assert row["fwd_bwd_ideal_ms"] is None  # a CPU is not in the GPU table
     assert "| causal_attention | B=2 H=12 T=16 D=64 | sdpa-math |" in \
@@ -85,11 +89,27 @@ def test_kernel_suite_rows_beside_the_static_prediction():
     assert unknown.startswith("No prediction")
 
 
-def test_training_rows_on_a_tiny_model(one_thread):
-    impls = (headline.TrainImpl("ours", headline.GPT, compile=False),)
-    (row,) = headline.run_training(CPU, impls=impls, model=dict(n_layer=1, n_head=2, n_embd=16),
-                                   batch_size=2, block_size=8, steps=1, warmup=0,
-                                   dtype=torch.float32)
-    assert row["status"] == OK, row["error"]
-    assert row["tokens_per_s"] > 0 and row["mfu_pct"] > 0
-    assert "| ours | 2 x 8 |" in "\n".join(headline.train_table([row]))
+def test_attention_runs_each_of_our_backends_at_every_kernel_version():
+    import kernels.triton.attention  # noqa: F401  (declares triton_attention's versions)
+
+    (declared,) = [k for k in versions.table() if k["name"] == "triton_attention"]
+    seen = []
+    impl = Impl("triton", lambda: lambda *args: seen.append(
+        versions._DECLARED["triton_attention"].current()), timed=True)
+    impls = headline.every_version([impl, Impl("sdpa-math", lambda: None, timed=True)])
+    names = [i.name for i in impls]
+    default = declared["default"]
+    assert names == [("triton" if v == default else f"triton v{v}")
+                     for v in sorted(declared["versions"])] + ["sdpa-math"]
+    before = versions._DECLARED["triton_attention"].current()
+    try:
+        for i in impls[:-1]:
+            i.make()()
+    finally:
+        versions.select("triton_attention", before)
+    assert seen == sorted(declared["versions"])  # each call ran at its own version
+
+
+def test_attention_is_also_measured_on_the_torch_backend():
+    (case,) = headline.attention_cases(CPU, seq_lens=(1024,))
+    assert "torch" in [impl.name for impl in case.impls]

@@ -5,8 +5,9 @@ import textwrap
 
 import pytest
 
-from bench import report, results, side_by_side
-from bench.side_by_side import NANOGPT, OURS, Program
+from bench.output import report, results
+from bench.training import side_by_side
+from bench.training.side_by_side import NANOGPT, OURS, Program
 
 # A stand-in training program: start-up, a step-0 eval, N iterations of SLEEP seconds
 # (times FACTOR_<name>), then a last eval; it records its name in ORDER_FILE so the tests
@@ -117,7 +118,7 @@ def test_configs_are_the_seed_command_with_overrides():
     assert name == "seed command, 300 iters"
     assert args[0] == "config/train_shakespeare_char.py" and "--max_iters=300" in args
     assert "--lr_decay_iters=2000" in args and "--compile=False" in args
-    from bench import sweep
+    from bench.training import sweep
     settings = [s for s in sweep.settings(sweep.CPU_BASE, {"n_embd": (64,)})]
     [(name, args)] = side_by_side.setting_configs(settings, 50)
     assert name == "n_embd=64" and "--n_embd=64" in args and "--max_iters=50" in args

@@ -274,7 +274,7 @@ def test_every_layout_is_what_it_claims():
 
 def _gpu_case(op):
     """A GPT-2-sized call of op (the bench's headline shape)."""
-    from bench.problems import problem
+    from bench.kernels.problems import problem
 
     prob = problem(op)
     shape = next(s for s in prob.gpu_shapes if s.headline)

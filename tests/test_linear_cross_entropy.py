@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kernels
-from bench.linear_cross_entropy_memory import (MAX_RATIO, chunked_torch_backend,
+from bench.kernels.linear_cross_entropy_memory import (MAX_RATIO, chunked_torch_backend,
                                                eager_lm_head_cross_entropy, make_inputs,
                                                peak_bytes)
 from kernels import chunked_linear_cross_entropy as chunked
@@ -138,7 +138,7 @@ def test_chunk_policy():
 
 def test_peak_memory_is_at_most_a_quarter_of_eager():
     """At V/C = 256 the eager path holds several (rows, V) fp32 tensors at once; the chunked
-    one never more than one chunk's worth (bench/linear_cross_entropy_memory.py measures the
+    one never more than one chunk's worth (bench/kernels/linear_cross_entropy_memory.py measures the
     same at GPT-2 size)."""
     x, weight, targets = make_inputs(2048, 64, 16384, torch.float32, torch.device(DEVICE))
     eager = peak_bytes(eager_lm_head_cross_entropy, x, weight, targets)

@@ -247,3 +247,16 @@ def test_a_layer_norm_subclass_in_ln_2_runs_its_own_forward():
     rms.load_state_dict(block.ln_2.state_dict())
     block.ln_2 = rms
     assert (model.logits(idx) - plain).abs().max() > 1e-3
+
+
+def test_flops_per_token_counts_attention_causally_or_as_nanogpt_does():
+    """6 N plus attention's 12 L C T over the full T x T (nanoGPT's estimate_mfu), or the
+    causal half, 6 L C T."""
+    config = GPTConfig(n_layer=3, n_head=2, n_embd=16, block_size=32, vocab_size=50)
+    model = GPT(config)
+    n = model.get_num_params()
+    assert n == sum(p.numel() for p in model.parameters()) - 32 * 16  # without wpe
+    assert model.flops_per_token() == 6 * n + 6 * 3 * 16 * 32
+    assert model.flops_per_token(8, attention="nanogpt") == 6 * n + 12 * 3 * 16 * 8
+    with pytest.raises(ValueError, match="attention must be one of"):
+        model.flops_per_token(attention="full")

@@ -52,7 +52,7 @@ def test_backend_without_the_op_is_a_clear_error(monkeypatch):
 def test_every_op_is_declared_once_and_implemented_by_torch():
     """The specs are the list of ops; the public functions, the `torch` backend and the
     benchmark problems all cover exactly that list."""
-    from bench.problems import PROBLEMS
+    from bench.kernels.problems import PROBLEMS
     from kernels.specs import SPECS
 
     assert kernels.OPS == tuple(SPECS)

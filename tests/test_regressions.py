@@ -75,7 +75,7 @@ def test_2_cuda_add_layer_norm_autocast_mix_on_gpu():
 def test_3_auto_moves_on_to_a_backend_that_supports_the_call(monkeypatch):
     """With triton preferred (as on a GPU), a call triton refuses (fp64; a LayerNorm wider
     than it keeps in registers) runs on torch instead of raising; one it takes runs on it."""
-    monkeypatch.setattr(backends, "_auto_candidates", lambda device: iter(("triton", "torch")))
+    monkeypatch.setattr(backends.routing, "candidates", lambda op, device: ("triton", "torch"))
     x = torch.randn(3, 32)
     fp64 = SPECS["layer_norm"].canonicalize(x.double(), torch.ones(32, dtype=torch.float64))
     assert backends.resolve(fp64, "auto") is backends._module("torch").OPS["layer_norm"]
@@ -243,7 +243,7 @@ def test_7_nanogpt_checkpoints_are_evaluated_with_the_exact_gelu(tmp_path):
     GELU put our logits 5e-3 away from its own. A nanoGPT checkpoint (model_args without
     `backend` or `gelu_approximate`, keys prefixed by torch.compile) now loads with the
     exact GELU and gives nanoGPT's logits to 1e-5 in fp32."""
-    from bench.nanogpt_baseline import NanoGPT
+    from bench.training.nanogpt_baseline import NanoGPT
     from gpt.model import GPT, GPTConfig
 
     args = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=True, vocab_size=65,

@@ -15,9 +15,13 @@ import triton
 import triton.language as tl
 
 from aot_session import project_report
-from bench import occupancy as occ
-from bench import peaks, resources, roofline, sass, static, static_findings, static_markdown, traffic
-from bench.problems import PROBLEMS, work
+from bench.kernels.problems import PROBLEMS, work
+from bench.static import findings as static_findings
+from bench.static import markdown as static_markdown
+from bench.static import occupancy as occ
+from bench.static import report as static
+from bench.static import resources, roofline, sass, traffic
+from bench.timing import peaks
 from kernels import gpus
 from kernels.triton.aot import TARGET_ARCHS, AotSpec, compile_all, package_modules
 

@@ -153,11 +153,15 @@ def test_loss_decreases_and_logs_match_nanogpt(tmp_path, text_file, capsys, cpu_
     assert all(e["tokens_per_sec"] > 0 for e in logged)
     # MFU against the CPU's measured fp32 matmul peak, from the 6th iteration on.
     assert all(e["mfu"] is None for e in logged[:5]) and all(e["mfu"] > 0 for e in logged[5:])
+    # mfu counts FLOPs as nanoGPT does, the causal mfu beside it the half the mask keeps:
+    # the same speed, so every line has the ratio of the two counts.
+    ratios = {round(e["mfu"] / e["mfu_causal"], 9) for e in logged[5:]}
+    assert len(ratios) == 1 and ratios.pop() > 1
     assert cpu_peak == [torch.float32]
     out = capsys.readouterr().out
     assert re.search(r"^step 40: train loss \d+\.\d{4}, val loss \d+\.\d{4}$", out, re.M)
-    assert re.search(r"^iter 40: loss \d+\.\d{4}, time \d+\.\d{2}ms, mfu \d+\.\d{2}%$", out,
-                     re.M)
+    assert re.search(r"^iter 40: loss \d+\.\d{4}, time \d+\.\d{2}ms, mfu \d+\.\d{2}%, "
+                     r"causal mfu \d+\.\d{2}%$", out, re.M)
     assert re.search(r"^mfu: 1 TFLOP/s, the fp32 matmul peak of this CPU with \d+ threads "
                      r"\(measured \d{4}-\d\d-\d\d; cached in .*cpu_peak_flops.json\)$", out, re.M)
     assert "model backend 'torch' on cpu: torch for every op" in out

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from aot_session import MACHINERY_SOURCES, project_report
-from bench.resources import render_markdown, triton_rows
+from bench.static.resources import render_markdown, triton_rows
 from kernels.triton.aot import TARGET_ARCHS, AotSpec, launch_configs, package_modules
 
 

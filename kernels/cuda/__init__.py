@@ -29,6 +29,7 @@ from kernels.cuda.extension import (build_jit, extension_path, load_build_config
                                     unavailable_reason)
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
+_SUPPORTED = frozenset(SUPPORTED_DTYPES)
 
 OPS = {
     "layer_norm": layer_norm.layer_norm,
@@ -45,7 +46,7 @@ __all__ = ["OPS", "SUPPORTED_DTYPES", "build_jit", "extension_path", "load_build
 
 def unsupported(call) -> str | None:
     """None when the CUDA kernels run `call`, else the limit it exceeds."""
-    dtypes = call.dtypes() - set(SUPPORTED_DTYPES)
+    dtypes = call.dtypes() - _SUPPORTED
     if dtypes:
         return (f"the CUDA kernels compute in fp32 and bf16, got {sorted(map(str, dtypes))} "
                 f"(fp16 runs on the triton or torch backend)")

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from kernels import versions
 from kernels.cuda.extension import ext
+from kernels.custom_ops import custom_op, differentiable
 
 # Limits the kernels check too (csrc/attention.cu); `kernels.cuda.unsupported` reports them
 # before a call is made, so that `auto` can go elsewhere.
@@ -62,7 +63,7 @@ def _check(q, k, v, version):
                          f"got {q.shape[2]}")
 
 
-@torch.library.custom_op("gptk::cuda_attention_fwd", mutates_args=(), device_types="cuda")
+@custom_op("gptk::cuda_attention_fwd", mutates_args=(), device_types="cuda")
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float,
                    version: int) -> tuple[Tensor, Tensor]:
     out, lse = ext().attention_forward(q, k, v, scale, version)
@@ -117,12 +118,12 @@ def _attention_backward(ctx, dout, _dlse):
     return dq, dk, dv, None, None
 
 
-_attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup)
+_attention = differentiable(_attention_fwd, _attention_backward, _attention_setup)
 
 
 def causal_attention(q, k, v, scale, dropout_p):
     """The backend's entry point: calls with dropout or a KV cache never reach it (their
     Call is torch-only), so dropout_p is always 0 here. The kernel version is read per call
     (a traced graph keeps the one in use when it was traced)."""
-    out, _ = _attention_fwd(q, k, v, scale, VERSIONS.current())
+    out, _ = _attention(q, k, v, scale, VERSIONS.current())
     return out

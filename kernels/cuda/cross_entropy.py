@@ -9,9 +9,10 @@ from torch import Tensor
 
 from kernels.chunked_linear_cross_entropy import reduce_losses
 from kernels.cuda.extension import ext
+from kernels.custom_ops import custom_op, differentiable
 
 
-@torch.library.custom_op("gptk::cuda_cross_entropy_fwd", mutates_args=(), device_types="cuda")
+@custom_op("gptk::cuda_cross_entropy_fwd", mutates_args=(), device_types="cuda")
 def _cross_entropy_fwd(logits: Tensor, targets: Tensor,
                        ignore_index: int) -> tuple[Tensor, Tensor]:
     losses, lse = ext().cross_entropy_forward(logits, targets, ignore_index)
@@ -49,7 +50,7 @@ def _cross_entropy_backward(ctx, dlosses, _dlse):
                               ctx.ignore_index), None, None
 
 
-_cross_entropy_fwd.register_autograd(_cross_entropy_backward, setup_context=_cross_entropy_setup)
+_cross_entropy = differentiable(_cross_entropy_fwd, _cross_entropy_backward, _cross_entropy_setup)
 
 
 @torch.library.custom_op("gptk::cuda_cross_entropy_fwd_bwd_", mutates_args=("logits",),
@@ -68,7 +69,7 @@ def _(logits, targets, row_weight, ignore_index):
 def cross_entropy(logits, targets, ignore_index, reduction):
     vocab = logits.shape[-1]
     flat_targets = targets.reshape(-1)
-    losses, _ = _cross_entropy_fwd(logits.reshape(-1, vocab).contiguous(), flat_targets,
+    losses, _ = _cross_entropy(logits.reshape(-1, vocab).contiguous(), flat_targets,
                                    ignore_index)
     loss = reduce_losses(losses, flat_targets, ignore_index, reduction)
     return loss.view(targets.shape) if reduction == "none" else loss

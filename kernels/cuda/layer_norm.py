@@ -16,9 +16,10 @@ import torch
 from torch import Tensor
 
 from kernels.cuda.extension import ext
+from kernels.custom_ops import custom_op, differentiable
 
 
-@torch.library.custom_op("gptk::cuda_layer_norm_fwd", mutates_args=(), device_types="cuda")
+@custom_op("gptk::cuda_layer_norm_fwd", mutates_args=(), device_types="cuda")
 def _layer_norm_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor],
                     eps: float) -> tuple[Tensor, Tensor, Tensor]:
     y, mean, rstd = ext().layer_norm_forward(x, weight, bias, eps)
@@ -32,7 +33,7 @@ def _(x, weight, bias, eps):
         x.new_empty(rows, dtype=torch.float32)
 
 
-@torch.library.custom_op("gptk::cuda_add_layer_norm_fwd", mutates_args=(), device_types="cuda")
+@custom_op("gptk::cuda_add_layer_norm_fwd", mutates_args=(), device_types="cuda")
 def _add_layer_norm_fwd(x: Tensor, residual: Tensor, weight: Tensor, bias: Optional[Tensor],
                         eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     summed, y, mean, rstd = ext().add_layer_norm_forward(x, residual, weight, bias, eps)
@@ -92,8 +93,8 @@ def _add_layer_norm_backward(ctx, dsummed, dy, _dmean, _drstd):
     return ds, ds, dweight, dbias if ctx.has_bias else None, None
 
 
-_layer_norm_fwd.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup)
-_add_layer_norm_fwd.register_autograd(_add_layer_norm_backward, setup_context=_add_layer_norm_setup)
+_layer_norm = differentiable(_layer_norm_fwd, _layer_norm_backward, _layer_norm_setup)
+_add_layer_norm = differentiable(_add_layer_norm_fwd, _add_layer_norm_backward, _add_layer_norm_setup)
 
 
 def _kernel_params(x: Tensor, weight: Tensor, bias: Optional[Tensor]):
@@ -105,7 +106,7 @@ def _kernel_params(x: Tensor, weight: Tensor, bias: Optional[Tensor]):
 
 def layer_norm(x, weight, bias, eps):
     weight, bias = _kernel_params(x, weight, bias)
-    y, _, _ = _layer_norm_fwd(x.contiguous(), weight, bias, eps)
+    y, _, _ = _layer_norm(x.contiguous(), weight, bias, eps)
     return y
 
 
@@ -113,5 +114,5 @@ def add_layer_norm(x, residual, weight, bias, eps):
     dtype = torch.promote_types(x.dtype, residual.dtype)
     x, residual = x.to(dtype).contiguous(), residual.to(dtype).contiguous()
     weight, bias = _kernel_params(x, weight, bias)
-    summed, y, _, _ = _add_layer_norm_fwd(x, residual, weight, bias, eps)
+    summed, y, _, _ = _add_layer_norm(x, residual, weight, bias, eps)
     return summed, y

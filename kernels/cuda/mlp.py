@@ -37,6 +37,7 @@ from torch import Tensor
 
 from kernels import versions
 from kernels.cuda.extension import ext
+from kernels.custom_ops import custom_op, differentiable
 
 VERSIONS = versions.declare("cuda_mlp", {
     1: "c_fc matmul (cuBLAS), then the fused bias+GELU kernel; fused dGELU kernel backward",
@@ -45,7 +46,7 @@ VERSIONS = versions.declare("cuda_mlp", {
 }, default=2)
 
 
-@torch.library.custom_op("gptk::cuda_bias_gelu_fwd", mutates_args=(), device_types="cuda")
+@custom_op("gptk::cuda_bias_gelu_fwd", mutates_args=(), device_types="cuda")
 def _bias_gelu_fwd(pre: Tensor, bias: Optional[Tensor], approximate_tanh: bool) -> Tensor:
     return ext().bias_gelu_forward(pre, bias, approximate_tanh)
 
@@ -81,7 +82,7 @@ def _bias_gelu_backward(ctx, dout):
     return dpre, dbias, None
 
 
-_bias_gelu_fwd.register_autograd(_bias_gelu_backward, setup_context=_bias_gelu_setup)
+_bias_gelu = differentiable(_bias_gelu_fwd, _bias_gelu_backward, _bias_gelu_setup)
 
 
 def uses_gelu_epilogue(x, w_fc, b_fc, approximate) -> bool:
@@ -100,4 +101,4 @@ def mlp_gelu(x, w_fc, b_fc, w_proj, b_proj, approximate):
         return F.linear(hidden.view(*x.shape[:-1], w_fc.shape[0]), w_proj, b_proj)
     pre = torch.matmul(x, w_fc.t())  # cuBLAS; the bias is added by the GELU kernel
     b_fc = None if b_fc is None else b_fc.contiguous()
-    return F.linear(_bias_gelu_fwd(pre, b_fc, approximate == "tanh"), w_proj, b_proj)
+    return F.linear(_bias_gelu(pre, b_fc, approximate == "tanh"), w_proj, b_proj)

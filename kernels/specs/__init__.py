@@ -1,7 +1,7 @@
 """Every op declared once (`OpSpec`): its checks and canonical form, its reference, the
 eager PyTorch baseline it is judged against, its conformance cases and its benchmark
 inputs. `kernels.ops` (the public functions), the `torch` backend, the conformance suite
-(`kernels.testing`, tests/test_conformance.py) and the benchmarks (bench/problems.py)
+(`kernels.testing`, tests/test_conformance.py) and the benchmarks (bench/kernels/problems.py)
 are all derived from `SPECS`: adding an op starts here.
 """
 from kernels.specs.attention import SPEC as CAUSAL_ATTENTION

@@ -19,17 +19,22 @@ def check_shape(name: str, t, shape: tuple[int, ...]) -> None:
     if t is None:
         return
     check_float(name, t)
-    if tuple(t.shape) != tuple(shape):
+    if t.shape != shape:  # torch.Size is a tuple: compared as one, without a copy
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
 def same_device(**tensors) -> torch.device:
-    """The one device of every given tensor (None entries are skipped)."""
-    devices = {name: t.device for name, t in tensors.items() if t is not None}
-    first = next(iter(devices.values()))
-    if any(d != first for d in devices.values()):
-        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
-        raise ValueError(f"all tensors must be on the same device, got {listing}")
+    """The one device of every given tensor (None entries are skipped). Every op call runs
+    this: one pass, and the listing for the error only when there is one."""
+    first = None
+    for t in tensors.values():
+        if t is None:
+            continue
+        if first is None:
+            first = t.device
+        elif t.device != first:
+            listing = ", ".join(f"{n} on {t.device}" for n, t in tensors.items() if t is not None)
+            raise ValueError(f"all tensors must be on the same device, got {listing}")
     return first
 
 
@@ -70,7 +75,7 @@ def check_target_range(targets: torch.Tensor, vocab: int, ignore_index: int) -> 
     on_host = targets.device.type == "cpu" and not torch.compiler.is_compiling()
     if on_host:  # one pass for the common case, every target in range (~6x cheaper)
         low, high = torch.aminmax(targets)
-        if low >= 0 and high < vocab:
+        if low.item() >= 0 and high.item() < vocab:  # Python numbers: no tensor ops
             return
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
     message = f"targets out of range [0, {vocab}) (ignore_index={ignore_index})"

@@ -44,10 +44,12 @@ def canonicalize(x, w_fc, b_fc, w_proj, b_proj, approximate="tanh"):
     check_one_of("approximate", approximate, APPROXIMATIONS)
     device = same_device(x=x, w_fc=w_fc, b_fc=b_fc, w_proj=w_proj, b_proj=b_proj)
     x, w_fc, b_fc, w_proj, b_proj = autocast(device, x, w_fc, b_fc, w_proj, b_proj)
-    named = {"x": x, "w_fc": w_fc, "b_fc": b_fc, "w_proj": w_proj, "b_proj": b_proj}
-    dtypes = {name: t.dtype for name, t in named.items() if t is not None}
-    if len(set(dtypes.values())) > 1:
-        listing = ", ".join(f"{name} {dtype}" for name, dtype in dtypes.items())
+    dtype = x.dtype
+    if not (w_fc.dtype == dtype and w_proj.dtype == dtype
+            and (b_fc is None or b_fc.dtype == dtype)
+            and (b_proj is None or b_proj.dtype == dtype)):
+        named = {"x": x, "w_fc": w_fc, "b_fc": b_fc, "w_proj": w_proj, "b_proj": b_proj}
+        listing = ", ".join(f"{name} {t.dtype}" for name, t in named.items() if t is not None)
         raise TypeError(f"mlp_gelu needs x, the weights and the biases in one dtype (or a "
                         f"torch.autocast region), got {listing}")
     return SPEC.call((x, w_fc, contiguous_param(b_fc), w_proj, contiguous_param(b_proj),

@@ -19,6 +19,7 @@ if triton_interpreter_enabled():
     interpreter.install()  # bf16 rounding as on the GPU (see kernels.triton.interpreter)
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_SUPPORTED = frozenset(SUPPORTED_DTYPES)
 
 OPS: dict = {
     "layer_norm": layer_norm.layer_norm,
@@ -32,7 +33,7 @@ OPS: dict = {
 
 def unsupported(call) -> str | None:
     """None when the Triton kernels run `call`, else the limit it exceeds."""
-    dtypes = call.dtypes() - set(SUPPORTED_DTYPES)
+    dtypes = call.dtypes() - _SUPPORTED
     if dtypes:
         return f"the Triton kernels compute in fp32, bf16 and fp16, got {sorted(map(str, dtypes))}"
     if call.op in ("layer_norm", "add_layer_norm"):

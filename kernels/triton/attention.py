@@ -74,8 +74,10 @@ import triton.language as tl
 
 from kernels import versions
 from kernels.availability import triton_interpreter_enabled
+from kernels.custom_ops import custom_op, differentiable
 from kernels.triton.aot import AotSpec
 from kernels.triton.device import on_device_of
+from kernels.triton.grid import cdiv, next_power_of_2
 
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) == exp2(x * LOG2E)
 LN2 = tl.constexpr(0.6931471805599453)    # ln(2):   log(x) == log2(x) * LN2
@@ -505,7 +507,7 @@ _ZEROED = {"dkdv_dq": ["DQ_ACCUM"], "dkdv_dq_tma": ["DQ_ACCUM"]}
 
 def _block_d(head_dim: int) -> int:
     """Head dims are padded to a power of two >= 16 (tl.arange and tl.dot need both)."""
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
 def _tile_group(dtype: torch.dtype, block_d: int) -> tuple[str, int]:
@@ -533,11 +535,11 @@ def _launch(kernel: str, tiled_dim: str, T: int, num_heads_total: int, dtype: to
     flags = _FLAGS[kernel]
     if triton_interpreter_enabled():
         block_m, block_n = INTERPRETER_TILES[kernel]
-        grid = (num_heads_total, triton.cdiv(T, block_m if tiled_dim == "BLOCK_M" else block_n))
+        grid = (num_heads_total, cdiv(T, block_m if tiled_dim == "BLOCK_M" else block_n))
         _KERNELS[kernel][grid](*args, **constexprs, **flags, BLOCK_M=block_m, BLOCK_N=block_n,
                                num_warps=4, num_stages=1)
         return
-    grid = lambda meta: (num_heads_total, triton.cdiv(T, meta[tiled_dim]))  # noqa: E731
+    grid = lambda meta: (num_heads_total, cdiv(T, meta[tiled_dim]))  # noqa: E731
     _autotuned(kernel, _tile_group(dtype, block_d))[grid](*args, **constexprs, **flags)
 
 
@@ -620,7 +622,7 @@ def _forward(q, k, v, scale: float):
             _ensure_scratch_allocator()
         _launch("fwd_tma" if use_tma else "fwd", "BLOCK_M", t, b * h, q.dtype, block_d,
                 q, k, v, o, lse, *_bht_strides(q), *_bht_strides(k), *_bht_strides(v),
-                *_bht_strides(o), h, t, triton.next_power_of_2(t), scale * LOG2E.value,
+                *_bht_strides(o), h, t, next_power_of_2(t), scale * LOG2E.value,
                 HEAD_DIM=d, BLOCK_D=block_d)
     return o, lse
 
@@ -640,7 +642,7 @@ def _backward(do, q, k, v, o, lse, dlse, scale: float):
     if not q.numel():
         return (dq_accum.to(q.dtype) if single_pass else dq), dk, dv
     block_d = _block_d(d)
-    t_bucket = triton.next_power_of_2(t)
+    t_bucket = next_power_of_2(t)
     delta = torch.empty_like(lse)
     dlse = dlse.to(torch.float32).contiguous()  # often an expanded zero: make it addressable
     use_tma = single_pass and _use_tma(q, k, v, do)
@@ -648,7 +650,7 @@ def _backward(do, q, k, v, o, lse, dlse, scale: float):
     with on_device_of(q):
         if use_tma:
             _ensure_scratch_allocator()
-        grid = (b * h, triton.cdiv(t, PREPROCESS_BLOCK_M))
+        grid = (b * h, cdiv(t, PREPROCESS_BLOCK_M))
         _attn_bwd_preprocess_kernel[grid](o, do, dlse, delta, *_bht_strides(o),
                                           *_bht_strides(do), h, t, HEAD_DIM=d, BLOCK_D=block_d,
                                           BLOCK_M=PREPROCESS_BLOCK_M,
@@ -675,7 +677,7 @@ def _backward(do, q, k, v, o, lse, dlse, scale: float):
 # Custom ops, so torch.compile treats each launch as one opaque node (with the fake impls
 # giving it output shapes and strides) instead of tracing into Triton's Python launcher.
 
-@torch.library.custom_op("gptk::triton_attention_fwd", mutates_args=())
+@custom_op("gptk::triton_attention_fwd", mutates_args=())
 def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     return _forward(q, k, v, scale)
@@ -712,7 +714,7 @@ def _attention_fwd_backward(ctx, do, dlse):
     return dq, dk, dv, None
 
 
-_attention_fwd_op.register_autograd(_attention_fwd_backward, setup_context=_setup_context)
+_attention = differentiable(_attention_fwd_op, _attention_fwd_backward, _setup_context)
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -737,7 +739,7 @@ def attention_forward(q, k, v, scale=None):
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
-    return _attention_fwd_op(q, k, v, scale)
+    return _attention(q, k, v, scale)
 
 
 def causal_attention(q, k, v, scale=None, dropout_p=0.0):

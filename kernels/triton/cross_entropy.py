@@ -53,8 +53,10 @@ import triton.language as tl
 from kernels import versions
 from kernels.availability import triton_interpreter_enabled
 from kernels.chunked_linear_cross_entropy import reduce_losses
+from kernels.custom_ops import custom_op, differentiable
 from kernels.triton.aot import AotSpec
 from kernels.triton.device import on_device_of
+from kernels.triton.grid import cdiv, next_power_of_2
 
 VERSIONS = versions.declare("triton_cross_entropy", {
     1: "gradient computed in the forward into a second (N, V) buffer, scaled into a third "
@@ -75,7 +77,7 @@ def block_v(n_cols: int, element_size: int) -> int:
     per dtype); under the interpreter no wider than the row."""
     block = BLOCK_BYTES // element_size
     if triton_interpreter_enabled():
-        return min(block, INTERPRETER_MAX_BLOCK_V, max(16, triton.next_power_of_2(n_cols)))
+        return min(block, INTERPRETER_MAX_BLOCK_V, max(16, next_power_of_2(n_cols)))
     return block
 
 
@@ -293,7 +295,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- version 2 ops
 
-@torch.library.custom_op("gptk::triton_cross_entropy_stats_fwd", mutates_args=())
+@custom_op("gptk::triton_cross_entropy_stats_fwd", mutates_args=())
 def cross_entropy_stats_fwd(logits: torch.Tensor, targets: torch.Tensor,
                             ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-row losses (n,) fp32, per-row (max, sum of exp(x - max)) (n, 2) fp32) of
@@ -351,14 +353,14 @@ def _stats_backward(ctx, grad_losses, _grad_stats):
             None, None)
 
 
-cross_entropy_stats_fwd.register_autograd(_stats_backward, setup_context=_stats_setup)
+_cross_entropy_stats = differentiable(cross_entropy_stats_fwd, _stats_backward, _stats_setup)
 
 
 # ----------------------------------------------------------------------------- version 1 ops
 # Kept selectable (GPTK_TRITON_CROSS_ENTROPY_VERSION=1, or versions.select) until a GPU
 # record shows version 2 correct and faster; it runs the same forward kernel.
 
-@torch.library.custom_op("gptk::triton_cross_entropy_fwd", mutates_args=())
+@custom_op("gptk::triton_cross_entropy_fwd", mutates_args=())
 def cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                       compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-row losses (n,) fp32, d losses_i / d logits (n, V) in the logits' dtype, or an
@@ -388,7 +390,7 @@ def cross_entropy_bwd(grad: torch.Tensor, grad_losses: torch.Tensor, targets: to
     out = torch.empty_like(grad)
     if n_rows:
         with on_device_of(grad):
-            _scale_rows_kernel[(n_rows, triton.cdiv(n_cols, SCALE_BLOCK))](
+            _scale_rows_kernel[(n_rows, cdiv(n_cols, SCALE_BLOCK))](
                 grad, grad_losses, targets, out,
                 grad.stride(0), grad_losses.stride(0), out.stride(0), n_cols, ignore_index,
                 BLOCK=SCALE_BLOCK, num_warps=NUM_WARPS, num_stages=1)
@@ -417,7 +419,7 @@ def _backward(ctx, grad_losses, _grad_of_grad):
     return cross_entropy_bwd(grad, grad_losses, targets, ctx.ignore_index), None, None, None
 
 
-cross_entropy_fwd.register_autograd(_backward, setup_context=_setup)
+_cross_entropy_v1 = differentiable(cross_entropy_fwd, _backward, _setup)
 
 
 # ----------------------------------------------------------------------------- public op
@@ -427,9 +429,9 @@ def cross_entropy(logits, targets, ignore_index, reduction):
     rows = _rows(logits)
     if VERSIONS.current() == 1:
         compute_grad = torch.is_grad_enabled() and logits.requires_grad
-        losses, _grad = cross_entropy_fwd(rows, flat_targets, ignore_index, compute_grad)
+        losses, _grad = _cross_entropy_v1(rows, flat_targets, ignore_index, compute_grad)
     else:
-        losses, _stats = cross_entropy_stats_fwd(rows, flat_targets, ignore_index)
+        losses, _stats = _cross_entropy_stats(rows, flat_targets, ignore_index)
     loss = reduce_losses(losses, flat_targets, ignore_index, reduction)
     return loss.view(targets.shape) if reduction == "none" else loss
 

@@ -48,8 +48,10 @@ import triton
 import triton.language as tl
 
 from kernels.availability import triton_interpreter_enabled
+from kernels.custom_ops import custom_op, differentiable
 from kernels.triton.aot import AotSpec, launch_configs
 from kernels.triton.device import on_device_of
+from kernels.triton.grid import cdiv, next_power_of_2
 
 TILE_ELEMENTS = 4096      # forward: elements per tile, BLOCK_M = TILE_ELEMENTS // BLOCK_N rows
 MAX_CHANNELS = 16384      # the forward keeps a whole row in registers; wider rows would spill
@@ -182,7 +184,7 @@ def launch_config(n_cols: int) -> tuple[tuple[int, int, int], tuple[int, int, in
     if n_cols > MAX_CHANNELS:
         raise ValueError(f"the Triton layer_norm keeps a row in registers and supports up to "
                          f"{MAX_CHANNELS} channels, got {n_cols}; use the 'torch' backend")
-    block_n = triton.next_power_of_2(n_cols)
+    block_n = next_power_of_2(n_cols)
     forward = (max(1, TILE_ELEMENTS // block_n), block_n, _num_warps(block_n))
     bwd_block_n = min(block_n, MAX_BWD_BLOCK_N)
     bwd_warps = _num_warps(bwd_block_n)
@@ -216,7 +218,7 @@ def _forward(x, residual, weight, bias, eps, summed_dtype):
     if not n_rows or not n_cols:  # nothing to normalize (the sum of no channels too)
         return summed, y, mean, rstd
     with on_device_of(x):
-        _layer_norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
+        _layer_norm_fwd_kernel[(cdiv(n_rows, block_m),)](
             x, residual, summed, y, weight, bias, mean, rstd,
             x.stride(0), 0 if residual is None else residual.stride(0),
             0 if summed is None else summed.stride(0), y.stride(0),
@@ -226,7 +228,7 @@ def _forward(x, residual, weight, bias, eps, summed_dtype):
     return summed, y, mean, rstd
 
 
-@torch.library.custom_op("gptk::triton_layer_norm_fwd", mutates_args=())
+@custom_op("gptk::triton_layer_norm_fwd", mutates_args=())
 def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                    eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, mean, rstd) for rows x (n_rows, C) with a unit column stride."""
@@ -241,7 +243,7 @@ def _(x, weight, bias, eps):
             x.new_empty(n_rows, dtype=torch.float32))
 
 
-@torch.library.custom_op("gptk::triton_add_layer_norm_fwd", mutates_args=())
+@custom_op("gptk::triton_add_layer_norm_fwd", mutates_args=())
 def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                        bias: Optional[torch.Tensor], eps: float
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -267,16 +269,16 @@ def layer_norm_bwd(dy: torch.Tensor, dsummed: Optional[torch.Tensor], x: torch.T
     n_rows, n_cols = x.shape
     dy, dsummed = _rows(dy), None if dsummed is None else _rows(dsummed)
     _, (block_m, block_n, num_warps, split_rows) = launch_config(max(n_cols, 1))
-    n_tiles = triton.cdiv(n_rows, block_m)
+    n_tiles = cdiv(n_rows, block_m)
     # At least one program, so that 0 rows still give (zero) weight gradients.
-    tiles_per_program = max(1, triton.cdiv(n_tiles, _bwd_max_programs(x.device)))
-    n_programs = max(1, triton.cdiv(n_tiles, tiles_per_program))
+    tiles_per_program = max(1, cdiv(n_tiles, _bwd_max_programs(x.device)))
+    n_programs = max(1, cdiv(n_tiles, tiles_per_program))
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     partial_dw = torch.zeros((n_programs, n_cols), dtype=torch.float32, device=x.device)
     partial_db = torch.zeros((n_programs, n_cols), dtype=torch.float32, device=x.device)
     if n_rows and n_cols:
         with on_device_of(x):
-            _layer_norm_bwd_kernel[(n_programs, triton.cdiv(n_cols, block_n))](
+            _layer_norm_bwd_kernel[(n_programs, cdiv(n_cols, block_n))](
                 dy, dsummed, x, weight, mean, rstd, dx, partial_dw, partial_db,
                 dy.stride(0), 0 if dsummed is None else dsummed.stride(0), x.stride(0),
                 dx.stride(0), n_rows, n_cols, tiles_per_program,
@@ -307,7 +309,7 @@ def _layer_norm_backward(ctx, dy, _dmean, _drstd):
     return dx, dweight, None if ctx.bias_dtype is None else dbias.to(ctx.bias_dtype), None
 
 
-layer_norm_fwd.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup)
+_layer_norm = differentiable(layer_norm_fwd, _layer_norm_backward, _layer_norm_setup)
 
 
 def _add_layer_norm_setup(ctx, inputs, output):
@@ -329,18 +331,19 @@ def _add_layer_norm_backward(ctx, dsummed, dy, _dmean, _drstd):
             None if ctx.bias_dtype is None else dbias.to(ctx.bias_dtype), None)
 
 
-add_layer_norm_fwd.register_autograd(_add_layer_norm_backward, setup_context=_add_layer_norm_setup)
+_add_layer_norm = differentiable(add_layer_norm_fwd, _add_layer_norm_backward,
+                                 _add_layer_norm_setup)
 
 
 # ----------------------------------------------------------------------------- public ops
 
 def layer_norm(x, weight, bias=None, eps=1e-5):
-    y, _mean, _rstd = layer_norm_fwd(_rows(x), weight, bias, eps)
+    y, _mean, _rstd = _layer_norm(_rows(x), weight, bias, eps)
     return y.view(x.shape)
 
 
 def add_layer_norm(x, residual, weight, bias=None, eps=1e-5):
-    summed, y, _mean, _rstd = add_layer_norm_fwd(_rows(x), _rows(residual), weight, bias, eps)
+    summed, y, _mean, _rstd = _add_layer_norm(_rows(x), _rows(residual), weight, bias, eps)
     return summed.view(x.shape), y.view(x.shape)
 
 

@@ -43,6 +43,7 @@ import triton.language as tl
 from kernels.availability import triton_interpreter_enabled
 from kernels.triton.aot import AotSpec
 from kernels.triton.device import on_device_of
+from kernels.triton.grid import cdiv, next_power_of_2
 
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 _GELU_CUBIC = tl.constexpr(0.044715)
@@ -274,12 +275,12 @@ def _launch(kernel, a, b, *outputs, stride_c, **flags):
     (m, k), n = a.shape, b.shape[1]
     if m == 0 or n == 0:
         return  # an empty output: nothing to compute, and a grid of 0 programs is invalid
-    args = (a, b, *outputs, m, n, k, triton.next_power_of_2(m), *a.stride(), *b.stride(), *stride_c)
+    args = (a, b, *outputs, m, n, k, next_power_of_2(m), *a.stride(), *b.stride(), *stride_c)
     allow_tf32 = (a.dtype == torch.float32 and not triton_interpreter_enabled()
                   and torch.backends.cuda.matmul.allow_tf32)
 
     def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        return (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)
 
     with on_device_of(a):
         if triton_interpreter_enabled():

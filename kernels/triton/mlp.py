@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import torch
 
+from kernels.custom_ops import custom_op, differentiable
 from kernels.triton.matmul import matmul_bias_gelu, matmul_dgelu
 
 Tensor = torch.Tensor
 
 
-@torch.library.custom_op("gptk::triton_mlp_gelu_fwd", mutates_args=())
+@custom_op("gptk::triton_mlp_gelu_fwd", mutates_args=())
 def mlp_gelu_fwd(x2d: Tensor, w_fc: Tensor, b_fc: Tensor | None, w_proj: Tensor,
                  b_proj: Tensor | None, approximate: str) -> tuple[Tensor, Tensor, Tensor]:
     """(y, H, G) for x2d [M, C]; H and G are returned for the backward to save."""
@@ -93,12 +94,11 @@ def _backward(ctx, dy, _dpreact, _dact):
     return dx, dw_fc, db_fc, dw_proj, db_proj, None
 
 
-mlp_gelu_fwd.register_autograd(_backward, setup_context=_setup_context)
+_mlp_gelu = differentiable(mlp_gelu_fwd, _backward, _setup_context)
 
 
 def mlp_gelu(x, w_fc, b_fc, w_proj, b_proj, approximate):
     """The `triton` backend's `mlp_gelu` (see `kernels.ops.mlp_gelu`): x [..., C], every
     tensor in one dtype (the op's canonical form guarantees it)."""
-    y, _, _ = torch.ops.gptk.triton_mlp_gelu_fwd(x.reshape(-1, x.shape[-1]), w_fc, b_fc, w_proj,
-                                                 b_proj, approximate)
+    y, _, _ = _mlp_gelu(x.reshape(-1, x.shape[-1]), w_fc, b_fc, w_proj, b_proj, approximate)
     return y.view(*x.shape[:-1], w_proj.shape[0])

@@ -34,8 +34,10 @@ hidden activations, and the attention pattern. Where one is hooked or recorded i
 computed beside the kernel from the kernel's input; when a hook changes it (returns another
 tensor or writes into it), the model recomputes what follows from the changed value (the
 LayerNorm's output; the MLP's c_proj of the GELU); unchanged, the kernel's own output
-stands, so an identity hook leaves the logits bit for bit as they were. The attention
-pattern can be read, not changed. Through autograd, the logits depend on such a tensor
+stands, so an identity hook leaves the logits bit for bit as they were (except under
+torch.inference_mode, whose tensors keep no version counter that would show a change in
+place: there a hooked one always counts as changed). The attention pattern can be read,
+not changed. Through autograd, the logits depend on such a tensor
 only where a hook changed it.
 
 The recorded tensors are the forward's own (not copies), with their autograd history when
@@ -142,7 +144,8 @@ class HookPoints:
         return result
 
     def read(self, name: str, tensor: torch.Tensor) -> None:
-        """A read-only point: its hooks may look at the tensor, not change it."""
+        """A read-only point (the attention pattern): its hooks may look at the tensor, not
+        change it."""
         if self.edit(name, tensor) is not None:
             raise ValueError(f"a hook changed {self.full_name(name)}, which is computed beside "
                              f"the fused attention kernel (it never materialises the pattern) "

@@ -241,6 +241,19 @@ def test_gradients_flow_through_a_changed_activation():
         assert_close(p.grad, grad, name=name)
 
 
+def test_a_change_in_place_counts_under_inference_mode(idx):
+    """Inference tensors keep no version counter: a hooked side value is recomputed as if
+    changed, so that a change in place is never lost."""
+    model = tiny_model("torch")
+    hook, edit = EDITS["blocks.1.mlp_post"]
+    edited = copy.deepcopy(model)
+    with torch.no_grad():
+        edit(edited)
+    with torch.inference_mode():
+        assert_close(model.run_with_hooks(idx, {"blocks.1.mlp_post": hook}), edited.logits(idx))
+        assert_close(model.run_with_hooks(idx, {"blocks.1.mlp_post": identity}), model.logits(idx))
+
+
 @torch.no_grad()
 def test_hooks_at_one_name_run_in_order_and_see_what_the_previous_left(idx):
     model = tiny_model("torch")

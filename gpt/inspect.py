@@ -64,8 +64,8 @@ def check_config(config: InspectConfig) -> None:
                           "ckpt.pt, or a Hugging Face GPT-2 directory")
     if config.top_k <= 0:
         raise ConfigError(f"top_k must be positive, got {config.top_k}")
-    if config.tokens and (len(config.tokens) != 2 or not all(isinstance(t, str) and t
-                                                             for t in config.tokens)):
+    two_texts = len(config.tokens) == 2 and all(isinstance(t, str) and t for t in config.tokens)
+    if config.tokens and not two_texts:
         raise ConfigError(f"tokens must be two token texts, like --tokens=\"('a', 'e')\", got "
                           f"{config.tokens!r}")
     if config.corrupt and not config.tokens:
@@ -87,7 +87,8 @@ def inspect_model(config: InspectConfig) -> dict:
         raise ConfigError(f"the prompt is {len(tokens)} tokens, more than the model's "
                           f"block_size of {model.config.block_size}: shorten --start")
     answer = answer_tokens(config.tokens, encode) if config.tokens else None
-    corrupted = encode(read_prompt(config.corrupt)) if config.corrupt else None
+    corrupted_prompt = read_prompt(config.corrupt) if config.corrupt else None
+    corrupted = None if corrupted_prompt is None else encode(corrupted_prompt)
     inspection = inspect_prompt(model, tokens, config.top_k, answer=answer,
                                 ablate=config.ablate, corrupted=corrupted)
 
@@ -98,7 +99,8 @@ def inspect_model(config: InspectConfig) -> dict:
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = write_plots(inspection, token_text, out_dir, config.log_scale)
-    record = build_record(config, model.model_args(), prompt, inspection, token_text, plots)
+    record = build_record(config, model.model_args(), prompt, inspection, token_text, plots,
+                          corrupted_prompt)
     (out_dir / RECORD_NAME).write_text(json.dumps(record))
     return record
 
@@ -121,7 +123,8 @@ def answer_tokens(texts: tuple[str, str], encode) -> tuple[int, int]:
 
 
 def build_record(config: InspectConfig, model_args: dict, prompt: str, inspection: Inspection,
-                 token_text: TokenText, plots: list[Path]) -> dict:
+                 token_text: TokenText, plots: list[Path],
+                 corrupted_prompt: str | None = None) -> dict:
     """The analyses with what they were run on, the text of every token they name, and
     the names of the plots drawn from them."""
     analyses = inspection.record()
@@ -135,9 +138,9 @@ def build_record(config: InspectConfig, model_args: dict, prompt: str, inspectio
     if config.tokens:
         record["answer"] = {"text": list(config.tokens),
                             "tokens": record["logit_difference"]["answer"]}
-    if config.corrupt:
+    if corrupted_prompt is not None:
         corrupted = record["patching"]["corrupted_tokens"]
-        record["corrupted_prompt"] = {"text": read_prompt(config.corrupt), "tokens": corrupted,
+        record["corrupted_prompt"] = {"text": corrupted_prompt, "tokens": corrupted,
                                       "token_text": [token_text(t) for t in corrupted]}
     return {**record, "plots": [path.name for path in plots]}
 

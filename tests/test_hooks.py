@@ -128,7 +128,8 @@ def test_layer_norm_scales_against_the_reference(model, idx):
     """Each scale is sqrt(var + eps) of the LayerNorm's input (fp64 here), and that
     LayerNorm's formula with it is the reference LayerNorm."""
     _, cache = model.run_with_cache(idx)
-    points = [("ln_f_scale", model.transformer.ln_f, cache[f"blocks.{TINY['n_layer'] - 1}.resid_post"])]
+    last = TINY["n_layer"] - 1
+    points = [("ln_f_scale", model.transformer.ln_f, cache[f"blocks.{last}.resid_post"])]
     for i, block in enumerate(model.transformer.h):
         points += [(f"blocks.{i}.ln_1_scale", block.ln_1, cache[f"blocks.{i}.resid_pre"]),
                    (f"blocks.{i}.ln_2_scale", block.ln_2, cache[f"blocks.{i}.resid_mid"])]
@@ -189,7 +190,8 @@ EDITS = {
     "blocks.0.q": (lambda t, n: 2 * t,
                    lambda m: [p[:C].mul_(2) for p in m.transformer.h[0].attn.c_attn.parameters()]),
     "blocks.1.v": (lambda t, n: -t,
-                   lambda m: [p[2 * C:].neg_() for p in m.transformer.h[1].attn.c_attn.parameters()]),
+                   lambda m: [p[2 * C:].neg_()
+                              for p in m.transformer.h[1].attn.c_attn.parameters()]),
     "blocks.0.attn_z": (_zero_head_1,
                         lambda m: m.transformer.h[0].attn.c_proj.weight[:, D:].zero_()),
     "blocks.1.attn_out": (lambda t, n: t + _offset(),

@@ -269,7 +269,8 @@ def test_every_plot_draws_from_two_tokens_up(length, log_scale, tmp_path):
         assert not _sticks_out(figure), name
     attention = lens_plots.attention_figure(inspection, CHARS.__getitem__, log_scale)
     bottom_left = attention.axes[(TINY["n_layer"] - 1) * TINY["n_head"]]
-    assert bottom_left.get_xlabel().startswith("key") and bottom_left.get_ylabel().startswith("query")
+    assert bottom_left.get_xlabel().startswith("key")
+    assert bottom_left.get_ylabel().startswith("query")
     ticks = [label.get_text() for label in bottom_left.get_xticklabels()]
     short = length <= lens_plots.TICK_TOKENS
     assert ticks[:2] == ([lens_plots.display(CHARS[t]) for t in tokens[:2]] if short

@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install train sample test bench gpu-check clean
+.PHONY: install train sample test inspect bench gpu-check clean
 
 # The venv is (re)built when the packaging changes. torch is installed first so the
 # extension build (setup.py) can see it without build isolation. openai-whisper is installed
@@ -28,6 +28,14 @@ train: install
 
 test: install
 	$(PY) -m pytest -q
+
+# Look inside the `make train` model (out-default/) on a line of its corpus, with every
+# experiment of gpt.inspect: ablation of each head and MLP, and patching the clean `f(x`
+# into the corrupted `f[x`, measured on logit(')') - logit(']'). Plots and inspect.json go
+# into inspect-default/ (see README "Look inside a trained model").
+inspect: install
+	$(PY) -m gpt.inspect --init_from=out-default --out_dir=inspect-default --ablate=True \
+		--start='Return f(x' --corrupt='Return f[x' --tokens="(')', ']')"
 
 # The CPU-sized benchmark suite (kernels, end-to-end, design sweep; < 10 min on 2 cores).
 # `make bench BENCH_ARGS=--gpu-suite` runs the full GPU suite instead.

@@ -9,11 +9,13 @@ transposed weights), so its checkpoints load as they are. Differences from nanoG
 - on the CPU under bf16 autocast, each block trains as one autograd node with the same
   numbers (`kernels.cpu`), where the block is exactly this file's (`Block.runs_as_written`);
 - a KV cache makes generation cost one token's work per step instead of the whole prefix;
-- `run_with_cache` returns the named activations of a forward pass (`gpt.hooks`).
+- `run_with_cache` returns the named activations of a forward pass and `run_with_hooks`
+  changes them (`gpt.hooks`).
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -22,7 +24,7 @@ from torch.nn import functional as F
 
 import kernels
 from kernels import cpu
-from gpt.hooks import ActivationCache
+from gpt.hooks import ActivationCache, HookFn, HookPoints, attention_pattern
 
 # Attention's training FLOPs per token, in units of L * C * T (`GPT.flops_per_token`): the
 # causal half the kernels compute, or the full T x T that nanoGPT's MFU counts.
@@ -87,6 +89,38 @@ class LayerNorm(nn.Module):
         return kernels.add_layer_norm(x, residual, self.weight, self.bias, self.eps,
                                       backend=self.backend)
 
+    def scale(self, x):
+        """σ = sqrt(var(x) + eps) at each position (..., 1) in fp32: what the forward divides
+        the centred x by."""
+        xf = x.float()
+        return (xf.var(dim=-1, unbiased=False, keepdim=True) + self.eps).sqrt()
+
+    def with_scale(self, x, scale):
+        """The forward's output with `scale` in place of x's own: (x - mean) / scale * weight
+        + bias, in fp32, returned in x's dtype."""
+        xf = x.float()
+        y = (xf - xf.mean(dim=-1, keepdim=True)) / scale * self.weight.float()
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype)
+
+
+def scale_point(hooks: HookPoints, name: str, ln: nn.Module, x, y):
+    """y = ln(x), with the hook point `name` at ln's scale, which the LayerNorm kernels never
+    show: computed beside them from x, and y recomputed from a scale a hook changed. Only
+    this file's LayerNorm has the point (another class may normalise differently)."""
+    if not hooks.wants(name) or not is_stock(ln, LayerNorm):
+        return y
+    scale = hooks.edit(name, ln.scale(x))
+    if scale is None:
+        return y
+    if not as_written(ln, LayerNorm):
+        raise ValueError(f"a hook changed {hooks.full_name(name)}, so that LayerNorm's output "
+                         f"is recomputed, but module hooks on that LayerNorm have seen (and may "
+                         f"have replaced) the output it replaces: remove them, or hook the "
+                         f"LayerNorm's input or output instead")
+    return ln.with_scale(x, scale).to(y.dtype)
+
 
 class Dropout(nn.Dropout):
     """nn.Dropout whose masks are drawn ~2.5x faster on the CPU (`kernels.cpu.dropout`:
@@ -134,17 +168,21 @@ class CausalSelfAttention(nn.Module):
         self.backend = config.backend
 
     def forward(self, x, kv_cache: KVCache | None = None, layer: int = 0,
-                activations: ActivationCache | None = None):
+                hooks: HookPoints | None = None):
         B, T, C = x.shape
         q, k, v = split_heads(self.c_attn(x), self.n_head)
+        if hooks is not None:
+            q, k, v = hooks("q", q), hooks("k", k), hooks("v", v)
         if kv_cache is not None:
             k, v = kv_cache.append(layer, k, v)
-        if activations is not None:
-            activations.record_attention(layer, q, k)
+        if hooks is not None and hooks.wants("attn_pattern"):
+            hooks.read("attn_pattern", attention_pattern(q, k))
         y = kernels.causal_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
                                      backend=self.backend)
-        y = y.transpose(1, 2).reshape(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        y = y.transpose(1, 2)  # (B, T, H, D): each head's output
+        if hooks is not None:
+            y = hooks("attn_z", y)
+        return self.resid_dropout(self.c_proj(y.reshape(B, T, C)))
 
 
 def split_heads(qkv: torch.Tensor, n_head: int):
@@ -179,14 +217,37 @@ class MLP(nn.Module):
         self.backend = config.backend
         self.gelu_approximate = config.gelu_approximate
 
-    def forward(self, x):
+    def forward(self, x, hooks: HookPoints | None = None):
         if as_written(self.c_fc, nn.Linear) and as_written(self.c_proj, nn.Linear):
             # The fused op reads the weights, never calling the Linears: only for plain ones.
             y = kernels.mlp_gelu(x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight,
                                  self.c_proj.bias, self.gelu_approximate, backend=self.backend)
+            if hooks is not None:
+                y = self._hidden_points(x, y, hooks)
         else:  # a subclassed, replaced or hooked Linear runs as itself
-            y = self.c_proj(F.gelu(self.c_fc(x), approximate=self.gelu_approximate))
+            hidden = self.c_fc(x)
+            if hooks is not None:
+                hidden = hooks("mlp_pre", hidden)
+            hidden = F.gelu(hidden, approximate=self.gelu_approximate)
+            if hooks is not None:
+                hidden = hooks("mlp_post", hidden)
+            y = self.c_proj(hidden)
         return self.dropout(y)
+
+    def _hidden_points(self, x, y, hooks: HookPoints):
+        """The fused op's output y, with the hook points mlp_pre and mlp_post at the hidden
+        activation it never shows: computed beside it from x, and y recomputed from what a
+        hook changed."""
+        if not (hooks.wants("mlp_pre") or hooks.wants("mlp_post")):
+            return y
+        pre = self.c_fc(x)
+        changed_pre = hooks.edit("mlp_pre", pre)
+        post = F.gelu(pre if changed_pre is None else changed_pre,
+                      approximate=self.gelu_approximate)
+        changed_post = hooks.edit("mlp_post", post)
+        if changed_pre is None and changed_post is None:
+            return y
+        return self.c_proj(post if changed_post is None else changed_post)
 
 
 class Block(nn.Module):
@@ -199,8 +260,8 @@ class Block(nn.Module):
         self.cpu_fused = config.cpu_fused_block
 
     def forward(self, x, kv_cache: KVCache | None = None, layer: int = 0,
-                activations: ActivationCache | None = None):
-        if kv_cache is None and activations is None and self.cpu_fused:
+                hooks: HookPoints | None = None):
+        if kv_cache is None and hooks is None and self.cpu_fused:
             # CPU bf16 training: the same ops as below, as one autograd node (None where
             # that path does not apply).
             out = cpu.fused_block(x, self.fused_params(), n_head=self.attn.n_head,
@@ -210,18 +271,43 @@ class Block(nn.Module):
                                   as_written=self.runs_as_written)
             if out is not None:
                 return out
-        attn_out = self.attn(self.ln_1(x), kv_cache, layer, activations)
+        if hooks is not None:
+            hooks = hooks.block(layer)
+            x = hooks("resid_pre", x)
+        h = self.ln_1(x)
+        if hooks is not None:
+            h = scale_point(hooks, "ln_1_scale", self.ln_1, x, h)
+        attn_out = self.attn(h, kv_cache, layer, hooks)
+        if hooks is not None:
+            attn_out = hooks("attn_out", attn_out)
+        resid_mid, h = self._add_and_normalize(attn_out, x, hooks)
+        # Only this file's MLP has hook points inside: another class takes h alone.
+        inner = hooks is not None and is_stock(self.mlp, MLP)
+        mlp_out = self.mlp(h, hooks) if inner else self.mlp(h)
+        if hooks is not None:
+            mlp_out = hooks("mlp_out", mlp_out)
+        resid_post = resid_mid + mlp_out
+        if hooks is not None:
+            resid_post = hooks("resid_post", resid_post)
+        return resid_post
+
+    def _add_and_normalize(self, attn_out, x, hooks: HookPoints | None):
+        """resid_mid = attn_out + x and ln_2 of it, in one fused pass where ln_2 is this file's;
+        a hook that changes resid_mid has ln_2 run again on the changed stream."""
         if as_written(self.ln_2, LayerNorm):
             resid_mid, h = self.ln_2.add_forward(attn_out, x)
+            if hooks is not None:
+                changed = hooks.edit("resid_mid", resid_mid)
+                if changed is not None:
+                    resid_mid, h = changed, self.ln_2(changed)
         else:  # the fused add would bypass ln_2's own forward and hooks
             resid_mid = attn_out + x
+            if hooks is not None:
+                resid_mid = hooks("resid_mid", resid_mid)
             h = self.ln_2(resid_mid)
-        mlp_out = self.mlp(h)
-        resid_post = resid_mid + mlp_out
-        if activations is not None:
-            activations.record_block(layer, resid_pre=x, attn_out=attn_out, resid_mid=resid_mid,
-                                     mlp_out=mlp_out, resid_post=resid_post)
-        return resid_post
+        if hooks is not None:
+            h = scale_point(hooks, "ln_2_scale", self.ln_2, resid_mid, h)
+        return resid_mid, h
 
     def runs_as_written(self) -> bool:
         """Whether this block computes exactly what this file says, so that a shortcut
@@ -314,9 +400,9 @@ class GPT(nn.Module):
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
     def hidden_states(self, idx, kv_cache: KVCache | None = None,
-                      activations: ActivationCache | None = None):
-        """The final-LayerNorm output (B, T, C) for token ids idx (B, T); the forward's
-        activations are recorded into `activations` when one is given."""
+                      hooks: HookPoints | None = None):
+        """The final-LayerNorm output (B, T, C) for token ids idx (B, T); with `hooks`, a
+        forward that visits its hook points (`gpt.hooks`)."""
         if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"idx must be a (batch, seq) tensor of token ids, got "
                              f"{idx.dtype} of shape {tuple(idx.shape)}")
@@ -327,17 +413,18 @@ class GPT(nn.Module):
                              f"{self.config.block_size}")
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
         tok_emb, pos_emb = self.transformer.wte(idx), self.transformer.wpe(pos)
-        if activations is not None:
-            activations.record(embed=tok_emb, pos_embed=pos_emb)
+        if hooks is not None:
+            tok_emb, pos_emb = hooks("embed", tok_emb), hooks("pos_embed", pos_emb)
         x = self.transformer.drop(tok_emb + pos_emb)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, kv_cache, layer, activations)
+            x = block(x, kv_cache, layer, hooks)
         if kv_cache is not None:
             kv_cache.length += T
-        x = self.transformer.ln_f(x)
-        if activations is not None:
-            activations.record(ln_f=x)
-        return x
+        ln_f = self.transformer.ln_f
+        y = ln_f(x)
+        if hooks is not None:
+            y = hooks("ln_f", scale_point(hooks, "ln_f_scale", ln_f, x, y))
+        return y
 
     def forward(self, idx, targets=None, kv_cache: KVCache | None = None):
         """Returns (logits, loss).
@@ -357,11 +444,26 @@ class GPT(nn.Module):
         """Logits of every position (B, T, V)."""
         return self.lm_head(self.hidden_states(idx))
 
-    def run_with_cache(self, idx) -> tuple[torch.Tensor, ActivationCache]:
+    def run_with_cache(self, idx, names: Collection[str] | None = None
+                       ) -> tuple[torch.Tensor, ActivationCache]:
         """Logits of every position (B, T, V), the same as `logits(idx)`, and the named
-        activations of that forward pass (see `gpt.hooks` for the names)."""
-        activations = ActivationCache()
-        return self.lm_head(self.hidden_states(idx, activations=activations)), activations
+        activations of that forward pass: every one (see `gpt.hooks` for the names), or
+        those in `names`."""
+        cache = ActivationCache()
+        return self._run(idx, HookPoints(self.config.n_layer, record=names, cache=cache)), cache
+
+    def run_with_hooks(self, idx, hooks: Mapping[str, HookFn | Sequence[HookFn]]
+                       ) -> torch.Tensor:
+        """Logits of every position (B, T, V) of a forward in which each hook
+        fn(tensor, name) runs at its named activation and may return a replacement (see
+        `gpt.hooks`): {"blocks.1.attn_z": fn} or {name: [fn, fn2]}. Hooks that change
+        nothing leave the logits bit for bit those of `logits(idx)`."""
+        return self._run(idx, HookPoints(self.config.n_layer, hooks=hooks))
+
+    def _run(self, idx, hooks: HookPoints) -> torch.Tensor:
+        logits = self.lm_head(self.hidden_states(idx, hooks=hooks))
+        hooks.check_reached()
+        return logits
 
     def crop_block_size(self, block_size: int) -> None:
         """Shrink the context length (e.g. to fine-tune GPT-2 with a shorter block)."""

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt.model import GPT, MLP, Block, GPTConfig, KVCache
-from gpt.hooks import ActivationCache
+from gpt.hooks import ActivationCache, HookPoints
 from kernels.cpu import attention as cpu_attention
 from kernels.cpu import block as cpu_block
 
@@ -142,7 +142,9 @@ def test_the_path_steps_aside_where_it_does_not_apply(monkeypatch):
     assert _grad_fn(block, x) == FUSED
     with torch.no_grad():
         assert _grad_fn(block, x) is None  # evaluation: the module path, no graph
-    assert _grad_fn(block, x, activations=ActivationCache()) != FUSED  # recording
+    recording = HookPoints(2, record=None, cache=ActivationCache())
+    assert _grad_fn(block, x, hooks=recording) != FUSED
+    assert _grad_fn(block, x, hooks=HookPoints(2, {"blocks.0.attn_z": lambda t, n: 2 * t})) != FUSED
     assert _grad_fn(block, x, kv_cache=KVCache(_config(), 2)) != FUSED  # decoding
     bf16_block = Block(_config()).to(torch.bfloat16)  # a bf16 model and residual stream
     assert _grad_fn(bf16_block, x.bfloat16()) != FUSED

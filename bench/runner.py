@@ -105,8 +105,9 @@ def run_suites(args: Namespace, suites: tuple[str, ...]) -> list[Path]:
 
 
 # The side-by-side comparison's sizes: (seed iterations, pairs), (sweep configs' iterations,
-# pairs). `make bench`: minutes; --full: the seed command as written, ~30 minutes on 2 cores
-# (5 seed pairs: this machine's speed drifts by up to 1.5x within minutes).
+# pairs). `make bench`: minutes; --full: the seed command as written, ours in its default
+# precision, in fp32 and in fp32 without biases, ~1 hour on 2 cores (5 seed pairs each: this
+# machine's speed drifts by up to 1.5x within minutes).
 SIDE_BY_SIDE_QUICK = ((300, 2), (60, 1))
 SIDE_BY_SIDE_FULL = ((2000, 5), (300, 2))
 
@@ -123,13 +124,16 @@ def _side_by_side(args: Namespace) -> tuple[dict, list[dict]]:
         print(f"  {run.program:8s} {run.wall_s:6.1f} s  start-up {run.startup_s or 0:.2f} s  "
               f"{run.iter_ms or 0:.1f} ms/iter  val {run.val_loss}", flush=True)
 
-    rows = side_by_side.run_rows(args.nanogpt, [side_by_side.seed_config(seed_iters)],
+    rows = side_by_side.run_rows(args.nanogpt, [side_by_side.seed_config(seed_iters),
+                                                *side_by_side.precision_configs(seed_iters)],
                                  seed_pairs, on_run=progress)
     rows += side_by_side.run_rows(args.nanogpt,
                                   side_by_side.setting_configs(others, sweep_iters),
                                   sweep_pairs, on_run=progress)
     threads = os.environ.get("OMP_NUM_THREADS")
-    options = {"nanogpt": str(args.nanogpt.resolve()), "python": sys.executable,
+    options = {"nanogpt": str(args.nanogpt.resolve()),
+               "nanogpt_commit": side_by_side.checkout_commit(args.nanogpt),
+               "python": sys.executable,
                "threads": f"OMP_NUM_THREADS={threads}" if threads else
                f"OMP_NUM_THREADS unset, torch's default of {torch.get_num_threads()}",
                "same_data": side_by_side.same_data(

@@ -98,23 +98,40 @@ def test_sweep_spends_the_same_tokens_on_every_config():
 
 def test_sweep_rows_curves_noise_and_table():
     base = sweep.TrainSetting(1, 2, 16, 8, 2, 0.0)
-    budget = sweep.Budget(tokens=16 * 6, evals=3, eval_batches=2, final_eval_batches=4, seeds=2)
+    budget = sweep.Budget(tokens=16 * 6, evals=3, eval_batches=2, final_eval_batches=4, seeds=3)
     rows = sweep.run(base, {"n_embd": (8, 16)}, _corpus(), "torch", CPU, torch.float32, PEAK,
                      budget)
     assert [(r["param"], r["value"], r["seed"]) for r in rows] == [
-        ("n_embd", 8, sweep.SEED), ("n_embd", 16, sweep.SEED), ("seed", sweep.SEED + 1,
-                                                                 sweep.SEED + 1)]
+        ("n_embd", 8, sweep.SEED), ("n_embd", 16, sweep.SEED),
+        ("seed", sweep.SEED + 1, sweep.SEED + 1), ("seed", sweep.SEED + 2, sweep.SEED + 2)]
     for r in rows:
         assert r["status"] == OK and r["val_loss"] > 0 and r["val_loss_se"] > 0
         assert r["mfu_pct"] > 0 and r["iters"] == 6 and r["tokens"] == 96
         assert [p["tokens"] for p in r["curve"]] == [32, 64, 96]
         assert all(p["wall_s"] > 0 for p in r["curve"]) and r["wall_s"] >= r["curve"][-1]["wall_s"]
     low, high, seeds = sweep.seed_spread(rows, base)
-    assert seeds == 2 and low <= high
+    assert seeds == 3 and low <= high
     floor = sweep.noise_floor(rows[0], rows[1], (low, high, seeds))
     assert floor >= high - low
+    assert len(rows[0]["final_losses"]) == 4  # the same batches: a paired comparison
     options = {**dataclasses.asdict(budget), "learning_rate": 1e-3, "backend": "torch",
                "base": dataclasses.asdict(base), "corpus": "test tokens"}
     md = report.render(results.document("sweep", _meta(options), rows))
     assert "| n_embd | 8 | 1337 | 1/2/8 | 8 | 2 | 0 | 6 |" in md
-    assert "noise)" in md and "over 2 seeds" in md and "96 tokens of test tokens" in md
+    assert "noise)" in md and "over 3 seeds" in md and "96 tokens of test tokens" in md
+
+
+def test_configs_on_the_same_batches_are_compared_paired():
+    """Two configs evaluated on the same batches share each batch's difficulty: the
+    difference's standard error comes from the per-batch differences, not from the two
+    evals' spreads as if independent (which would call a consistent +0.04 noise)."""
+    hard_and_easy = [1.0, 3.0, 1.5, 2.5, 1.2, 2.8]
+    base = {"block_size": 64, "val_loss": 2.0, "val_loss_se": 0.33,
+            "final_losses": hard_and_easy}
+    row = {"block_size": 64, "val_loss": 2.04, "val_loss_se": 0.33,
+           "final_losses": [x + 0.04 + 0.001 * (-1) ** i for i, x in enumerate(hard_and_easy)]}
+    paired = sweep.difference_se(row, base)
+    assert paired < 0.001 < 0.04
+    assert sweep.noise_floor(row, base, (1.999, 2.001, 3)) < 0.04  # beyond noise
+    other_block = {**row, "block_size": 32}  # other windows: not paired
+    assert sweep.difference_se(other_block, base) == pytest.approx((2 * 0.33 ** 2) ** 0.5)

@@ -1,5 +1,6 @@
 """The side-by-side comparison's logic, with tiny stand-in programs that sleep and print
 nanoGPT-format logs (the real whole-process comparison is a benchmark, not a test)."""
+import subprocess
 import sys
 import textwrap
 
@@ -89,6 +90,10 @@ def test_a_failing_program_is_a_clear_error(tmp_path, programs):
         side_by_side.alternate(ours, broken, _args(tmp_path, 0.0), pairs=1)
 
 
+def _git(cwd, *args):
+    subprocess.run(["git", "-C", str(cwd), *args], check=True, capture_output=True)
+
+
 def test_nanogpt_checkout_is_checked(tmp_path):
     with pytest.raises(side_by_side.SetupError, match="no such directory"):
         side_by_side.nanogpt(tmp_path / "absent")
@@ -102,8 +107,18 @@ def test_nanogpt_checkout_is_checked(tmp_path):
     for name in side_by_side.NANOGPT_DATA:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"\x01\x00")
-    program = side_by_side.nanogpt(tmp_path)
+    with pytest.raises(side_by_side.SetupError, match="not a git checkout"):
+        side_by_side.nanogpt(tmp_path)
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "add", *side_by_side.NANOGPT_FILES)
+    _git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "nanoGPT")
+    program = side_by_side.nanogpt(tmp_path)  # the prepared data is untracked: allowed
     assert program.cwd == tmp_path and program.command[-1] == "train.py"
+    assert len(program.commit) == 40
+    (tmp_path / "model.py").write_text("# a local change\n")
+    with pytest.raises(side_by_side.SetupError, match="local changes to its files"):
+        side_by_side.nanogpt(tmp_path)
+    _git(tmp_path, "checkout", "--", ".")
     ours_data = tmp_path / "ours"
     ours_data.mkdir()
     for name in ("train.bin", "val.bin"):
@@ -111,6 +126,29 @@ def test_nanogpt_checkout_is_checked(tmp_path):
     assert side_by_side.same_data(tmp_path, ours_data)
     (ours_data / "val.bin").write_bytes(b"\x02\x00")
     assert not side_by_side.same_data(tmp_path, ours_data)
+
+
+def test_each_row_says_what_each_program_ran(tmp_path):
+    """nanoGPT trains in fp32 on the CPU (it autocasts on CUDA only) and without biases by
+    default; ours in bf16 where the CPU has it, with biases: each row says so, and the
+    precision configs put ours on nanoGPT's terms."""
+    from gpt.train import TrainConfig
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "train_shakespeare_char.py").write_text("batch_size = 64\n")
+    (tmp_path / "train.py").write_text(
+        "bias = False\ndtype = 'bfloat16'\n"
+        "ctx = nullcontext() if device_type == 'cpu' else torch.amp.autocast()\n")
+    theirs = Program(NANOGPT, ("python", "train.py"), tmp_path)
+    _, seed = side_by_side.seed_config(10)
+    ours_default = "fp32" if TrainConfig().dtype == "float32" else \
+        f"{TrainConfig().dtype} autocast"
+    assert side_by_side.what_ran(side_by_side.ours(), seed) == f"{ours_default}, biases"
+    assert side_by_side.what_ran(theirs, seed) == "fp32 (autocast on CUDA only), no biases"
+    fp32, fp32_no_bias = side_by_side.precision_configs(10)
+    assert side_by_side.what_ran(side_by_side.ours(), fp32[1]) == "fp32, biases"
+    assert side_by_side.what_ran(side_by_side.ours(), fp32_no_bias[1]) == "fp32, no biases"
+    assert side_by_side.what_ran(theirs, fp32_no_bias[1]).endswith("no biases")
+    assert side_by_side.what_ran(theirs, [*seed, "--bias=True"]).endswith(", biases")
 
 
 def test_configs_are_the_seed_command_with_overrides():
@@ -129,6 +167,7 @@ def test_rows_summary_and_table(tmp_path, programs, monkeypatch):
     ours, theirs = programs
     monkeypatch.setattr(side_by_side, "ours", lambda: ours)
     monkeypatch.setattr(side_by_side, "nanogpt", lambda checkout: theirs)
+    monkeypatch.setattr(side_by_side, "what_ran", lambda program, args: f"{program.name} math")
     rows = side_by_side.run_rows(tmp_path, [("tiny", _args(tmp_path, 0.01))], pairs=2)
     assert [(r["pair"], r["program"]) for r in rows] == [(0, OURS), (0, NANOGPT), (1, OURS),
                                                          (1, NANOGPT)]
@@ -139,7 +178,7 @@ def test_rows_summary_and_table(tmp_path, programs, monkeypatch):
             "date": "2026-01-01", "peak": None,
             "options": {"nanogpt": "/x/nanoGPT", "threads": "2", "same_data": True}}
     md = report.render(results.document("nanogpt", meta, rows))
-    assert "| tiny | 2 | **" in md and "/x/nanoGPT" in md
+    assert "| tiny | ours math / nanoGPT math | 2 | **" in md and "/x/nanoGPT" in md
 
 
 def test_bench_cli_requires_a_real_checkout(tmp_path, capsys):

@@ -186,7 +186,8 @@ def render_sweep(doc: dict) -> str:
         f"points; time: training only, evals excluded",
         f"- noise: the base config's val loss across seeds {noise}; a difference from the "
         f"base is beyond the noise when it exceeds both that range and twice the standard "
-        f"error of the difference", ""]
+        f"error of the difference, paired over the same eval batches where the block size "
+        f"is the base's (else as if independent)", ""]
     header = ["param", "value", "seed", "L/H/C", "T", "B", "dropout", "iters", "val loss",
               "vs base", "train loss", "time s", "ms/iter", "tokens/s", "MFU %"]
     table = []
@@ -226,7 +227,9 @@ def render_nanogpt(doc: dict) -> str:
     meta, rows = doc["meta"], doc["rows"]
     opts = meta["options"]
     lines = ["# Side by side with nanoGPT: whole processes, alternated", ""] + _meta_lines(meta) + [
-        f"- nanoGPT: `python train.py` in {opts['nanogpt']} (its code, unmodified); ours: "
+        f"- nanoGPT: `python train.py` in {opts['nanogpt']} at commit "
+        f"`{opts.get('nanogpt_commit') or 'unknown'}` (a git checkout with no local changes: "
+        f"checked before the runs); ours: "
         f"`python -m gpt.train`; the same Python and environment (threads: "
         f"{opts['threads']}), each with an out_dir of its own; Tiny Shakespeare prepared "
         f"byte for byte the same: {opts['same_data']}",
@@ -235,11 +238,17 @@ def render_nanogpt(doc: dict) -> str:
         "- wall: process start to exit (imports, data, model, evals, checkpoints, "
         "iterations); start-up: to the first iteration's log line (the step-0 eval "
         "included); ms/iter: the median logged iteration, iterations with an eval left out; "
-        "val: the last eval's val loss", ""]
+        "val: the last eval's val loss",
+        "- what each ran: the two programs' defaults differ (ours: bf16 autocast where the CPU "
+        "multiplies bf16 natively, biases as GPT-2; nanoGPT: fp32 on the CPU, no biases), so "
+        "the seed command also runs with ours in fp32, and in fp32 without biases: nanoGPT's "
+        "own model and precision", ""]
     summary = side_by_side.summarize_rows(rows)
-    lines += _table(["config", "pairs", "wall: nanoGPT / ours", "ms/iter: nanoGPT / ours",
-                     "wall s (ours / nanoGPT)", "start-up s", "ms/iter", "val loss (step)"], [
-        [s["config"], str(s["pairs"]), _ratio(s["wall"]), _ratio(s["iter"]),
+    lines += _table(["config", "ran: ours / nanoGPT", "pairs", "wall: nanoGPT / ours",
+                     "ms/iter: nanoGPT / ours", "wall s (ours / nanoGPT)", "start-up s",
+                     "ms/iter", "val loss (step)"], [
+        [s["config"], f"{s['ours_ran'] or 'n/a'} / {s['nanoGPT_ran'] or 'n/a'}",
+         str(s["pairs"]), _ratio(s["wall"]), _ratio(s["iter"]),
          f"{fmt(s['ours_wall_s'])} / {fmt(s['nanoGPT_wall_s'])}",
          f"{fmt(s['ours_startup_s'])} / {fmt(s['nanoGPT_startup_s'])}",
          f"{fmt(s['ours_iter_ms'])} / {fmt(s['nanoGPT_iter_ms'])}",

@@ -28,11 +28,11 @@ ROW_KEYS = {
     "e2e": ("kind", "model", "impl", "n_layer", "n_head", "n_embd", "block_size", "batch_size",
             "dtype", "status", "error", "ms_per_iter", "tokens_per_s", "mfu_pct", "loss"),
     "nanogpt": ("config", "args", "pair", "program", "wall_s", "startup_s", "iter_ms", "iters",
-                "val_loss", "last_eval_step", "load_1m", "status", "error"),
+                "val_loss", "last_eval_step", "load_1m", "ran", "status", "error"),
     "sweep": ("param", "value", "seed", "n_layer", "n_head", "n_embd", "block_size",
               "batch_size", "dropout", "dtype", "tokens", "iters", "status", "error",
-              "train_loss", "val_loss", "val_loss_se", "wall_s", "ms_per_iter", "tokens_per_s",
-              "mfu_pct", "curve"),
+              "train_loss", "val_loss", "val_loss_se", "final_losses", "wall_s", "ms_per_iter",
+              "tokens_per_s", "mfu_pct", "curve"),
 }
 SUITES = tuple(ROW_KEYS)
 

@@ -8,10 +8,19 @@ speeds up over the measurement favours neither. A pair's ratio is nanoGPT's wall
 ours; the result is the median of the pairs' ratios and their spread.
 
 nanoGPT is a checkout given by path (`--nanogpt PATH`), never copied into this project:
-its train.py runs in its own directory, on its own prepared data/shakespeare_char.
+its train.py runs in its own directory, on its own prepared data/shakespeare_char. It must
+be a git checkout with no local changes to its files, so that the record names the
+commit that ran and it is nanoGPT as published.
+
+The two programs do not run the same numerics by default, and every row says what each
+ran: on the CPU ours trains under bf16 autocast where the CPU multiplies bf16 natively,
+with biases (GPT-2's architecture), while nanoGPT's train.py autocasts on CUDA only (fp32
+on the CPU) and defaults to no biases. The seed command therefore also runs with ours at
+--dtype=float32, and at --dtype=float32 --bias=False, nanoGPT's own model and precision.
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import os
 import re
@@ -48,10 +57,30 @@ class Program:
     name: str
     command: tuple[str, ...]  # what precedes the training arguments
     cwd: Path
+    commit: str | None = None  # the git commit of nanoGPT's checkout
 
 
 def ours(python: str = sys.executable) -> Program:
     return Program(OURS, (python, "-m", "gpt.train"), REPO_ROOT)
+
+
+def checkout_commit(checkout: Path) -> str:
+    """The commit of a git checkout with no local changes to its tracked files (untracked
+    files, such as the prepared data, are allowed); SetupError otherwise."""
+    def git(*args) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(checkout), *args], capture_output=True,
+                              text=True)
+    head = git("rev-parse", "HEAD")
+    if head.returncode != 0:
+        raise SetupError(f"--nanogpt {checkout} is not a git checkout, so the commit that runs "
+                         f"cannot be recorded: clone https://github.com/karpathy/nanoGPT")
+    changes = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    if changes:
+        raise SetupError(f"--nanogpt {checkout} has local changes to its files, so it is not "
+                         f"nanoGPT as published: {changes.splitlines()[0].strip()}"
+                         f"{' ...' if len(changes.splitlines()) > 1 else ''} (git stash or "
+                         f"git checkout -- . there)")
+    return head.stdout.strip()
 
 
 def nanogpt(checkout: Path, python: str = sys.executable) -> Program:
@@ -69,7 +98,56 @@ def nanogpt(checkout: Path, python: str = sys.executable) -> Program:
         raise SetupError(f"nanoGPT's Shakespeare data is not prepared in {checkout} (no "
                          f"{', '.join(missing)}): run `python data/shakespeare_char/prepare.py` "
                          f"there first")
-    return Program(NANOGPT, (python, "train.py"), checkout)
+    return Program(NANOGPT, (python, "train.py"), checkout, checkout_commit(checkout))
+
+
+# ----------------------------------------------------------------------------- what ran
+
+def _last_override(args: list[str], key: str) -> str | None:
+    values = [a.split("=", 1)[1] for a in args if a.startswith(f"--{key}=")]
+    return values[-1] if values else None
+
+
+def _assigned(source: str, key: str):
+    """The value a Python file (a config, or train.py's defaults) assigns to `key` at its
+    top level, or None."""
+    value = None
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and any(
+                isinstance(t, ast.Name) and t.id == key for t in node.targets):
+            try:
+                value = ast.literal_eval(node.value)
+            except ValueError:
+                value = None
+    return value
+
+
+def what_ran(program: Program, args: list[str]) -> str:
+    """What a run computes with: its precision and whether its model has biases, from its
+    command line, its config file and its defaults."""
+    bias = _last_override(args, "bias")
+    dtype = _last_override(args, "dtype")
+    device = _last_override(args, "device") or "cuda"
+    if program.name == OURS:
+        from gpt.train import TrainConfig
+        defaults = TrainConfig()
+        config = program.cwd / args[0] if args and args[0].endswith(".py") else None
+        from_config = _assigned(config.read_text(), "bias") if config and config.is_file() else None
+        bias = bias if bias is not None else from_config if from_config is not None \
+            else defaults.bias
+        dtype = dtype or (defaults.dtype if device == "cpu" else "bfloat16")
+        precision = "fp32" if dtype == "float32" else f"{dtype} autocast"
+    else:
+        train = (program.cwd / "train.py").read_text()
+        config = program.cwd / args[0] if args and args[0].endswith(".py") else None
+        from_config = _assigned(config.read_text(), "bias") if config and config.is_file() else None
+        bias = bias if bias is not None else from_config if from_config is not None \
+            else _assigned(train, "bias")
+        cpu_without_autocast = "nullcontext() if device_type == 'cpu'" in train
+        precision = ("fp32 (autocast on CUDA only)" if device == "cpu" and cpu_without_autocast
+                     else f"{dtype or 'its default dtype'} autocast")
+    has_bias = str(bias) in ("True", "true", "1")
+    return f"{precision}, {'biases' if has_bias else 'no biases'}"
 
 
 def same_data(checkout: Path, data_dir: Path) -> bool:
@@ -196,27 +274,37 @@ def setting_configs(settings, iters: int) -> list[tuple[str, list[str]]]:
     return configs
 
 
+def precision_configs(iters: int) -> list[tuple[str, list[str]]]:
+    """The seed command with ours in fp32 (nanoGPT's CPU precision), and in fp32 without
+    biases (nanoGPT's model and precision): the comparisons on equal terms."""
+    args = with_iters(SEED_ARGS, iters)
+    return [(f"seed command, {iters} iters, fp32", args + ["--dtype=float32"]),
+            (f"seed command, {iters} iters, fp32, no biases",
+             args + ["--dtype=float32", "--bias=False"])]
+
+
 def run_rows(checkout: Path, configs: list[tuple[str, list[str]]], pairs: int,
              on_run=None) -> list[dict]:
     """One row per run: every config, `pairs` alternated pairs of ours and nanoGPT."""
     first, second = ours(), nanogpt(checkout)
     rows = []
     for name, args in configs:
+        ran = {p.name: what_ran(p, args) for p in (first, second)}
         try:
             results = alternate(first, second, args, pairs, on_run=on_run)
         except RuntimeError as exc:  # a program that fails is reported, not hidden
             rows.append(_row(name, args, None, None, error=str(exc).splitlines()[0][:300]))
             continue
         for pair, runs in enumerate(results):
-            rows += [_row(name, args, pair, run) for run in runs]
+            rows += [_row(name, args, pair, run, ran[run.program]) for run in runs]
     return rows
 
 
 def _row(config: str, args: list[str], pair: int | None, run: Run | None,
-         error: str | None = None) -> dict:
+         ran: str | None = None, error: str | None = None) -> dict:
     fields = run.to_json() if run is not None else {
         key: None for key in Run.__dataclass_fields__}
-    return {"config": config, "args": " ".join(args), "pair": pair, **fields,
+    return {"config": config, "args": " ".join(args), "pair": pair, **fields, "ran": ran,
             "status": "ok" if error is None else "FAILED", "error": error}
 
 
@@ -235,8 +323,12 @@ def summarize_rows(rows: list[dict]) -> list[dict]:
             values = [p[program][key] for p in complete if p[program][key] is not None]
             return statistics.median(values) if values else None
 
+        def ran(program):
+            return next((p[program]["ran"] for p in complete if p[program].get("ran")), None)
+
         out.append({
             "config": config, "pairs": len(complete),
+            "ours_ran": ran(OURS), "nanoGPT_ran": ran(NANOGPT),
             "wall": ratio([(p[OURS]["wall_s"], p[NANOGPT]["wall_s"]) for p in complete]),
             "iter": ratio([(p[OURS]["iter_ms"], p[NANOGPT]["iter_ms"]) for p in complete]),
             **{f"{program}_{key}": median_of(program, key)

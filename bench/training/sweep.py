@@ -6,8 +6,11 @@ number of tokens (so a larger batch takes fewer iterations) with the CLI's own s
 schedule (warmup, then the cosine decay ending at the budget), from the same seed, and is
 evaluated along the way: val loss against tokens seen and against training time (evals
 excluded), then at the end on more batches, with the standard error of that mean. The base
-config also trains with other seeds: how far apart seeds land is the noise that a
-difference between configs has to beat.
+config also trains with other seeds (three at least): how far apart seeds land is the
+training noise that a difference between configs has to beat. The final evals of configs
+with the same block size read the same batches, so a difference between two of them is
+judged by the spread of the per-batch differences (a paired comparison: both see the same
+hard and easy batches, which independent standard errors would count as noise twice).
 """
 from __future__ import annotations
 
@@ -58,7 +61,7 @@ CPU_VALUES = {"n_layer": (2, 4, 6), "n_head": (2, 4, 8), "n_embd": (64, 128, 192
               "block_size": (32, 64, 128), "batch_size": (6, 12, 24), "dropout": (0.0, 0.1, 0.2)}
 # `make bench`: 320 iterations of the base config (~3 minutes for the sweep on 2 cores);
 # --full: the seed command's 2000 iterations of 12 x 64 tokens.
-CPU_QUICK = Budget(tokens=320 * 768, evals=5, eval_batches=10, final_eval_batches=40, seeds=2)
+CPU_QUICK = Budget(tokens=320 * 768, evals=5, eval_batches=10, final_eval_batches=40, seeds=3)
 CPU_FULL = Budget(tokens=2000 * 768, evals=8, eval_batches=20, final_eval_batches=100, seeds=3)
 GPU_BASE = TrainSetting(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64,
                         dropout=0.2)
@@ -66,7 +69,7 @@ GPU_VALUES = {"n_layer": (4, 6, 8), "n_head": (4, 6, 8), "n_embd": (192, 384, 57
               "block_size": (128, 256, 512), "batch_size": (32, 64, 128),
               "dropout": (0.0, 0.1, 0.2)}
 GPU_QUICK = Budget(tokens=300 * 64 * 256, evals=6, eval_batches=20, final_eval_batches=50,
-                   seeds=2)
+                   seeds=3)
 GPU_FULL = Budget(tokens=5000 * 64 * 256, evals=10, eval_batches=20, final_eval_batches=200,
                   seeds=3)
 
@@ -96,11 +99,12 @@ def eval_points(iters: int, evals: int) -> list[int]:
 
 def _row(param, value, seed, setting: TrainSetting, dtype, budget: Budget, status=OK,
          error=None, iters=None, train_loss=None, val_loss=None, val_loss_se=None,
+         final_losses=None,
          wall_s=None, step=None, tokens_per_s=None, mfu_pct=None, curve=None) -> dict:
     return {"param": param, "value": value, "seed": seed, **asdict(setting),
             "dtype": DTYPE_NAMES[dtype], "tokens": budget.tokens, "iters": iters,
             "status": status, "error": error, "train_loss": train_loss, "val_loss": val_loss,
-            "val_loss_se": val_loss_se, "wall_s": wall_s,
+            "val_loss_se": val_loss_se, "final_losses": final_losses or [], "wall_s": wall_s,
             "ms_per_iter": None if step is None else step.to_json(),
             "tokens_per_s": tokens_per_s, "mfu_pct": mfu_pct, "curve": curve or []}
 
@@ -140,7 +144,7 @@ def train_one(setting: TrainSetting, corpus, backend: str, device: torch.device,
     tokens_per_s = tokens_per_iter / (timing.median_ms * 1e-3)
     achieved = training.flops_per_token(config, setting.block_size) * tokens_per_s
     return dict(iters=iters, train_loss=statistics.fmean(losses[-10:]),
-                val_loss=statistics.fmean(final),
+                val_loss=statistics.fmean(final), final_losses=final,
                 val_loss_se=statistics.stdev(final) / len(final) ** 0.5 if len(final) > 1
                 else None,
                 wall_s=wall, step=timing, tokens_per_s=tokens_per_s,
@@ -181,10 +185,22 @@ def seed_spread(rows: list[dict], base: TrainSetting) -> tuple[float, float, int
     return min(by_seed.values()), max(by_seed.values()), len(by_seed)
 
 
-def noise_floor(row: dict, base_row: dict, spread: tuple[float, float, int] | None) -> float | None:
-    """The smallest val-loss difference from the base that counts: the larger of the base's
-    seed-to-seed range and twice the standard error of the difference of the two evals."""
+def difference_se(row: dict, base_row: dict) -> float | None:
+    """The standard error of row's val loss minus the base's: paired over the batches both
+    evaluated (the same ones, for the same block size), else from the two evals' own
+    standard errors as if independent."""
+    a, b = row.get("final_losses") or [], base_row.get("final_losses") or []
+    if row["block_size"] == base_row["block_size"] and len(a) == len(b) > 1:
+        return statistics.stdev(x - y for x, y in zip(a, b)) / len(a) ** 0.5
     if row["val_loss_se"] is None or base_row["val_loss_se"] is None:
         return None
-    eval_noise = 2 * (row["val_loss_se"] ** 2 + base_row["val_loss_se"] ** 2) ** 0.5
-    return max(eval_noise, spread[1] - spread[0]) if spread is not None else eval_noise
+    return (row["val_loss_se"] ** 2 + base_row["val_loss_se"] ** 2) ** 0.5
+
+
+def noise_floor(row: dict, base_row: dict, spread: tuple[float, float, int] | None) -> float | None:
+    """The smallest val-loss difference from the base that counts: the larger of the base's
+    seed-to-seed range and twice the standard error of the difference (`difference_se`)."""
+    se = difference_se(row, base_row)
+    if se is None:
+        return None
+    return max(2 * se, spread[1] - spread[0]) if spread is not None else 2 * se

@@ -131,3 +131,13 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         sample.main([*RUN, f"--out_dir={tmp_path / 'nothing'}"])
     assert "no checkpoint at" in capsys.readouterr().err
+
+
+def test_a_library_call_leaves_the_process_malloc_alone(char_checkpoint, capsys, monkeypatch):
+    """glibc's malloc options are the program's to set (`python -m gpt.sample`), never a
+    side effect of calling main(argv) or sample() from another program."""
+    from kernels import cpu
+    kept = []
+    monkeypatch.setattr(cpu, "keep_freed_memory", lambda: kept.append(True))
+    samples(capsys, [*RUN, f"--out_dir={char_checkpoint}"])
+    assert kept == []

@@ -166,6 +166,20 @@ def test_loss_decreases_and_logs_match_nanogpt(tmp_path, text_file, capsys, cpu_
                      r"\(measured \d{4}-\d\d-\d\d; cached in .*cpu_peak_flops.json\)$", out, re.M)
     assert "model backend 'torch' on cpu: torch for every op" in out
     assert re.search(r"^kernels: torch +yes", out, re.M)
+    assert "dtype float32 (no autocast); blocks: the modules" in out  # TINY's fp32
+
+
+@pytest.mark.parametrize("overrides, path", [
+    ((), "one autograd node each (kernels.cpu.fused_block"),
+    (("--cpu_fused_block=False",), "the modules (--cpu_fused_block=False)"),
+    (("--compile=True",), "the modules, compiled"),
+])
+def test_the_log_says_which_dtype_and_block_path_a_cpu_run_uses(tmp_path, text_file, capsys,
+                                                                   overrides, path):
+    run(tmp_path, text_file, "out", "--dtype=bfloat16", "--eval_only=True", *overrides)
+    out = capsys.readouterr().out
+    assert f"dtype bfloat16 (autocast; fp32 weights, optimizer and residual stream); " \
+           f"blocks: {path}" in out
 
 
 def test_cpu_peak_is_measured_once_per_dtype_and_cached(tmp_path, cpu_peak):
@@ -244,17 +258,20 @@ def test_train_step_schedules_accumulates_and_prefetches():
 
 def test_main_as_a_program_freezes_the_heap_before_exit(tmp_path, text_file, monkeypatch):
     """Only `python -m gpt.train` itself (argv from sys.argv) spares its exit the final
-    garbage collections; a caller of main(argv) keeps its collector as it was."""
+    garbage collections and sets glibc's malloc to keep freed memory; a caller of
+    main(argv), or of train(), keeps its process as it was."""
     import gc
-    frozen = []
+    from kernels import cpu
+    frozen, kept = [], []
     monkeypatch.setattr(gc, "freeze", lambda: frozen.append(True))
+    monkeypatch.setattr(cpu, "keep_freed_memory", lambda: kept.append(True))
     run(tmp_path, text_file, "out", "--eval_only=True")
-    assert frozen == []
+    assert frozen == [] and kept == []
     monkeypatch.setattr(sys, "argv", ["gpt-train", *TINY, f"--input={text_file}",
                                       f"--data_dir={tmp_path / 'data'}",
                                       f"--out_dir={tmp_path / 'out'}", "--eval_only=True"])
     train.main()
-    assert frozen == [True]
+    assert frozen == [True] and kept == [True]
 
 
 def test_host_memory_is_kept_on_glibc():

@@ -97,10 +97,19 @@ def _no_async_copies(doc):
 
 
 def _hmma_on_hopper(doc):
+    # Any mma.sync on sm_90 is a product off wgmma's path, also beside wgmma ones (Triton
+    # falls back to mma.sync for a product of fewer than 64 rows per warpgroup).
     rows = [row for row in _tensor_core_rows(doc, "sm_90")
-            if "HGMMA" not in (row["sass"]["tensor_core_kind"] or "")]
-    return _grouped(rows, lambda members: f"{members[0]['sass']['tensor_core_shape']} "
-                                          "(mma.sync) where sm_90 has wgmma (HGMMA)")
+            if "HMMA" in row["sass"]["tensor_core_kind"].split("+")]
+
+    def describe(members):
+        row = members[0]
+        hmma = sum(n for opcode, n in row["sass"]["tensor_core"].items()
+                   if opcode.startswith("HMMA"))
+        beside = " beside HGMMA" if "HGMMA" in row["sass"]["tensor_core_kind"] else ""
+        return (f"e.g. {_variant(row)}: {hmma} HMMA (mma.sync){beside} where sm_90 has "
+                "wgmma (HGMMA)")
+    return _grouped(rows, describe)
 
 
 def _no_tma_on_hopper(doc):

@@ -6,9 +6,10 @@ plus a non-power-of-two one, fp32 / bf16 / fp16. Every check runs on each versio
 (`attention.VERSIONS`: the single-pass backward with atomic dQ, the deterministic
 three-kernel one, and the single pass with TMA descriptor loads, which the interpreter
 emulates), and the whole conformance suite of the op runs again with each version
-tests/test_conformance.py does not (it runs the selected one). The `gpu` tests repeat the
-checks at training shapes with the autotuned tiles and measure memory with the CUDA
-allocator.
+tests/test_conformance.py does not (it runs the selected one). The tile lists are checked
+per arch, and the single pass's sm_90 tiles compiled ahead of time: their SASS must issue
+every product on wgmma. The `gpu` tests repeat the checks at training shapes with the
+autotuned tiles and measure memory with the CUDA allocator.
 """
 import gc
 

@@ -506,9 +506,9 @@ AUTOTUNE_TILES = {
         ("fp32", 128): [(32, 16, 4, 1)],
     },
 }
-# sm_90 multiplies 16-bit tiles with wgmma (SASS HGMMA) only where the product's rows come
-# in multiples of 64 per warpgroup of 4 warps; a product with fewer rows falls back to
-# sm_80's mma.sync (HMMA), which runs at a fraction of wgmma's rate. The single pass has
+# sm_90 multiplies 16-bit tiles with wgmma (SASS HGMMA) only where the product has a
+# multiple of 64 rows (wgmma's m64, per warpgroup of 4 warps); Triton lowers any other
+# product to sm_80's mma.sync (HMMA), at a fraction of wgmma's rate. The single pass has
 # products of both orientations: S^T, dP^T, dV and dK have one row per key (BLOCK_N),
 # dQ = dS K one per query (BLOCK_M). sm_80's tiles keep BLOCK_M at 16-32 (its registers
 # are the limit there), which on sm_90 put dQ on mma.sync: at D = 64 the 32 x 128 tile

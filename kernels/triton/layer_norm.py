@@ -41,12 +41,12 @@ C = 768 that takes 128 registers (bf16), and two programs per SM (BWD_PROGRAMS_P
 fit beside each other: 48 KB in flight per SM, against the ~20-30 KB an H100/H200 needs
 to cover HBM latency. Two programs per SM, not four, halve the partial sums, which need
 no zeroing either (at N = 8192, C = 768 on 132 SMs: 3.2 MB written and read, 9 % beside
-the op's 38 MB; four per SM and their zeroing moved 9.7 MB). A row wider than MAX_BWD_BLOCK_BYTES (4096
-bf16 or 2048 fp32 columns) is split into column blocks, one per program of a second grid
-axis (a whole 16384-wide row in registers spilled 1.1 KB/thread). Each column block's
-program first walks the whole row once for the two row means (the other blocks' loads of
-the same rows are in flight at the same time, so the re-reads come from L2), then
-computes dx and dW/dB for its own columns only.
+the op's 38 MB; four per SM and their zeroing moved 9.7 MB). A row wider than
+MAX_BWD_BLOCK_BYTES (4096 bf16 or 2048 fp32 columns) is split into column blocks, one per
+program of a second grid axis (a whole 16384-wide row in registers spilled 1.1
+KB/thread). Each column block's program first walks the whole row once for the two row
+means (the other blocks' loads of the same rows are in flight at the same time, so the
+re-reads come from L2), then computes dx and dW/dB for its own columns only.
 """
 from __future__ import annotations
 
@@ -192,11 +192,7 @@ def _layer_norm_bwd_kernel(
             mean_xhat_g = sum_xhat_g / n_cols
             mean_g = sum_g / n_cols
             dx = (g - xhat * mean_xhat_g[:, None] - mean_g[:, None]) * rstd[:, None]
-            if HAS_DS:
-                dx += tl.load(DS + rows64 * stride_ds + cols[None, :], mask=mask,
-                              other=0.0).to(tl.float32)
-            tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty),
-                     mask=mask)
+            _store_dx(DS, DX, dx, rows, cols, mask, stride_ds, stride_dx, HAS_DS)
             dw += tl.sum(dy * xhat, axis=0)
             db += tl.sum(dy, axis=0)
     else:

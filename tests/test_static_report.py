@@ -343,6 +343,7 @@ def test_findings_name_what_needs_work():
         _row(kernel="spiller", spills=True, spill_stores=1112, config="BLOCK=16384"),
         _row(kernel="attention_fwd", sass=hmma),
         _row(kernel="narrow", sass=sass.opcode_mix({"LDG.E.U16": 33}).to_json()),
+        _row(kernel="tma_tiles", sass=sass.opcode_mix({"LDG.E": 4, "UTMALDG.2D": 2}).to_json()),
         _row(kernel="huge", shared_bytes=300_000, shared_fits=False),
         _row(kernel="wide_only", gpt2=False,  # speed rules skip configs GPT-2 never picks
              sass=sass.opcode_mix({"LDG.E.U16": 33}).to_json()),
@@ -359,7 +360,7 @@ def test_findings_name_what_needs_work():
     assert "none of its 33 global loads" in found["Kernels with no 128-bit global load"][0]
     assert "huge" in found["Shared memory over the per-block limit"][0]
     assert not any(name in line for lines in found.values() for line in lines
-                   for name in ("clean", "wide_only"))
+                   for name in ("clean", "wide_only", "tma_tiles"))
 
 
 def _traffic_entry():

@@ -122,9 +122,11 @@ def _no_wide_loads(doc):
     # statistics), so a low share alone says little; a kernel none of whose variants has a
     # 128-bit load moves its data in narrow accesses (a scalar fallback variant beside
     # vectorized siblings is by design, and not reported).
+    # A kernel whose tiles come in by TMA (bulk copies, wider than any LDG) keeps only its
+    # scalar loads on LDG: not a narrow kernel.
     families: dict[str, list[dict]] = defaultdict(list)
     for row in _used_rows(doc):
-        if row["sass"] and row["sass"]["global_loads"]:
+        if row["sass"] and row["sass"]["global_loads"] and not row["sass"]["tma"]:
             families[_family(row)].append(row)
     rows = [row for members in families.values()
             if not any(r["sass"]["global_loads_128"] for r in members) for row in members]

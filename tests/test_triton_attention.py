@@ -335,8 +335,8 @@ def test_backward_runs_the_version_of_its_forward(monkeypatch):
     (a benchmark pinning versions, say) does not mix two versions in one step."""
     launched = []
     real_launch = attention._launch
-    monkeypatch.setattr(attention, "_launch",
-                        lambda kernel, *a, **kw: (launched.append(kernel), real_launch(kernel, *a, **kw)))
+    monkeypatch.setattr(attention, "_launch", lambda kernel, *a, **kw: (
+        launched.append(kernel), real_launch(kernel, *a, **kw)))
     q, k, v = random_qkv(1, 1, 9, 16, torch.float32)
     before = attention.VERSIONS.current()
     try:

@@ -8,8 +8,9 @@ The forward sweeps the row once in blocks of BLOCK_V with the online softmax: th
 max m and sum d, d rescaled by exp(m_old - m_new) whenever the max grows, so a row is
 never held whole. Rows whose target is ignore_index get loss 0 and gradient 0.
 
-The standalone op (versions 2 and 3) saves only each row's m and d (8 bytes per row) and the logits autograd already holds; its backward is one kernel that reads each
-row once and writes dlogits_ij = g_i * (exp(x_ij - m_i) / d_i - [j == t_i]) straight into
+The standalone op (versions 2 and 3) saves only each row's m and d (8 bytes per row) and
+the logits autograd already holds; its backward is one kernel that reads each row once
+and writes dlogits_ij = g_i * (exp(x_ij - m_i) / d_i - [j == t_i]) straight into
 the gradient autograd returns, g_i being the upstream gradient of loss i (1/n_kept for a
 mean). Every (N, V) tensor it touches is one the graph needs anyway: the logits, then
 their gradient. (Not lse alone: at logits ~1000, lse rounded to fp32 is off by up to

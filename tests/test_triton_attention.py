@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import kernels
 from aot_session import SM90_SINGLE_PASS_SOURCE
-from bench import sass
+from bench.static import sass
 from kernels import reference, versions
 from kernels.testing import assert_close
 from kernels.triton import attention

@@ -91,7 +91,7 @@ def test_backward_prefetch_moves_no_extra_bytes(dtype):
     """The prefetch of the tile after a program's last one is masked off: the backward
     reads x and dy once, each row's mean and rstd once and the weight once per program,
     and nothing else (bytes counted under the interpreter, bench.traffic)."""
-    from bench import traffic
+    from bench.static import traffic
     channels = 40
     rows = _several_tiles_per_program(channels, dtype)
     x, w, b = make((rows, channels), dtype)

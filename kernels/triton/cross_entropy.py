@@ -248,20 +248,27 @@ def _target(Targets, row, n_cols, ignore_index):
 
 
 @triton.jit
+def _sweep_coefficients(keep, weight, m, d):
+    """(shift, scale) of a row's gradient sweep, grad_j = exp(x_j - shift) * scale -
+    weight * [j == target], for a row of max m and sum d and its weight (0 if ignored).
+    Ignored rows get exactly 0: scale 0 (their weight may come from inf or NaN, a mean over
+    no kept target; d may be 0) and a finite shift, so exp(x - shift) stays finite (a row
+    of -inf logits has m = -inf)."""
+    scale = tl.where(keep, weight / d, 0.0)
+    shift = tl.where(m == -float("inf"), 0.0, m)
+    return shift, scale
+
+
+@triton.jit
 def _gradient_coefficients(Stats, Targets, GradLosses, stride_grad_losses, row, n_cols,
                            ignore_index):
     """(shift, scale, weight, target) of a row's gradient from the forward's saved (m, d)
-    and the upstream gradient g = GradLosses[row]: grad_j = exp(x_j - shift) * scale -
-    weight * [j == target], i.e. g * (softmax - onehot)."""
+    and the upstream gradient g = GradLosses[row]: g * (softmax - onehot)."""
     keep, _in_range, target = _target(Targets, row, n_cols, ignore_index)
     m = tl.load(Stats + 2 * row)
     d = tl.load(Stats + 2 * row + 1)
-    # Ignored rows get exactly 0: weight and scale 0 (their upstream gradient may be inf or
-    # NaN, a mean over no kept target; d may be 0) and a finite shift, so exp(x - shift)
-    # stays finite (a row of -inf logits has m = -inf).
     weight = tl.where(keep, tl.load(GradLosses + row * stride_grad_losses), 0.0)
-    scale = tl.where(keep, weight / d, 0.0)
-    shift = tl.where(m == -float("inf"), 0.0, m)
+    shift, scale = _sweep_coefficients(keep, weight, m, d)
     return shift, scale, weight, target
 
 
@@ -293,7 +300,8 @@ def _cross_entropy_fwd_kernel(
 
     if COMPUTE_GRAD:
         weight = tl.where(keep, tl.load(RowWeight + row * stride_row_weight), 0.0)
-        _gradient_sweep(logits, Grad + row * stride_grad, n_cols, m, weight / d, weight,
+        shift, scale = _sweep_coefficients(keep, weight, m, d)
+        _gradient_sweep(logits, Grad + row * stride_grad, n_cols, shift, scale, weight,
                         target, GRAD_ALIGNED, BLOCK_V, VEC, PREFETCH)
 
 

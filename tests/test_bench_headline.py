@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bench.kernels import headline
-from bench.kernels.suite import Impl
+from bench.kernels.suite import Impl, op_on
 from bench.kernels.problems import PROBLEMS
 from bench.output.results import OK
 from bench.static import predictions
@@ -96,7 +96,8 @@ def test_attention_runs_each_of_our_backends_at_every_kernel_version():
     seen = []
     impl = Impl("triton", lambda: lambda *args: seen.append(
         versions._DECLARED["triton_attention"].current()), timed=True)
-    impls = headline.every_version([impl, Impl("sdpa-math", lambda: None, timed=True)])
+    impls = headline.every_version("causal_attention",
+                                   [impl, Impl("sdpa-math", lambda: None, timed=True)])
     names = [i.name for i in impls]
     default = declared["default"]
     assert names == [("triton" if v == default else f"triton v{v}")
@@ -108,6 +109,40 @@ def test_attention_runs_each_of_our_backends_at_every_kernel_version():
     finally:
         versions.select("triton_attention", before)
     assert seen == sorted(declared["versions"])  # each call ran at its own version
+
+
+def test_a_version_row_runs_its_version_forward_and_backward(monkeypatch):
+    """A version row selects its version for the call: the forward and the backward after
+    it run that version, even when another row selects another one in between."""
+    from kernels.triton import attention
+    launched = []
+    real_launch = attention._launch
+    monkeypatch.setattr(attention, "_launch", lambda kernel, *a, **kw: (
+        launched.append(kernel), real_launch(kernel, *a, **kw)))
+    before = attention.VERSIONS.current()
+    rows = {i.name: i.make() for i in headline.every_version(
+        "causal_attention", [Impl("triton", lambda: op_on("causal_attention", "triton"),
+                                  timed=True)])}
+    q, k, v = (torch.randn(1, 2, 9, 16, requires_grad=True) for _ in range(3))
+    try:
+        out = rows["triton v1"](q, k, v)
+        rows["triton"](q, k, v)  # another version selected before the first's backward
+        launched.clear()
+        out.sum().backward()
+    finally:
+        versions.select("triton_attention", before)
+    assert launched == ["dkdv", "dq"]  # version 1's backward: dK/dV, then dQ
+
+
+def test_cross_entropy_runs_at_every_kernel_version():
+    import kernels.triton.cross_entropy  # noqa: F401  (declares its versions)
+    (declared,) = [k for k in versions.table() if k["name"] == "triton_cross_entropy"]
+    names = [i.name for i in headline.every_version(
+        "cross_entropy", [Impl("triton", lambda: None, timed=True)])]
+    assert names == [("triton" if v == declared["default"] else f"triton v{v}")
+                     for v in sorted(declared["versions"])]
+    assert [i.name for i in headline.every_version(
+        "layer_norm", [Impl("triton", lambda: None, timed=True)])] == ["triton"]
 
 
 def test_attention_is_also_measured_on_the_torch_backend():

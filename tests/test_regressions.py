@@ -115,8 +115,10 @@ def test_4_batch_times_heads_goes_on_the_grid_axis_without_the_65535_limit(monke
     monkeypatch.setattr(attention, "_KERNELS", {k: Recorder() for k in attention._KERNELS})
     monkeypatch.setattr(attention, "_attn_bwd_preprocess_kernel", Recorder())
     q = torch.randn(1, 70000, 1, 16, requires_grad=True)
-    out = attention._forward(q, q, q, 0.25)[0]
-    attention._backward(out, q, q, q, out, torch.zeros(1, 70000, 1), torch.zeros(1, 70000, 1), 0.25)
+    version = attention.VERSIONS.current()
+    out = attention._forward(q, q, q, 0.25, version)[0]
+    attention._backward(out, q, q, q, out, torch.zeros(1, 70000, 1), torch.zeros(1, 70000, 1), 0.25,
+                        version)
     assert len(grids) >= 3  # forward, Delta and the backward kernel(s) of the version in use
     for grid in grids:
         assert grid[0] == 70000 and all(axis <= 65535 for axis in grid[1:])

@@ -5,8 +5,10 @@ launchers accept (every AotSpec: a module's AOT_SPECS lists them all, e.g. with
 CUDA extension. Then the report's parts: the one GPU table, occupancy, the SASS mix, the
 interpreter's traffic count, the roofline, findings and the Markdown.
 """
+import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +28,7 @@ from kernels import gpus
 from kernels.triton.aot import TARGET_ARCHS, AotSpec, compile_all, package_modules
 
 KERNEL_MODULES = package_modules()
+STATIC_JSON = Path(__file__).resolve().parents[1] / "bench" / "results" / "static.json"
 # Known failures, kept visible: module -> why. Strict, so the test fails once one is fixed
 # and the marker goes with the fix. (LayerNorm's backward spilled at C = 16384 and C = 1
 # until its launcher split wide rows and sized tiles by registers.)
@@ -86,6 +89,22 @@ def test_cuda_extension_kernels_do_not_spill_or_overflow_shared_memory():
         if usage.shared_bytes > limits.shared_per_block:
             bad.append(f"{usage.name} {usage.arch}: {usage.shared_bytes} B shared")
     assert not bad, "\n".join(bad)
+
+
+def test_committed_report_shows_the_attention_on_wgmma_on_sm90():
+    """bench/results/static.json as committed (regenerate it with `python -m bench static`):
+    on sm_90 every 16-bit Triton attention kernel issues its products on wgmma alone, the
+    single-pass backward at D = 64 (issue 19) among them."""
+    doc = json.loads(STATIC_JSON.read_text())
+    rows = [row for row in doc["kernels"] if row["backend"] == "triton"
+            and row["arch"] == "sm_90" and row["kernel"].startswith("attention_")
+            and row["config"].startswith("bf16,") and row["sass"]
+            and row["sass"]["tensor_core"]]
+    kinds = {f"{row['kernel']}[{row['config']}]": row["sass"]["tensor_core_kind"] for row in rows}
+    assert set(kinds.values()) == {"HGMMA"}, {k: v for k, v in kinds.items() if v != "HGMMA"}
+    single_pass = [name for name in kinds if name.startswith(("attention_dkdv_dq[bf16,D=64,",
+                                                              "attention_dkdv_dq_tma[bf16,D=64,"))]
+    assert len(single_pass) >= 2, sorted(kinds)
 
 
 # ----------------------------------------------------------------------------- one GPU table
@@ -314,11 +333,17 @@ def _doc(kernels, traffic_rows=(), roofline_rows=()):
 
 def test_findings_name_what_needs_work():
     hmma = sass.opcode_mix({"HMMA.16816.F32.BF16": 8, "LDG.E.128": 2}).to_json()
+    mixed = sass.opcode_mix({"HGMMA.64x64x16.F32.BF16": 8, "HMMA.16816.F32.BF16": 4,
+                             "LDSM.16.M88.4": 1, "LDGSTS.E.BYPASS.128": 1}).to_json()
+    wgmma = sass.opcode_mix({"HGMMA.64x64x16.F32.BF16": 8, "LDGSTS.E.BYPASS.128": 1}).to_json()
     doc = _doc([
         _row(kernel="clean"),
+        _row(kernel="attention_dkdv_dq", sass=mixed),   # one product off wgmma: reported
+        _row(kernel="all_wgmma", sass=wgmma),
         _row(kernel="spiller", spills=True, spill_stores=1112, config="BLOCK=16384"),
         _row(kernel="attention_fwd", sass=hmma),
         _row(kernel="narrow", sass=sass.opcode_mix({"LDG.E.U16": 33}).to_json()),
+        _row(kernel="tma_tiles", sass=sass.opcode_mix({"LDG.E": 4, "UTMALDG.2D": 2}).to_json()),
         _row(kernel="huge", shared_bytes=300_000, shared_fits=False),
         _row(kernel="wide_only", gpt2=False,  # speed rules skip configs GPT-2 never picks
              sass=sass.opcode_mix({"LDG.E.U16": 33}).to_json()),
@@ -328,12 +353,14 @@ def test_findings_name_what_needs_work():
     assert "1112 B/thread" in found["Register spills (local memory)"][0]
     assert found["mma.sync (HMMA) fed without ldmatrix (LDSM)"][0].startswith(
         "triton attention_fwd")
-    assert "triton attention_fwd" in found["sm_90 kernels on mma.sync (HMMA) instead of wgmma "
-                                           "(HGMMA)"][0]
+    on_hmma = {line.split(" (")[0]: line for line in
+               found["sm_90 kernels on mma.sync (HMMA) instead of wgmma (HGMMA)"]}
+    assert set(on_hmma) == {"triton attention_fwd", "triton attention_dkdv_dq"}
+    assert "4 HMMA (mma.sync) beside HGMMA" in on_hmma["triton attention_dkdv_dq"]
     assert "none of its 33 global loads" in found["Kernels with no 128-bit global load"][0]
     assert "huge" in found["Shared memory over the per-block limit"][0]
     assert not any(name in line for lines in found.values() for line in lines
-                   for name in ("clean", "wide_only"))
+                   for name in ("clean", "wide_only", "tma_tiles"))
 
 
 def _traffic_entry():

@@ -6,9 +6,10 @@ plus a non-power-of-two one, fp32 / bf16 / fp16. Every check runs on each versio
 (`attention.VERSIONS`: the single-pass backward with atomic dQ, the deterministic
 three-kernel one, and the single pass with TMA descriptor loads, which the interpreter
 emulates), and the whole conformance suite of the op runs again with each version
-tests/test_conformance.py does not (it runs the selected one). The `gpu` tests repeat the
-checks at training shapes with the autotuned tiles and measure memory with the CUDA
-allocator.
+tests/test_conformance.py does not (it runs the selected one). The tile lists are checked
+per arch, and the single pass's sm_90 tiles compiled ahead of time: their SASS must issue
+every product on wgmma. The `gpu` tests repeat the checks at training shapes with the
+autotuned tiles and measure memory with the CUDA allocator.
 """
 import gc
 
@@ -17,9 +18,12 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import kernels
+from aot_session import SM90_SINGLE_PASS_SOURCE
+from bench.static import sass
 from kernels import reference, versions
 from kernels.testing import assert_close
 from kernels.triton import attention
+from kernels.triton.aot import TARGET_ARCHS, compile_all
 from kernels.triton.attention import attention_forward
 from test_conformance import check_case, value_cases
 
@@ -166,11 +170,12 @@ def test_bad_input_is_named(call, error, match):
 def test_opcheck_fwd_and_bwd_ops(version):
     """Schema, fake (meta) impls, autograd registration and AOT dispatch of the custom ops."""
     q, k, v = random_qkv(1, 2, 5, 16, torch.float32)
-    torch.library.opcheck(torch.ops.gptk.triton_attention_fwd.default, (q, k, v, 0.25))
+    torch.library.opcheck(torch.ops.gptk.triton_attention_fwd.default, (q, k, v, 0.25, version))
     o, lse = attention_forward(*(x.detach() for x in (q, k, v)), 0.25)
     grads = (torch.randn_like(o), torch.randn_like(lse))
     torch.library.opcheck(torch.ops.gptk.triton_attention_bwd.default,
-                          (grads[0], q.detach(), k.detach(), v.detach(), o, lse, grads[1], 0.25))
+                          (grads[0], q.detach(), k.detach(), v.detach(), o, lse, grads[1], 0.25,
+                           version))
 
 
 def test_torch_compile_traces_the_custom_ops():
@@ -221,16 +226,27 @@ def test_memory_grows_linearly_in_sequence_length():
 # ----------------------------------------------------------------------------- AOT specs
 
 def test_aot_specs_cover_every_kernel_tile_dtype_and_head_dim():
-    names = {spec.name for spec in attention.AOT_SPECS}
-    assert len(names) == len(attention.AOT_SPECS)
+    """Every tile each arch's launcher can pick has a spec compiled for that arch, and no
+    spec is compiled for an arch that never runs it (sm_90's wgmma tiles, TMA)."""
+    specs = {spec.name: spec for spec in attention.AOT_SPECS}
+    assert len(specs) == len(attention.AOT_SPECS)
+    expected = set()
     for type_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         for d in attention.AOT_HEAD_DIMS:
             group = attention._tile_group(dtype, attention._block_d(d))
-            for kernel, tiles in attention.AUTOTUNE_TILES.items():
-                for bm, bn, warps, stages in tiles.get(group, ()):  # TMA: 16-bit only
-                    assert (f"attention_{kernel}[{type_name},D={d},BLOCK_M={bm},BLOCK_N={bn},"
-                            f"warps={warps},stages={stages}]") in names
-            assert any(n.startswith(f"attention_bwd_preprocess[{type_name},D={d},") for n in names)
+            for kernel in attention._KERNELS:
+                for arch in TARGET_ARCHS:
+                    # TMA: 16-bit on sm_90 only
+                    for bm, bn, warps, stages in attention.tiles_for(kernel, group, arch):
+                        name = (f"attention_{kernel}[{type_name},D={d},BLOCK_M={bm},BLOCK_N={bn},"
+                                f"warps={warps},stages={stages}]")
+                        assert specs[name].compiles_for(arch), (name, arch)
+                        expected.add((name, arch))
+            assert any(n.startswith(f"attention_bwd_preprocess[{type_name},D={d},") for n in specs)
+    compiled = {(name, arch) for name, spec in specs.items() if "preprocess" not in name
+                for arch in TARGET_ARCHS if spec.compiles_for(arch)}
+    assert compiled == expected
+    assert not any(spec.compiles_for(80) for name, spec in specs.items() if "_tma[" in name)
     for spec in attention.AOT_SPECS:  # the softmax statistics stay fp32 for bf16 operands
         assert all(spec.signature[p] == "*fp32" for p in ("LSE", "DELTA", "DLSE")
                    if p in spec.signature), spec.name
@@ -240,10 +256,42 @@ def test_tiles_respect_the_causal_split():
     """Forward and dQ walk key blocks that must tile a query block (BLOCK_N | BLOCK_M);
     dK/dV (and the single pass) walk query blocks that must tile a key block
     (BLOCK_M | BLOCK_N)."""
-    for kernel, groups in attention.AUTOTUNE_TILES.items():
-        tiles = [tile[:2] for group in groups.values() for tile in group]
+    for kernel in attention._KERNELS:
+        tiles = [tile[:2] for lists in (attention.AUTOTUNE_TILES, attention.HOPPER_TILES)
+                 for group in lists.get(kernel, {}).values() for tile in group]
         for bm, bn in tiles + [attention.INTERPRETER_TILES[kernel]]:
             assert (bn % bm if kernel.startswith("dkdv") else bm % bn) == 0, (kernel, bm, bn)
+
+
+def test_hopper_single_pass_tiles_are_wgmma_shaped():
+    """wgmma multiplies 64 rows per warpgroup of 4 warps: the single pass's products have
+    BLOCK_N rows (S^T, dP^T, dV, dK) and BLOCK_M rows (dQ), so on sm_90 both are multiples
+    of 64, for every 16-bit head dim; sm_80 keeps its own (mma.sync) tiles."""
+    for kernel in ("dkdv_dq", "dkdv_dq_tma"):
+        for d in attention.AOT_HEAD_DIMS:
+            group = attention._tile_group(torch.bfloat16, attention._block_d(d))
+            hopper = attention.tiles_for(kernel, group, 90)
+            assert hopper, (kernel, d)
+            for bm, bn, warps, _ in hopper:
+                assert bm % 64 == 0 and bn % 64 == 0 and warps % 4 == 0, (kernel, d, bm, bn)
+    group = attention._tile_group(torch.bfloat16, 64)
+    assert attention.tiles_for("dkdv_dq", group, 80) == attention.AUTOTUNE_TILES["dkdv_dq"][group]
+    assert attention.tiles_for("fwd", group, 90) == attention.AUTOTUNE_TILES["fwd"][group]
+
+
+def test_hopper_single_pass_is_all_wgmma_in_the_sass():
+    """The single-pass backward's sm_90 cubins at D = 64 (with and without TMA) issue every
+    product as wgmma: HGMMA in the SASS and no mma.sync (HMMA) at all. The sm_80 tiles on
+    sm_90 show what this catches: their dQ product (32 query rows) is HMMA."""
+    report = compile_all(archs=(90,), extra_sources=(SM90_SINGLE_PASS_SOURCE,),
+                         include_package=False, sass=True)
+    assert not report.problems and not report.failures(), report.problems or report.failures()
+    kinds = {r.name: sass.opcode_mix(r.sass_opcodes).tensor_core_kind for r in report.results}
+    hopper = {name: kind for name, kind in kinds.items() if "control" not in name}
+    assert {name.split("[")[0] for name in hopper} == {"attention_dkdv_dq",
+                                                        "attention_dkdv_dq_tma"}
+    assert set(hopper.values()) == {"HGMMA"}, hopper
+    assert kinds["control: sm_80 tile on sm_90"] == "HGMMA+HMMA"
 
 
 @pytest.mark.parametrize("d, dtype, tma", [(16, torch.bfloat16, True),
@@ -282,13 +330,36 @@ def test_each_version_launches_its_kernels(monkeypatch, d, dtype, tma):
     assert launched[1:] == ["dkdv", "dq"]
 
 
+def test_backward_runs_the_version_of_its_forward(monkeypatch):
+    """The version is read once, by the forward: selecting another before the backward
+    (a benchmark pinning versions, say) does not mix two versions in one step."""
+    launched = []
+    real_launch = attention._launch
+    monkeypatch.setattr(attention, "_launch", lambda kernel, *a, **kw: (
+        launched.append(kernel), real_launch(kernel, *a, **kw)))
+    q, k, v = random_qkv(1, 1, 9, 16, torch.float32)
+    before = attention.VERSIONS.current()
+    try:
+        versions.select("triton_attention", 1)
+        loss = attention.causal_attention(q, k, v).sum()
+        versions.select("triton_attention", 2)
+        loss.backward()
+    finally:
+        versions.select("triton_attention", before)
+    assert launched == ["fwd", "dkdv", "dq"]
+
+
 def test_autotuning_is_keyed_on_the_length_bucket():
     """T_BUCKET = next_power_of_2(T) is the autotuner's key, not T; the single pass zeroes
     its atomically accumulated dQ buffer before every trial."""
-    for kernel in attention.AUTOTUNE_TILES:
-        tuner = attention._autotuned(kernel, ("16bit", 64))
-        assert tuner.keys == ["T_BUCKET", "HEAD_DIM"], kernel
-        assert tuner.reset_to_zero == (["DQ_ACCUM"] if kernel.startswith("dkdv_dq") else []), kernel
+    for kernel in attention._KERNELS:
+        for arch in TARGET_ARCHS:
+            if not attention.tiles_for(kernel, ("16bit", 64), arch):
+                continue  # TMA on sm_80
+            tuner = attention._autotuned(kernel, ("16bit", 64), arch)
+            assert tuner.keys == ["T_BUCKET", "HEAD_DIM"], kernel
+            assert tuner.reset_to_zero == (["DQ_ACCUM"] if kernel.startswith("dkdv_dq")
+                                           else []), kernel
     for spec in attention.AOT_SPECS:
         if "T" in spec.signature and "preprocess" not in spec.name:
             assert spec.signature["T_BUCKET"] == "i32", spec.name

@@ -1,9 +1,10 @@
 """Triton cross-entropy beyond what the conformance suite judges through the public op:
 NaN mean and zero gradient when every target is ignored, logits never written and a
-retained graph, no (N, V) buffer of its own in version 2, rows split at their 16-byte
-boundaries for any V and alignment, opcheck of the custom ops, AOT specs; and the
-conformance cases again with the version tests/test_conformance.py does not run. Under
-the interpreter on the CPU."""
+retained graph, no (N, V) buffer of its own in versions 2 and 3, rows split at their
+16-byte boundaries for any V and alignment (with and without version 3's prefetching
+sweeps and its loop-free backward), the backward running its forward's version, opcheck
+of the custom ops, AOT specs; and the conformance cases again with the versions
+tests/test_conformance.py does not run. Under the interpreter on the CPU."""
 import inspect
 
 import pytest
@@ -68,13 +69,13 @@ def test_logits_are_never_modified_and_backward_can_repeat(version):
     assert torch.equal(leaf.detach(), logits)
 
 
-def test_version_2_saves_no_buffer_of_its_own():
-    """Version 2 saves the logits (alive anyway) and (N, 2) statistics: the only new (N, V)
-    tensor is the gradient its backward returns. Version 1 saves an (N, V) gradient
+def test_versions_2_and_3_save_no_buffer_of_their_own():
+    """Versions 2 and 3 save the logits (alive anyway) and (N, 2) statistics: the only new
+    (N, V) tensor is the gradient the backward returns. Version 1 saves an (N, V) gradient
     computed in the forward, a buffer of its own."""
     logits, targets = make(6, 300, torch.bfloat16)
     leaf = logits.clone().requires_grad_()
-    for version, saves_the_logits in ((2, True), (1, False)):
+    for version, saves_the_logits in ((3, True), (2, True), (1, False)):
         saved = []
         before = tce.VERSIONS.current()
         versions.select("triton_cross_entropy", version)
@@ -88,13 +89,16 @@ def test_version_2_saves_no_buffer_of_its_own():
         assert (rows.data_ptr() == leaf.data_ptr()) == saves_the_logits, version
 
 
+@pytest.mark.parametrize("version", [2, 3], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("vocab", [1, 7, 8, 9, 65, 300, 4099])
 @pytest.mark.parametrize("shift", [0, 1, 3])
-def test_rows_at_every_alignment(dtype, vocab, shift):
+def test_rows_at_every_alignment(version, dtype, vocab, shift):
     """Rows starting anywhere modulo 16 bytes (a shifted, row-padded view) and any V: the
     head, the aligned body and the tail of each row together cover it exactly, in the
-    loss, in version 2's backward and in the in-place gradient of the fused op."""
+    loss, in the backward (version 2's sweep, version 3's blocks: a quarter row each under
+    the interpreter) and in the in-place gradient of the fused op (with version 3's
+    prefetching sweep and without)."""
     storage = (3 * torch.randn(5 * (vocab + 5) + shift, device=DEVICE)).to(dtype)
     logits = storage[shift:shift + 5 * (vocab + 5)].view(5, vocab + 5)[:, :vocab]
     targets = torch.randint(0, vocab, (5,), device=DEVICE)
@@ -110,6 +114,33 @@ def test_rows_at_every_alignment(dtype, vocab, shift):
     tce.launch_cross_entropy(in_place, targets, -100, losses, in_place,
                              torch.ones(1, device=DEVICE).expand(5))
     assert_close(in_place, expected.grad)
+
+
+def test_backward_runs_the_version_of_its_forward(monkeypatch):
+    """The version is read by the forward and passed to the backward: version 3's
+    loop-free kernel runs on a 2-D grid, version 2's sweep one program per row, whatever is
+    selected between the two."""
+    grids = []
+    for kernel in ("_cross_entropy_bwd_kernel", "_cross_entropy_bwd_block_kernel"):
+        real = getattr(tce, kernel)
+        monkeypatch.setattr(tce, kernel, type("Spy", (), {
+            "__getitem__": lambda self, grid, real=real, kernel=kernel:
+                grids.append((kernel, grid)) or real[grid]})())
+    logits, targets = make(3, 300, torch.float32)
+    for forward, backward in ((3, 2), (2, 3)):
+        leaf = logits.clone().requires_grad_()
+        before = tce.VERSIONS.current()
+        try:
+            versions.select("triton_cross_entropy", forward)
+            loss = tce.cross_entropy(leaf, targets, -100, "mean")
+            versions.select("triton_cross_entropy", backward)
+            loss.backward()
+        finally:
+            versions.select("triton_cross_entropy", before)
+    block = tce.bwd_block_v(300, 4)
+    assert grids == [("_cross_entropy_bwd_block_kernel", (3, -(-300 // block))),
+                     ("_cross_entropy_bwd_kernel", (3,))]
+    assert -(-300 // block) > 1  # several programs per row under the interpreter
 
 
 def test_alignment_shared_by_logits_and_gradient():
@@ -138,11 +169,13 @@ def test_version_1_stores_no_gradient_without_grad():
 
 def test_opcheck():
     logits, targets = make(5, 70, torch.float32)
-    torch.library.opcheck(torch.ops.gptk.triton_cross_entropy_stats_fwd,
-                          (logits.clone().requires_grad_(), targets, -100))
-    _, stats = tce.cross_entropy_stats_fwd(logits, targets, -100)
-    torch.library.opcheck(torch.ops.gptk.triton_cross_entropy_stats_bwd,
-                          (torch.rand(5, device=DEVICE), logits, targets, stats, -100))
+    for version in (2, 3):
+        torch.library.opcheck(torch.ops.gptk.triton_cross_entropy_stats_fwd,
+                              (logits.clone().requires_grad_(), targets, -100, version))
+        _, stats = tce.cross_entropy_stats_fwd(logits, targets, -100, version)
+        torch.library.opcheck(torch.ops.gptk.triton_cross_entropy_stats_bwd,
+                              (torch.rand(5, device=DEVICE), logits, targets, stats, -100,
+                               version))
     torch.library.opcheck(torch.ops.gptk.triton_cross_entropy_fwd,
                           (logits.requires_grad_(), targets, -100, True))
     torch.library.opcheck(torch.ops.gptk.triton_cross_entropy_bwd,
@@ -153,16 +186,21 @@ def test_opcheck():
 def test_aot_specs_describe_every_kernel_parameter():
     assert {spec.fn for spec in tce.AOT_SPECS} == {tce._cross_entropy_fwd_kernel,
                                                    tce._cross_entropy_bwd_kernel,
+                                                   tce._cross_entropy_bwd_block_kernel,
                                                    tce._scale_rows_kernel}
     for spec in tce.AOT_SPECS:
         params = inspect.signature(spec.fn.fn).parameters
         assert list(spec.signature) == list(params), spec.name
         constexprs = [n for n, p in params.items() if "constexpr" in str(p.annotation)]
         assert sorted(spec.constexprs) == sorted(constexprs), spec.name
-    # Every kernel of both versions, for GPT-2's unpadded vocabulary (no alignment hint on
+    # Every kernel of every version, for GPT-2's unpadded vocabulary (no alignment hint on
     # the row sizes: the row partition keeps the loads vectorised) and a padded one.
     names = {spec.name for spec in tce.AOT_SPECS}
     for vocab in (50257, 50304):
-        assert any(n.startswith("cross_entropy_bwd[bf16,") and f"V={vocab}" in n for n in names)
+        for kernel in ("cross_entropy_bwd[bf16,", "cross_entropy_bwd_block[bf16,"):
+            assert any(n.startswith(kernel) and f"V={vocab}" in n for n in names)
+        for prefetch in (False, True):
+            assert any(n.startswith("cross_entropy_fwd[bf16,") and f"PREFETCH={prefetch}" in n
+                       and f"V={vocab}" in n for n in names)
     unaligned = [spec for spec in tce.AOT_SPECS if "V=50257" in spec.name]
     assert all("n_cols" in spec.unaligned for spec in unaligned)

@@ -5,7 +5,8 @@ report's prediction for it (`bench.static.predictions`).
                                                        # B*T: ours at every kernel version vs
                                                        # torch and every SDPA backend
     python -m bench headline memory --out-dir DIR      # the memory-bound ops at GPT-2 124M:
-                                                       # ours vs torch and torch.compile, GB/s
+                                                       # ours (cross-entropy at every kernel
+                                                       # version) vs torch and torch.compile
 
 GPT-2 124M training is compared with nanoGPT's own train.py by `python -m bench gpt2`.
 
@@ -87,14 +88,18 @@ def our_impls(op: str, device: torch.device) -> list[Impl]:
             if impl.timed]
 
 
-# The numbered kernel versions (`kernels.versions`) of each of our attention backends.
-ATTENTION_VERSIONS = {"triton": "triton_attention", "cuda": "cuda_attention"}
+# The numbered kernel versions (`kernels.versions`) of each of our backends, per op.
+KERNEL_VERSIONS = {
+    "causal_attention": {"triton": "triton_attention", "cuda": "cuda_attention"},
+    "cross_entropy": {"triton": "triton_cross_entropy"},
+}
 
 
 def at_version(impl: Impl, kernel: str, version: int, default: int) -> Impl:
-    """`impl` running `kernel` at `version`: selected before every call (the launchers read
-    it per call), so rows of different versions can interleave in one process. The default
-    version keeps the backend's plain name; others are named "<backend> v<N>"."""
+    """`impl` running `kernel` at `version`: selected before every call (an op reads it
+    once per call, in the forward, and its backward runs the same), so rows of different
+    versions can interleave in one process. The default version keeps the backend's plain
+    name; others are named "<backend> v<N>"."""
     def make():
         run = impl.make()
 
@@ -106,13 +111,13 @@ def at_version(impl: Impl, kernel: str, version: int, default: int) -> Impl:
     return Impl(name, make, impl.timed)
 
 
-def every_version(impls: list[Impl]) -> list[Impl]:
-    """Each of our backends at every version of its attention kernels (the backends'
+def every_version(op: str, impls: list[Impl]) -> list[Impl]:
+    """Each of our backends at every version of its kernels for `op` (the backends'
     modules, imported by `our_impls`, have declared them)."""
     declared = {k["name"]: k for k in versions.table()}
     out = []
     for impl in impls:
-        kernel = declared.get(ATTENTION_VERSIONS.get(impl.name))
+        kernel = declared.get(KERNEL_VERSIONS.get(op, {}).get(impl.name))
         if kernel is None:
             out.append(impl)
             continue
@@ -156,7 +161,7 @@ def run_kernel_cases(cases: list[Case], device: torch.device) -> list[dict]:
 def attention_cases(device: torch.device, seq_lens=ATTENTION_SEQ_LENS,
                     tokens=ATTENTION_TOKENS, sdpa_backends=tuple(SDPA_BACKENDS)) -> list[Case]:
     problem = PROBLEMS["causal_attention"]
-    impls = every_version(our_impls("causal_attention", device)) + [
+    impls = every_version("causal_attention", our_impls("causal_attention", device)) + [
         Impl("torch", lambda: kernel_suite.op_on("causal_attention", "torch"), timed=True)] + [
         Impl(name, lambda backend=SDPA_BACKENDS[name]: sdpa_impl(backend), timed=True)
         for name in sdpa_backends]
@@ -166,8 +171,9 @@ def attention_cases(device: torch.device, seq_lens=ATTENTION_SEQ_LENS,
 
 def memory_bound_cases(device: torch.device) -> list[Case]:
     return [Case(PROBLEMS[op], shape, torch.bfloat16,
-                 tuple(our_impls(op, device) + [Impl("torch", lambda op=op: kernel_suite.op_on(
-                     op, "torch"), timed=True), compiled_torch_impl(op)]))
+                 tuple(every_version(op, our_impls(op, device))
+                       + [Impl("torch", lambda op=op: kernel_suite.op_on(op, "torch"),
+                               timed=True), compiled_torch_impl(op)]))
             for op, shape in memory_cases()]
 
 

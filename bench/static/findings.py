@@ -97,10 +97,19 @@ def _no_async_copies(doc):
 
 
 def _hmma_on_hopper(doc):
+    # Any mma.sync on sm_90 is a product off wgmma's path, also beside wgmma ones (Triton
+    # falls back to mma.sync for a product of fewer than 64 rows per warpgroup).
     rows = [row for row in _tensor_core_rows(doc, "sm_90")
-            if "HGMMA" not in (row["sass"]["tensor_core_kind"] or "")]
-    return _grouped(rows, lambda members: f"{members[0]['sass']['tensor_core_shape']} "
-                                          "(mma.sync) where sm_90 has wgmma (HGMMA)")
+            if "HMMA" in row["sass"]["tensor_core_kind"].split("+")]
+
+    def describe(members):
+        row = members[0]
+        hmma = sum(n for opcode, n in row["sass"]["tensor_core"].items()
+                   if opcode.startswith("HMMA"))
+        beside = " beside HGMMA" if "HGMMA" in row["sass"]["tensor_core_kind"] else ""
+        return (f"e.g. {_variant(row)}: {hmma} HMMA (mma.sync){beside} where sm_90 has "
+                "wgmma (HGMMA)")
+    return _grouped(rows, describe)
 
 
 def _no_tma_on_hopper(doc):
@@ -113,9 +122,11 @@ def _no_wide_loads(doc):
     # statistics), so a low share alone says little; a kernel none of whose variants has a
     # 128-bit load moves its data in narrow accesses (a scalar fallback variant beside
     # vectorized siblings is by design, and not reported).
+    # A kernel whose tiles come in by TMA (bulk copies, wider than any LDG) keeps only its
+    # scalar loads on LDG: not a narrow kernel.
     families: dict[str, list[dict]] = defaultdict(list)
     for row in _used_rows(doc):
-        if row["sass"] and row["sass"]["global_loads"]:
+        if row["sass"] and row["sass"]["global_loads"] and not row["sass"]["tma"]:
             families[_family(row)].append(row)
     rows = [row for members in families.values()
             if not any(r["sass"]["global_loads_128"] for r in members) for row in members]

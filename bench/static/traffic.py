@@ -66,8 +66,8 @@ class _Launch:
     def access(self, direction: str, pointers, mask) -> None:
         size = _element_bytes(pointers)
         addresses = np.broadcast_to(np.asarray(pointers.data), np.shape(pointers.data))
-        if mask is not None:
-            addresses = addresses[np.broadcast_to(mask.data, addresses.shape)]
+        if mask is not None:  # a mask combined with a scalar may hold integers: as bool
+            addresses = addresses[np.broadcast_to(mask.data.astype(bool), addresses.shape)]
         addresses = addresses.reshape(-1)
         self.addresses.setdefault((direction, size), []).append(addresses)
         if direction == "load":

@@ -13,9 +13,10 @@ builds it just in time) and says why the backend cannot run when it cannot.
   (version 2 of `mlp.VERSIONS`);
 - cross_entropy: per-row losses in one pass, gradient in one more (csrc/cross_entropy.cu);
 - linear_cross_entropy: the shared chunk loop with the fused in-place cross-entropy pass;
-- causal_attention: FlashAttention-2 forward and backward (csrc/attention*.cu): version 1
-  mma.sync with synchronous loads and a 7-GEMM backward, version 2 ldmatrix, a cp.async
-  pipeline and a 5-GEMM backward (`attention.VERSIONS`, GPTK_CUDA_ATTENTION_VERSION).
+- causal_attention: FlashAttention-2 forward and backward (csrc/attention*.cu): version 2
+  (the default) ldmatrix, a cp.async pipeline and a 5-GEMM backward, version 1 mma.sync
+  with synchronous loads and a 7-GEMM backward (`attention.VERSIONS`,
+  GPTK_CUDA_ATTENTION_VERSION).
 
 The package imports without the extension and without a GPU; calling an op then raises
 `BackendUnavailableError` with the reason.

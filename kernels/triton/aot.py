@@ -86,6 +86,13 @@ class AotSpec:
     # Whether GPT-2's shapes pick this config. Every config a launcher accepts is checked
     # for spills and limits; the static report's speed findings look at the GPT-2 ones.
     gpt2: bool = True
+    # The archs whose launchers can pick this config (None: every target arch). A config
+    # chosen per arch (wgmma tiles for sm_90, TMA loads that only sm_90 runs) is compiled,
+    # checked and reported for its own arch only.
+    archs: tuple[int, ...] | None = None
+
+    def compiles_for(self, arch: int) -> bool:
+        return self.archs is None or arch in self.archs
 
 
 @dataclass(frozen=True)
@@ -134,9 +141,11 @@ class AotResult:
 @dataclass(frozen=True)
 class AotReport:
     archs: tuple[int, ...]
-    results: list[AotResult]       # in collection order, each spec for each arch
+    results: list[AotResult]       # in collection order, each spec for each of its archs
     spec_counts: dict[str, int]    # source -> number of specs it exports
     problems: list[str]            # collection problems: import errors, kernels without specs
+    # source -> arch -> how many of its specs compile for that arch (`AotSpec.archs`)
+    arch_counts: dict[str, dict[int, int]] = field(default_factory=dict)
 
     def failures(self) -> list[AotResult]:
         return [result for result in self.results if result.error is not None]
@@ -404,8 +413,9 @@ def compile_all(archs: tuple[int, ...] = TARGET_ARCHS, extra_sources: tuple[str,
                 include_package: bool = True, workers: int | None = None,
                 timeout_s: float = 1200, sass: bool = False) -> AotReport:
     """Compile every spec of kernels.triton (and of `extra_sources`, each "module:ATTR" or
-    "path/to/file.py:ATTR") for every arch, in `workers` fresh processes; with `sass`,
-    each result also counts its cubin's SASS opcodes (about half a second more per compile)."""
+    "path/to/file.py:ATTR") for each of `archs` it compiles for (`AotSpec.archs`), in
+    `workers` fresh processes; with `sass`, each result also counts its cubin's SASS opcodes
+    (about half a second more per compile)."""
     workers = workers or min(2, os.cpu_count() or 1)
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     with tempfile.TemporaryDirectory(prefix="triton-aot-") as tmp:
@@ -436,8 +446,11 @@ def compile_all(archs: tuple[int, ...] = TARGET_ARCHS, extra_sources: tuple[str,
         outputs = [json.loads(out.read_text()) for _, out, _ in shards]
     indexed = sorted((index, AotResult.from_json(row))
                      for output in outputs for index, row in output["results"])
+    arch_counts = {source: {int(arch): n for arch, n in counts.items()}  # JSON keys are strings
+                   for source, counts in outputs[0]["arch_counts"].items()}
     return AotReport(archs=tuple(archs), results=[result for _, result in indexed],
-                     spec_counts=outputs[0]["spec_counts"], problems=outputs[0]["problems"])
+                     spec_counts=outputs[0]["spec_counts"], problems=outputs[0]["problems"],
+                     arch_counts=arch_counts)
 
 
 _WORKER_BOOT = "import sys; from kernels.triton.aot import _worker; sys.exit(_worker(sys.argv[1:]))"
@@ -455,7 +468,12 @@ def _worker(argv: list[str]) -> int:
     parser.add_argument("--sass", action="store_true")
     args = parser.parse_args(argv)
     collection = _collect(args.source, include_package=not args.no_package)
-    pairs = [(source, spec, arch) for source, spec in collection.specs for arch in args.arch]
+    pairs = [(source, spec, arch) for source, spec in collection.specs for arch in args.arch
+             if spec.compiles_for(arch)]
+    arch_counts: dict[str, dict[int, int]] = {}
+    for source, _, arch in pairs:
+        counts = arch_counts.setdefault(source, {})
+        counts[arch] = counts.get(arch, 0) + 1
     results = []
     for index in range(args.shard, len(pairs), args.shards):
         source, spec, arch = pairs[index]
@@ -475,5 +493,6 @@ def _worker(argv: list[str]) -> int:
                            error=error)
         results.append((index, asdict(result)))
     Path(args.out).write_text(json.dumps({"results": results, "spec_counts": collection.spec_counts,
-                                          "problems": collection.problems}))
+                                          "problems": collection.problems,
+                                          "arch_counts": arch_counts}))
     return 0

@@ -49,15 +49,22 @@ the dQ atomics stay pointer-based. TMA needs each slice 16-byte aligned with row
 bytes apart (`_tma_rules_hold`; the model's qkv views meet that for D % 8 == 0 in
 16-bit), a triton with device-side descriptors (3.6 and 3.8 have them), and a global
 scratch allocator for the descriptors (`_ensure_scratch_allocator`). Anywhere else
-version 3 runs version 2 unchanged. On sm_80 the descriptor loads compile to the same
-cp.async code as pointer loads (the AOT specs compile both archs); the interpreter
-emulates descriptors, so the CPU tests check the TMA indexing.
+version 3 runs version 2 unchanged (its AOT specs compile for sm_90 only, the one arch
+that runs them); the interpreter emulates descriptors, so the CPU tests check the TMA
+indexing.
 
-Autotuning: each kernel picks its tile (`AUTOTUNE_TILES`) per GPU, dtype, head dim and
-T_BUCKET = next_power_of_2(T), a parameter only the autotuner's key reads (excluded
-from specialization, as kernels/triton/matmul.py does for M_BUCKET): a new sequence
-length in a known bucket reuses the tuned tile instead of benchmarking again (generation
-without a KV cache grows T by one at every step).
+Autotuning: each kernel picks its tile per GPU, dtype, head dim and T_BUCKET =
+next_power_of_2(T), a parameter only the autotuner's key reads (excluded from
+specialization, as kernels/triton/matmul.py does for M_BUCKET): a new sequence length in
+a known bucket reuses the tuned tile instead of benchmarking again (generation without a
+KV cache grows T by one at every step). The candidates depend on the arch
+(`tiles_for`): on sm_90 the single pass takes tiles of 64-row multiples, so that all five
+of its products run on wgmma (`HOPPER_TILES`); sm_80 keeps the register-bound
+`AUTOTUNE_TILES`.
+
+Masking: `_visible` (which key a query sees) and `_probabilities` (P recomputed from the
+scores and lse, masked) are the only places the causal rule lives, in either tile
+orientation.
 
 All matmuls accumulate in fp32 and the softmax statistics are fp32. 16-bit inputs feed
 the tensor cores; fp32 inputs use exact IEEE fp32 products (not TF32), so the fp32 path
@@ -75,7 +82,7 @@ import triton.language as tl
 from kernels import versions
 from kernels.availability import triton_interpreter_enabled
 from kernels.custom_ops import custom_op, differentiable
-from kernels.triton.aot import AotSpec
+from kernels.triton.aot import TARGET_ARCHS, AotSpec
 from kernels.triton.device import on_device_of
 from kernels.triton.grid import cdiv, next_power_of_2
 
@@ -179,6 +186,31 @@ def _head_offset(stride_b, stride_h, batch, head):
     return batch.to(tl.int64) * stride_b + head.to(tl.int64) * stride_h
 
 
+# ----------------------------------------------------------------------------- the mask
+# Every kernel asks these two helpers which scores exist and what their probabilities are,
+# in either orientation of a tile; a mask other than the causal one (a KV cache's offset,
+# say) changes them and nothing else.
+
+@triton.jit
+def _visible(query, key):
+    """Whether query position `query` attends to key position `key`, elementwise over
+    broadcast tiles: causal, key <= query (which also keeps keys below T for queries
+    below T)."""
+    return key <= query
+
+
+@triton.jit
+def _probabilities(scores_log2, lse_log2, query, key, DIAGONAL: tl.constexpr):
+    """P = exp(S - lse) from the log2-domain scores of a tile, 0 where the key is hidden;
+    lse_log2, query and key broadcast against the tile in whatever orientation it has
+    (queries x keys, or keys x queries for the transposed tiles of dK/dV). Off the
+    diagonal every key is visible: no mask."""
+    p = tl.math.exp2(scores_log2 - lse_log2)
+    if DIAGONAL:
+        p = tl.where(_visible(query, key), p, 0.0)
+    return p
+
+
 # ----------------------------------------------------------------------------- forward
 
 @triton.jit
@@ -195,8 +227,8 @@ def _attn_fwd_inner(acc, m_i, l_i, q, k_src, v_src, stride_kt, stride_vt, rows, 
         v = _load_rows(v_src, start_n, cols, stride_vt, offs_d, T, HEAD_DIM, BLOCK_D, DIAGONAL,
                        USE_TMA)
         s = _dot(q, tl.trans(k)) * qk_scale_log2          # log2-domain scores, fp32
-        if DIAGONAL:  # key j is visible to row i iff j <= i (which also keeps j below T)
-            s = tl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
+        if DIAGONAL:
+            s = tl.where(_visible(rows[:, None], cols[None, :]), s, float("-inf"))
         # Every row sees key 0 of its first block, so m_new is finite and no -inf - -inf.
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
@@ -294,9 +326,8 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, dq_base, lse_base, delta_b
                         USE_TMA)
         lse_log2 = tl.load(lse_base + rows, mask=rows < T, other=float("inf")) * LOG2E
         delta = tl.load(delta_base + rows, mask=rows < T, other=0.0)
-        p_t = tl.math.exp2(_dot(k, tl.trans(q)) * qk_scale_log2 - lse_log2[None, :])
-        if DIAGONAL:
-            p_t = tl.where(rows[None, :] >= cols[:, None], p_t, 0.0)
+        p_t = _probabilities(_dot(k, tl.trans(q)) * qk_scale_log2, lse_log2[None, :],
+                             rows[None, :], cols[:, None], DIAGONAL)
         dv += _dot(p_t.to(do.dtype), do)
         dp_t = _dot(v, tl.trans(do))
         ds_t = p_t * (dp_t - delta[None, :])
@@ -377,9 +408,8 @@ def _attn_bwd_dq_inner(dq, q, do, lse_log2, delta, k_base, v_base, stride_kt, st
         cols = start_n + offs_n
         k = _load_tile(k_base, cols, stride_kt, offs_d, T, HEAD_DIM, BLOCK_D, DIAGONAL)
         v = _load_tile(v_base, cols, stride_vt, offs_d, T, HEAD_DIM, BLOCK_D, DIAGONAL)
-        p = tl.math.exp2(_dot(q, tl.trans(k)) * qk_scale_log2 - lse_log2[:, None])
-        if DIAGONAL:
-            p = tl.where(cols[None, :] <= rows[:, None], p, 0.0)
+        p = _probabilities(_dot(q, tl.trans(k)) * qk_scale_log2, lse_log2[:, None],
+                           rows[:, None], cols[None, :], DIAGONAL)
         ds = p * (_dot(do, tl.trans(v)) - delta[:, None])
         dq += _dot(ds.to(k.dtype), k)
     return dq
@@ -431,7 +461,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
 # BLOCK_N keys in every kernel; the causal split needs BLOCK_N | BLOCK_M in the forward
 # and dQ kernels and BLOCK_M | BLOCK_N in the dK/dV kernels ("dkdv": version 1, "dkdv_dq":
 # version 2's single pass, the same kernel with ACCUMULATE_DQ). Every candidate compiles
-# for both sm_80 and sm_90 without register spills (checked by the AOT compile of
+# without register spills for each arch that can pick it (checked by the AOT compile of
 # AOT_SPECS), and the autotuner picks per GPU, sequence-length bucket, head dim and
 # dtype. The 16-bit tiles follow FlashAttention-2: wide query tiles for the forward and
 # dQ, wide key tiles for dK/dV (each program keeps its own K/V or Q/dO tile in registers
@@ -476,16 +506,32 @@ AUTOTUNE_TILES = {
         ("fp32", 128): [(32, 16, 4, 1)],
     },
 }
-# Version 3 runs version 2's kernels with TMA loads, for 16-bit operands only, with the
-# same candidates but one (fp32, the accurate path, stays on pointer loads: with
-# descriptors its FMA-unit tiles spill, 384 B/thread in the single pass on sm_90; and the
-# single pass's (16, 32, 4, 3) spills 116 B/thread at D = 128 on sm_90).
-AUTOTUNE_TILES["fwd_tma"] = {group: tiles for group, tiles in AUTOTUNE_TILES["fwd"].items()
-                             if group[0] == "16bit"}
-AUTOTUNE_TILES["dkdv_dq_tma"] = {**{group: tiles
-                                    for group, tiles in AUTOTUNE_TILES["dkdv_dq"].items()
-                                    if group[0] == "16bit"},
-                                 ("16bit", 128): [(32, 64, 8, 3)]}
+# sm_90 multiplies 16-bit tiles with wgmma (SASS HGMMA) only where the product has a
+# multiple of 64 rows (wgmma's m64, per warpgroup of 4 warps); Triton lowers any other
+# product to sm_80's mma.sync (HMMA), at a fraction of wgmma's rate. The single pass has
+# products of both orientations: S^T, dP^T, dV and dK have one row per key (BLOCK_N),
+# dQ = dS K one per query (BLOCK_M). sm_80's tiles keep BLOCK_M at 16-32 (its registers
+# are the limit there), which on sm_90 put dQ on mma.sync: at D = 64 the 32 x 128 tile
+# mixed 24 HGMMA with 32 HMMA at 12.5 % occupancy. So on sm_90 the single pass takes its
+# own candidates, every dimension a multiple of 64: all five products on wgmma (asserted
+# from the SASS by tests/test_triton_attention.py), 64 x 128 on two warpgroups (dQ's 64
+# rows split the columns between them) or 64 x 64 on one. At D = 128 only 8 warps over
+# 64 x 64 fit the registers (4 warps spill 280-310 B/thread, 64 x 128 spills 108).
+# The other kernels' tiles above are wgmma-shaped on sm_90 already.
+HOPPER_TILES = {
+    "dkdv_dq": {
+        ("16bit", 32): [(64, 128, 8, 3), (64, 64, 4, 3)],
+        ("16bit", 64): [(64, 128, 8, 3), (64, 64, 4, 3)],
+        ("16bit", 128): [(64, 64, 8, 2)],
+    },
+}
+# Version 3's TMA kernels run on sm_90+ only, for 16-bit operands (fp32, the accurate
+# path, stays on pointer loads: with descriptors its FMA-unit tiles spill, 384 B/thread
+# in the single pass): the forward's tiles and the single pass's sm_90 ones.
+HOPPER_TILES["fwd_tma"] = {group: tiles for group, tiles in AUTOTUNE_TILES["fwd"].items()
+                           if group[0] == "16bit"}
+HOPPER_TILES["dkdv_dq_tma"] = dict(HOPPER_TILES["dkdv_dq"])
+HOPPER_ARCH = 90
 # Delta is a memory-bound row reduction: one fixed tile.
 PREPROCESS_BLOCK_M, PREPROCESS_WARPS = 64, 4
 # Under the Triton interpreter (CPU tests): one small tile per kernel, BLOCK_M != BLOCK_N
@@ -505,6 +551,14 @@ _FLAGS = {"fwd": {"USE_TMA": False}, "fwd_tma": {"USE_TMA": True},
 _ZEROED = {"dkdv_dq": ["DQ_ACCUM"], "dkdv_dq_tma": ["DQ_ACCUM"]}
 
 
+def tiles_for(kernel: str, group: tuple[str, int], arch: int) -> list[tuple[int, int, int, int]]:
+    """The autotune candidates of `kernel` for a dtype/head-dim group on sm_`arch`: the
+    sm_90 list where the kernel has one for the group, else the list every arch shares."""
+    if arch >= HOPPER_ARCH and group in HOPPER_TILES.get(kernel, {}):
+        return HOPPER_TILES[kernel][group]
+    return AUTOTUNE_TILES.get(kernel, {}).get(group, [])
+
+
 def _block_d(head_dim: int) -> int:
     """Head dims are padded to a power of two >= 16 (tl.arange and tl.dot need both)."""
     return max(16, next_power_of_2(head_dim))
@@ -514,22 +568,30 @@ def _tile_group(dtype: torch.dtype, block_d: int) -> tuple[str, int]:
     return ("fp32" if dtype == torch.float32 else "16bit", max(32, block_d))
 
 
+@functools.lru_cache(maxsize=None)
+def _arch(device: torch.device) -> int:
+    """sm_XY as the integer XY, once per device (the tile lists differ by arch)."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
 def _config(block_m, block_n, num_warps, num_stages) -> triton.Config:
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n},
                          num_warps=num_warps, num_stages=num_stages)
 
 
 @functools.lru_cache(maxsize=None)
-def _autotuned(kernel: str, group: tuple[str, int]):
-    """The kernel wrapped in an autotuner over its candidates for this dtype/head-dim group,
-    tuned once per sequence-length bucket (the key; dtypes are always part of triton's)."""
-    configs = [_config(*tile) for tile in AUTOTUNE_TILES[kernel][group]]
+def _autotuned(kernel: str, group: tuple[str, int], arch: int):
+    """The kernel wrapped in an autotuner over its candidates for this dtype/head-dim group
+    on this arch, tuned once per sequence-length bucket (the key; dtypes are always part
+    of triton's)."""
+    configs = [_config(*tile) for tile in tiles_for(kernel, group, arch)]
     return triton.autotune(configs=configs, key=["T_BUCKET", "HEAD_DIM"],
                            reset_to_zero=_ZEROED.get(kernel))(_KERNELS[kernel])
 
 
 def _launch(kernel: str, tiled_dim: str, T: int, num_heads_total: int, dtype: torch.dtype,
-            block_d: int, *args, **constexprs) -> None:
+            block_d: int, device: torch.device, *args, **constexprs) -> None:
     """Run `kernel` on a grid of (B * H, T / tile[tiled_dim]) programs: autotuned on a
     GPU, with the fixed interpreter tile on the CPU (no timing to tune on there)."""
     flags = _FLAGS[kernel]
@@ -540,7 +602,8 @@ def _launch(kernel: str, tiled_dim: str, T: int, num_heads_total: int, dtype: to
                                num_warps=4, num_stages=1)
         return
     grid = lambda meta: (num_heads_total, cdiv(T, meta[tiled_dim]))  # noqa: E731
-    _autotuned(kernel, _tile_group(dtype, block_d))[grid](*args, **constexprs, **flags)
+    tuner = _autotuned(kernel, _tile_group(dtype, block_d), _arch(device))
+    tuner[grid](*args, **constexprs, **flags)
 
 
 # ----------------------------------------------------------------------------- TMA (version 3)
@@ -555,15 +618,15 @@ def _tma_rules_hold(*tensors: torch.Tensor) -> bool:
     return True
 
 
-def _use_tma(*tensors: torch.Tensor) -> bool:
+def _use_tma(version: int, *tensors: torch.Tensor) -> bool:
     """Whether version 3's TMA loads run for these tensors: 16-bit ones, on an sm_90+ GPU
     (or under the interpreter, which emulates descriptors: the CPU tests check the
     indexing), with a triton that has device-side tensor descriptors."""
-    if (VERSIONS.current() < 3 or not hasattr(tl, "make_tensor_descriptor")
+    if (version < 3 or not hasattr(tl, "make_tensor_descriptor")
             or tensors[0].dtype == torch.float32):
         return False
     on_hopper = (not triton_interpreter_enabled() and tensors[0].is_cuda
-                 and torch.cuda.get_device_capability(tensors[0].device)[0] >= 9)
+                 and _arch(tensors[0].device) >= HOPPER_ARCH)
     return (on_hopper or triton_interpreter_enabled()) and _tma_rules_hold(*tensors)
 
 
@@ -608,7 +671,7 @@ def _bht_strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _forward(q, k, v, scale: float):
+def _forward(q, k, v, scale: float, version: int):
     q, k, v = (_unit_stride_d(t) for t in (q, k, v))
     b, h, t, d = q.shape
     o = _empty_bhtd(q)
@@ -616,23 +679,23 @@ def _forward(q, k, v, scale: float):
     if not o.numel():
         return o, lse  # no program to launch (an empty grid is not a valid launch)
     block_d = _block_d(d)
-    use_tma = _use_tma(q, k, v)
+    use_tma = _use_tma(version, q, k, v)
     with on_device_of(q):
         if use_tma:
             _ensure_scratch_allocator()
-        _launch("fwd_tma" if use_tma else "fwd", "BLOCK_M", t, b * h, q.dtype, block_d,
+        _launch("fwd_tma" if use_tma else "fwd", "BLOCK_M", t, b * h, q.dtype, block_d, q.device,
                 q, k, v, o, lse, *_bht_strides(q), *_bht_strides(k), *_bht_strides(v),
                 *_bht_strides(o), h, t, next_power_of_2(t), scale * LOG2E.value,
                 HEAD_DIM=d, BLOCK_D=block_d)
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, dlse, scale: float):
+def _backward(do, q, k, v, o, lse, dlse, scale: float, version: int):
     do, q, k, v, o = (_unit_stride_d(t) for t in (do, q, k, v, o))
     b, h, t, d = q.shape
     # Atomics make dQ's last bits vary between runs: deterministic mode takes version 1's
     # single-owner dQ kernel, whatever the version (as the cuda backend does).
-    single_pass = VERSIONS.current() >= 2 and not torch.are_deterministic_algorithms_enabled()
+    single_pass = version >= 2 and not torch.are_deterministic_algorithms_enabled()
     dk, dv = _empty_bhtd(k), _empty_bhtd(v)
     if single_pass:  # dQ accumulates in fp32: dQ itself for fp32, else a buffer cast after
         dq_accum = _empty_bhtd(q.new_empty(q.shape, dtype=torch.float32)).zero_()
@@ -645,7 +708,7 @@ def _backward(do, q, k, v, o, lse, dlse, scale: float):
     t_bucket = next_power_of_2(t)
     delta = torch.empty_like(lse)
     dlse = dlse.to(torch.float32).contiguous()  # often an expanded zero: make it addressable
-    use_tma = single_pass and _use_tma(q, k, v, do)
+    use_tma = single_pass and _use_tma(version, q, k, v, do)
     dkdv_kernel = "dkdv_dq_tma" if use_tma else "dkdv_dq" if single_pass else "dkdv"
     with on_device_of(q):
         if use_tma:
@@ -658,13 +721,13 @@ def _backward(do, q, k, v, o, lse, dlse, scale: float):
         # Version 1 passes lse as DQ_ACCUM: an fp32 pointer the kernel never touches.
         dq_target = dq_accum if single_pass else lse
         dq_strides = _bht_strides(dq_accum) if single_pass else (0, 0, 0)
-        _launch(dkdv_kernel, "BLOCK_N", t, b * h, q.dtype, block_d,
+        _launch(dkdv_kernel, "BLOCK_N", t, b * h, q.dtype, block_d, q.device,
                 q, k, v, do, dk, dv, dq_target, lse, delta, *_bht_strides(q), *_bht_strides(k),
                 *_bht_strides(v), *_bht_strides(do), *_bht_strides(dk), *_bht_strides(dv),
                 *dq_strides, h, t, t_bucket, scale * LOG2E.value, scale,
                 HEAD_DIM=d, BLOCK_D=block_d)
         if not single_pass:
-            _launch("dq", "BLOCK_M", t, b * h, q.dtype, block_d,
+            _launch("dq", "BLOCK_M", t, b * h, q.dtype, block_d, q.device,
                     q, k, v, do, dq, lse, delta, *_bht_strides(q), *_bht_strides(k),
                     *_bht_strides(v), *_bht_strides(do), *_bht_strides(dq), h, t, t_bucket,
                     scale * LOG2E.value, scale, HEAD_DIM=d, BLOCK_D=block_d)
@@ -676,42 +739,46 @@ def _backward(do, q, k, v, o, lse, dlse, scale: float):
 # ----------------------------------------------------------------------------- torch ops
 # Custom ops, so torch.compile treats each launch as one opaque node (with the fake impls
 # giving it output shapes and strides) instead of tracing into Triton's Python launcher.
+# The kernel version is an argument, read once per forward call: its backward runs the
+# same version whatever is selected by then, and a traced graph keeps the version in use
+# when it was traced (as the cuda backend does).
 
 @custom_op("gptk::triton_attention_fwd", mutates_args=())
-def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(q, k, v, scale)
+def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                      version: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, scale, version)
 
 
 @_attention_fwd_op.register_fake
-def _(q, k, v, scale):
+def _(q, k, v, scale, version):
     b, h, t, _ = q.shape
     return _empty_bhtd(q), q.new_empty((b, h, t), dtype=torch.float32)
 
 
 @torch.library.custom_op("gptk::triton_attention_bwd", mutates_args=())
 def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      o: torch.Tensor, lse: torch.Tensor, dlse: torch.Tensor,
-                      scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(do, q, k, v, o, lse, dlse, scale)
+                      o: torch.Tensor, lse: torch.Tensor, dlse: torch.Tensor, scale: float,
+                      version: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(do, q, k, v, o, lse, dlse, scale, version)
 
 
 @_attention_bwd_op.register_fake
-def _(do, q, k, v, o, lse, dlse, scale):
+def _(do, q, k, v, o, lse, dlse, scale, version):
     return _empty_bhtd(q), _empty_bhtd(k), _empty_bhtd(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, scale = inputs
+    q, k, v, scale, version = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse)  # O(T) memory: no probabilities are kept
     ctx.scale = scale
+    ctx.version = version
 
 
 def _attention_fwd_backward(ctx, do, dlse):
     q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd_op(do, q, k, v, o, lse, dlse, ctx.scale)
-    return dq, dk, dv, None
+    dq, dk, dv = _attention_bwd_op(do, q, k, v, o, lse, dlse, ctx.scale, ctx.version)
+    return dq, dk, dv, None, None
 
 
 _attention = differentiable(_attention_fwd_op, _attention_fwd_backward, _setup_context)
@@ -739,7 +806,7 @@ def attention_forward(q, k, v, scale=None):
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
-    return _attention(q, k, v, scale)
+    return _attention(q, k, v, scale, VERSIONS.current())
 
 
 def causal_attention(q, k, v, scale=None, dropout_p=0.0):
@@ -776,21 +843,34 @@ def _aot_signature(fn, data_type: str, constexprs: dict) -> dict[str, str]:
     return {name: type_of(name) for name in fn.arg_names}
 
 
+def _tile_archs(kernel: str, group: tuple[str, int]) -> dict[tuple, tuple[int, ...] | None]:
+    """Each candidate tile of `kernel` for `group` and the archs that can pick it (None:
+    every arch)."""
+    archs: dict[tuple, set[int]] = {}
+    for arch in TARGET_ARCHS:
+        for tile in tiles_for(kernel, group, arch):
+            archs.setdefault(tile, set()).add(arch)
+    return {tile: None if on == set(TARGET_ARCHS) else tuple(sorted(on))
+            for tile, on in archs.items()}
+
+
 def _aot_specs() -> list[AotSpec]:
-    """Every (kernel, tile, dtype, head dim) the launchers can run at GPT-2 shapes."""
+    """Every (kernel, tile, dtype, head dim) the launchers can run at GPT-2 shapes, for the
+    archs whose tile lists hold it."""
     specs = []
     for dtype, type_name in _AOT_DTYPES.items():
         for head_dim in AOT_HEAD_DIMS:
             dims = {"HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim)}
+            group = _tile_group(dtype, dims["BLOCK_D"])
             for kernel, fn in _KERNELS.items():
-                for block_m, block_n, warps, stages in \
-                        AUTOTUNE_TILES[kernel].get(_tile_group(dtype, dims["BLOCK_D"]), ()):
+                for (block_m, block_n, warps, stages), archs in _tile_archs(kernel, group).items():
                     constexprs = {**dims, "BLOCK_M": block_m, "BLOCK_N": block_n,
                                   **_FLAGS[kernel]}
                     specs.append(AotSpec(
                         f"attention_{kernel}[{type_name},D={head_dim},BLOCK_M={block_m},"
                         f"BLOCK_N={block_n},warps={warps},stages={stages}]",
-                        fn, _aot_signature(fn, type_name, constexprs), constexprs, warps, stages))
+                        fn, _aot_signature(fn, type_name, constexprs), constexprs, warps, stages,
+                        archs=archs))
             constexprs = {**dims, "BLOCK_M": PREPROCESS_BLOCK_M}
             specs.append(AotSpec(
                 f"attention_bwd_preprocess[{type_name},D={head_dim},BLOCK_M={PREPROCESS_BLOCK_M}]",

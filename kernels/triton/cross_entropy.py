@@ -8,9 +8,9 @@ The forward sweeps the row once in blocks of BLOCK_V with the online softmax: th
 max m and sum d, d rescaled by exp(m_old - m_new) whenever the max grows, so a row is
 never held whole. Rows whose target is ignore_index get loss 0 and gradient 0.
 
-The standalone op (version 2, the default) saves only each row's m and d (8 bytes per
-row) and the logits autograd already holds; its backward is one kernel that reads each
-row once and writes dlogits_ij = g_i * (exp(x_ij - m_i) / d_i - [j == t_i]) straight into
+The standalone op (versions 2 and 3) saves only each row's m and d (8 bytes per row) and
+the logits autograd already holds; its backward is one kernel that reads each row once
+and writes dlogits_ij = g_i * (exp(x_ij - m_i) / d_i - [j == t_i]) straight into
 the gradient autograd returns, g_i being the upstream gradient of loss i (1/n_kept for a
 mean). Every (N, V) tensor it touches is one the graph needs anyway: the logits, then
 their gradient. (Not lse alone: at logits ~1000, lse rounded to fp32 is off by up to
@@ -37,12 +37,25 @@ of fewer than VEC elements; head and tail are read together as one small masked 
 through the same partition, vectorised when its row starts at the same address modulo
 16 as the logits' (GRAD_ALIGNED: in place, or a contiguous gradient of contiguous logits).
 
-Block size, for H100 (memory-bound, 3.35 TB/s): a program streams one row; to cover HBM
-latency each SM needs ~20 KB of loads in flight (bandwidth x ~700 ns / 132 SMs). A block
-is BLOCK_BYTES = 16 KB (8192 bf16 or 4096 fp32 logits) over 8 warps: four 16-byte loads
-per thread per iteration, 48-80 registers (AOT), so 3-5 programs fit per SM, 48-80 KB in
-flight. The loads of an iteration do not depend on the previous one's results, so a
-single stage suffices.
+Loads in flight (memory-bound: H100 3.35 TB/s, H200 4.8 TB/s). To cover HBM latency each
+SM needs bandwidth x latency / SMs in flight at all times: ~20 KB on an H100, ~30 KB on an
+H200 (~700 ns). A block is BLOCK_BYTES = 16 KB (8192 bf16 or 4096 fp32 logits) over 8
+warps: four 16-byte loads per thread, 48-80 registers (AOT), 3-5 programs per SM. In
+version 2 a program's loop issues a block's loads, waits for them, then reduces the block
+(two block-wide reductions, each a barrier) before the next block's loads leave: each
+program has loads in flight only part of the time, and the H200 record measured the
+forward at 42 % of HBM bandwidth (bench/results/nvidia-h200-2026-11-27). num_stages does
+not help here (Triton pipelines these loads only into a dot). Version 3 (the default):
+- the sweeps prefetch: block k + 1's loads are issued before block k is reduced (or
+  stored), in registers (16 more per thread in bf16), so each program keeps a block in
+  flight while it computes: about twice the bytes in flight per SM;
+- the backward is loop-free: one program per (row, 8 KB block of the row) on a 2-D grid
+  of 4-warp programs (13 per GPT-2 row), which loads its block, the row's saved (m, d)
+  and target, and stores its gradient block, with nothing to wait for in between; the
+  SM keeps as many blocks in flight as it holds programs (10 on sm_90 at 48 registers:
+  80 KB).
+Version 2 stays selectable (GPTK_TRITON_CROSS_ENTROPY_VERSION=2) until a GPU record
+compares them.
 """
 from __future__ import annotations
 
@@ -63,10 +76,15 @@ VERSIONS = versions.declare("triton_cross_entropy", {
        "by the backward (kept selectable until a GPU record compares it with 2)",
     2: "forward saves each row's max and sum of exponentials, the backward recomputes the "
        "gradient in one pass into the returned tensor; rows vectorised for any V",
-}, default=2)
+    3: "version 2 with more loads in flight: each sweep prefetches a row's next block while "
+       "it works on the current one, and the backward is loop-free (one program per block of "
+       "a row, on a 2-D grid)",
+}, default=3)
 
 BLOCK_BYTES = 16384    # bytes of logits per block of a sweep (see the module docstring)
 NUM_WARPS = 8
+BWD_BLOCK_BYTES = 8192  # version 3's backward: bytes of logits per program
+BWD_NUM_WARPS = 4
 SCALE_BLOCK = 4096     # version 1's scaling pass: gradient elements per program
 # Under the interpreter (CPU tests) a block wider than the row only costs time.
 INTERPRETER_MAX_BLOCK_V = 4096
@@ -79,6 +97,14 @@ def block_v(n_cols: int, element_size: int) -> int:
     if triton_interpreter_enabled():
         return min(block, INTERPRETER_MAX_BLOCK_V, max(16, next_power_of_2(n_cols)))
     return block
+
+
+def bwd_block_v(n_cols: int, element_size: int) -> int:
+    """Logits per program of version 3's backward; under the interpreter a quarter of the
+    row, so that the CPU tests run several programs per row."""
+    if triton_interpreter_enabled():
+        return max(16, next_power_of_2(n_cols) // 4)
+    return BWD_BLOCK_BYTES // element_size
 
 
 # ----------------------------------------------------------------------------- row layout
@@ -125,48 +151,89 @@ def _online_softmax_step(m, d, x):
 
 
 @triton.jit
-def _row_max_and_sum(logits, n_cols, BLOCK_V: tl.constexpr, VEC: tl.constexpr):
-    """(m, d) of one row: the head and tail block, then the aligned body block by block."""
+def _row_max_and_sum(logits, n_cols, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
+                     PREFETCH: tl.constexpr):
+    """(m, d) of one row: the head and tail block, then the aligned body block by block.
+    With PREFETCH (version 3) the loads of block k + 1 are issued before block k is
+    reduced, so they are in flight while it is (the loop is not software-pipelined
+    otherwise: each block's loads would wait for the previous block's reductions)."""
     head, body = _row_partition(logits, n_cols, VEC)
     edge_cols, edge_mask = _edge_columns(head, body, n_cols, VEC)
     edges = tl.load(logits + edge_cols, mask=edge_mask, other=-float("inf")).to(tl.float32)
     m, d = _online_softmax_step(-float("inf"), 0.0, edges)
     body_ptr = tl.multiple_of(logits + head, 16)
-    for start in range(0, body, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        x = tl.load(body_ptr + cols, mask=cols < body, other=-float("inf")).to(tl.float32)
-        m, d = _online_softmax_step(m, d, x)
+    if PREFETCH:
+        cols = tl.arange(0, BLOCK_V)
+        x = tl.load(body_ptr + cols, mask=cols < body, other=-float("inf"))
+        # cdiv(body, BLOCK_V) iterations; the last one's prefetch is wholly masked (no load).
+        for start in range(BLOCK_V, body + BLOCK_V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            x_next = tl.load(body_ptr + cols, mask=cols < body, other=-float("inf"))
+            m, d = _online_softmax_step(m, d, x.to(tl.float32))
+            x = x_next
+    else:
+        for start in range(0, body, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            x = tl.load(body_ptr + cols, mask=cols < body, other=-float("inf")).to(tl.float32)
+            m, d = _online_softmax_step(m, d, x)
     return m, d
 
 
 @triton.jit
-def _gradient_block(logits, grad, cols, mask, shift, scale, weight, target):
-    """Store exp(x - shift) * scale - weight * [cols == target] at the pointers `grad`, x
-    loaded from the pointers `logits`; cols are the elements' columns in the row."""
-    x = tl.load(logits, mask=mask, other=0.0).to(tl.float32)
-    g = tl.exp(x - shift) * scale - tl.where(cols == target, weight, 0.0)
+def _store_gradient(grad, x, cols, mask, shift, scale, weight, target):
+    """Store exp(x - shift) * scale - weight * [cols == target] at the pointers `grad`, for
+    loaded logits x; cols are the elements' columns in the row."""
+    g = tl.exp(x.to(tl.float32) - shift) * scale - tl.where(cols == target, weight, 0.0)
     tl.store(grad, g.to(grad.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _gradient_sweep(logits, grad, n_cols, shift, scale, weight, target,
-                    GRAD_ALIGNED: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr):
-    """One pass over a row writing grad_j = exp(x_j - shift) * scale - weight * [j == target]
-    (the softmax minus the one-hot, times the row's weight: scale = weight / d with shift
-    = m). grad may be logits itself."""
+def _gradient_block(logits, grad, cols, mask, shift, scale, weight, target):
+    """_store_gradient of the logits at the pointers `logits`."""
+    x = tl.load(logits, mask=mask, other=0.0)
+    _store_gradient(grad, x, cols, mask, shift, scale, weight, target)
+
+
+@triton.jit
+def _body_pointers(logits, grad, n_cols, GRAD_ALIGNED: tl.constexpr, VEC: tl.constexpr):
+    """(head, body, the body's logits, the body's gradient): see _row_partition; the body's
+    logits are 16-byte aligned, its gradient too when GRAD_ALIGNED."""
     head, body = _row_partition(logits, n_cols, VEC)
-    edge_cols, edge_mask = _edge_columns(head, body, n_cols, VEC)
-    _gradient_block(logits + edge_cols, grad + edge_cols, edge_cols, edge_mask, shift, scale,
-                    weight, target)
     body_ptr = tl.multiple_of(logits + head, 16)
     if GRAD_ALIGNED:
         grad_ptr = tl.multiple_of(grad + head, 16)
     else:
         grad_ptr = grad + head
-    for start in range(0, body, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        _gradient_block(body_ptr + cols, grad_ptr + cols, head + cols, cols < body, shift,
-                        scale, weight, target)
+    return head, body, body_ptr, grad_ptr
+
+
+@triton.jit
+def _gradient_sweep(logits, grad, n_cols, shift, scale, weight, target,
+                    GRAD_ALIGNED: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
+                    PREFETCH: tl.constexpr):
+    """One pass over a row writing grad_j = exp(x_j - shift) * scale - weight * [j == target]
+    (the softmax minus the one-hot, times the row's weight: scale = weight / d with shift
+    = m). grad may be logits itself (block k + 1 is loaded before block k is stored, at
+    other addresses). PREFETCH as in _row_max_and_sum."""
+    head, body, body_ptr, grad_ptr = _body_pointers(logits, grad, n_cols, GRAD_ALIGNED, VEC)
+    edge_cols, edge_mask = _edge_columns(head, body, n_cols, VEC)
+    _gradient_block(logits + edge_cols, grad + edge_cols, edge_cols, edge_mask, shift, scale,
+                    weight, target)
+    if PREFETCH:
+        cols = tl.arange(0, BLOCK_V)
+        x = tl.load(body_ptr + cols, mask=cols < body, other=0.0)
+        for start in range(BLOCK_V, body + BLOCK_V, BLOCK_V):
+            next_cols = start + tl.arange(0, BLOCK_V)
+            x_next = tl.load(body_ptr + next_cols, mask=next_cols < body, other=0.0)
+            _store_gradient(grad_ptr + cols, x, head + cols, cols < body, shift, scale, weight,
+                            target)
+            x = x_next
+            cols = next_cols
+    else:
+        for start in range(0, body, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            _gradient_block(body_ptr + cols, grad_ptr + cols, head + cols, cols < body, shift,
+                            scale, weight, target)
 
 
 @triton.jit
@@ -180,6 +247,31 @@ def _target(Targets, row, n_cols, ignore_index):
     return keep, in_range, tl.where(keep & in_range, target, 0).to(tl.int32)
 
 
+@triton.jit
+def _sweep_coefficients(keep, weight, m, d):
+    """(shift, scale) of a row's gradient sweep, grad_j = exp(x_j - shift) * scale -
+    weight * [j == target], for a row of max m and sum d and its weight (0 if ignored).
+    Ignored rows get exactly 0: scale 0 (their weight may come from inf or NaN, a mean over
+    no kept target; d may be 0) and a finite shift, so exp(x - shift) stays finite (a row
+    of -inf logits has m = -inf)."""
+    scale = tl.where(keep, weight / d, 0.0)
+    shift = tl.where(m == -float("inf"), 0.0, m)
+    return shift, scale
+
+
+@triton.jit
+def _gradient_coefficients(Stats, Targets, GradLosses, stride_grad_losses, row, n_cols,
+                           ignore_index):
+    """(shift, scale, weight, target) of a row's gradient from the forward's saved (m, d)
+    and the upstream gradient g = GradLosses[row]: g * (softmax - onehot)."""
+    keep, _in_range, target = _target(Targets, row, n_cols, ignore_index)
+    m = tl.load(Stats + 2 * row)
+    d = tl.load(Stats + 2 * row + 1)
+    weight = tl.where(keep, tl.load(GradLosses + row * stride_grad_losses), 0.0)
+    shift, scale = _sweep_coefficients(keep, weight, m, d)
+    return shift, scale, weight, target
+
+
 # ----------------------------------------------------------------------------- kernels
 
 @triton.jit
@@ -188,6 +280,7 @@ def _cross_entropy_fwd_kernel(
     stride_logits, stride_grad, stride_row_weight,
     n_cols, ignore_index,
     COMPUTE_GRAD: tl.constexpr, GRAD_ALIGNED: tl.constexpr, BLOCK_V: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """One program per row: the loss, and (m, d) into Stats[row]; with COMPUTE_GRAD also
     RowWeight[row] times the row's gradient, into Grad (which may be Logits: the fused
@@ -197,7 +290,7 @@ def _cross_entropy_fwd_kernel(
     logits = Logits + row * stride_logits
     keep, in_range, target = _target(Targets, row, n_cols, ignore_index)
 
-    m, d = _row_max_and_sum(logits, n_cols, BLOCK_V, VEC)
+    m, d = _row_max_and_sum(logits, n_cols, BLOCK_V, VEC, PREFETCH)
     # Read before the gradient sweep, which may overwrite the row when Grad is Logits.
     target_logit = tl.load(logits + target).to(tl.float32)
     loss = tl.where(in_range, tl.log(d) + (m - target_logit), float("nan"))
@@ -207,8 +300,9 @@ def _cross_entropy_fwd_kernel(
 
     if COMPUTE_GRAD:
         weight = tl.where(keep, tl.load(RowWeight + row * stride_row_weight), 0.0)
-        _gradient_sweep(logits, Grad + row * stride_grad, n_cols, m, weight / d, weight,
-                        target, GRAD_ALIGNED, BLOCK_V, VEC)
+        shift, scale = _sweep_coefficients(keep, weight, m, d)
+        _gradient_sweep(logits, Grad + row * stride_grad, n_cols, shift, scale, weight,
+                        target, GRAD_ALIGNED, BLOCK_V, VEC, PREFETCH)
 
 
 @triton.jit
@@ -222,17 +316,40 @@ def _cross_entropy_bwd_kernel(
     with g = GradLosses[row] and the saved (m, d): one read of the row, one write."""
     VEC: tl.constexpr = 128 // Logits.dtype.element_ty.primitive_bitwidth
     row = tl.program_id(0).to(tl.int64)
-    keep, _in_range, target = _target(Targets, row, n_cols, ignore_index)
-    m = tl.load(Stats + 2 * row)
-    d = tl.load(Stats + 2 * row + 1)
-    # Ignored rows get exactly 0: weight and scale 0 (their upstream gradient may be inf or
-    # NaN, a mean over no kept target; d may be 0) and a finite shift, so exp(x - shift)
-    # stays finite (a row of -inf logits has m = -inf).
-    weight = tl.where(keep, tl.load(GradLosses + row * stride_grad_losses), 0.0)
-    scale = tl.where(keep, weight / d, 0.0)
-    shift = tl.where(m == -float("inf"), 0.0, m)
+    shift, scale, weight, target = _gradient_coefficients(Stats, Targets, GradLosses,
+                                                           stride_grad_losses, row, n_cols,
+                                                           ignore_index)
     _gradient_sweep(Logits + row * stride_logits, DLogits + row * stride_dlogits, n_cols,
-                    shift, scale, weight, target, GRAD_ALIGNED, BLOCK_V, VEC)
+                    shift, scale, weight, target, GRAD_ALIGNED, BLOCK_V, VEC, False)
+
+
+@triton.jit
+def _cross_entropy_bwd_block_kernel(
+    Logits, Stats, Targets, GradLosses, DLogits,
+    stride_logits, stride_dlogits, stride_grad_losses,
+    n_cols, ignore_index,
+    GRAD_ALIGNED: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Version 3's backward, loop-free: program (row, j) writes block j of the row's aligned
+    body (program (row, 0) the head and tail too), the same values as version 2's sweep.
+    Every load of a program is issued at once and nothing waits on a previous block: the
+    GPU keeps as many blocks in flight as it holds programs."""
+    VEC: tl.constexpr = 128 // Logits.dtype.element_ty.primitive_bitwidth
+    row = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1)
+    shift, scale, weight, target = _gradient_coefficients(Stats, Targets, GradLosses,
+                                                          stride_grad_losses, row, n_cols,
+                                                          ignore_index)
+    logits = Logits + row * stride_logits
+    grad = DLogits + row * stride_dlogits
+    head, body, body_ptr, grad_ptr = _body_pointers(logits, grad, n_cols, GRAD_ALIGNED, VEC)
+    if block == 0:
+        edge_cols, edge_mask = _edge_columns(head, body, n_cols, VEC)
+        _gradient_block(logits + edge_cols, grad + edge_cols, edge_cols, edge_mask, shift,
+                        scale, weight, target)
+    cols = block * BLOCK_V + tl.arange(0, BLOCK_V)
+    _gradient_block(body_ptr + cols, grad_ptr + cols, head + cols, cols < body, shift, scale,
+                    weight, target)
 
 
 @triton.jit
@@ -267,14 +384,16 @@ def shares_alignment(a: torch.Tensor, b: torch.Tensor) -> bool:
 def launch_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                          losses: torch.Tensor, grad: torch.Tensor | None,
                          row_weight: torch.Tensor | None,
-                         stats: torch.Tensor | None = None) -> None:
+                         stats: torch.Tensor | None = None, version: int | None = None) -> None:
     """Per-row losses of logits (n, V) into losses (n,) fp32 (and each row's max and sum
-    of exponentials into stats (n, 2) fp32, when given) and, when grad is given, row_weight[i] * d loss_i / d logits into
-    grad (n, V), which may be logits itself. targets: (n,) int64. row_weight: (n,) fp32,
-    any stride (0 for one shared weight)."""
+    of exponentials into stats (n, 2) fp32, when given) and, when grad is given,
+    row_weight[i] * d loss_i / d logits into grad (n, V), which may be logits itself.
+    targets: (n,) int64. row_weight: (n,) fp32, any stride (0 for one shared weight).
+    version: the kernel version whose sweeps run (default: the one selected)."""
     n_rows, n_cols = logits.shape
     if not n_rows:
         return
+    version = VERSIONS.current() if version is None else version
     stats = losses.new_empty((n_rows, 2)) if stats is None else stats
     with on_device_of(logits):
         _cross_entropy_fwd_kernel[(n_rows,)](
@@ -284,7 +403,7 @@ def launch_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_ind
             n_cols, ignore_index,
             COMPUTE_GRAD=grad is not None,
             GRAD_ALIGNED=grad is not None and shares_alignment(logits, grad),
-            BLOCK_V=block_v(n_cols, logits.element_size()),
+            BLOCK_V=block_v(n_cols, logits.element_size()), PREFETCH=version >= 3,
             num_warps=NUM_WARPS, num_stages=1)
 
 
@@ -293,21 +412,22 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2d if t2d.stride(-1) == 1 else t2d.contiguous()
 
 
-# ----------------------------------------------------------------------------- version 2 ops
+# ----------------------------------------------------------------------------- version 2, 3 ops
+# The version is an argument, read once per forward call: the backward runs the forward's.
 
 @custom_op("gptk::triton_cross_entropy_stats_fwd", mutates_args=())
-def cross_entropy_stats_fwd(logits: torch.Tensor, targets: torch.Tensor,
-                            ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+def cross_entropy_stats_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                            version: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-row losses (n,) fp32, per-row (max, sum of exp(x - max)) (n, 2) fp32) of
     logits (n, V)."""
     losses = logits.new_empty(logits.shape[0], dtype=torch.float32)
     stats = logits.new_empty((logits.shape[0], 2), dtype=torch.float32)
-    launch_cross_entropy(logits, targets, ignore_index, losses, None, None, stats)
+    launch_cross_entropy(logits, targets, ignore_index, losses, None, None, stats, version)
     return losses, stats
 
 
 @cross_entropy_stats_fwd.register_fake
-def _(logits, targets, ignore_index):
+def _(logits, targets, ignore_index, version):
     n_rows = logits.shape[0]
     return (logits.new_empty(n_rows, dtype=torch.float32),
             logits.new_empty((n_rows, 2), dtype=torch.float32))
@@ -315,42 +435,49 @@ def _(logits, targets, ignore_index):
 
 @torch.library.custom_op("gptk::triton_cross_entropy_stats_bwd", mutates_args=())
 def cross_entropy_stats_bwd(grad_losses: torch.Tensor, logits: torch.Tensor,
-                            targets: torch.Tensor, stats: torch.Tensor,
-                            ignore_index: int) -> torch.Tensor:
+                            targets: torch.Tensor, stats: torch.Tensor, ignore_index: int,
+                            version: int) -> torch.Tensor:
     """d (sum_i grad_losses[i] * loss_i) / d logits, a new (n, V) tensor in the logits'
     dtype (ignored rows zero), from the forward's stats."""
     n_rows, n_cols = logits.shape
     dlogits = torch.empty((n_rows, n_cols), dtype=logits.dtype, device=logits.device)
-    if n_rows:
-        with on_device_of(logits):
+    if not n_rows:
+        return dlogits
+    args = (logits, stats, targets, grad_losses, dlogits,
+            logits.stride(0), dlogits.stride(0), grad_losses.stride(0), n_cols, ignore_index)
+    grad_aligned = shares_alignment(logits, dlogits)
+    with on_device_of(logits):
+        if version >= 3:
+            block = bwd_block_v(n_cols, logits.element_size())
+            _cross_entropy_bwd_block_kernel[(n_rows, cdiv(n_cols, block))](
+                *args, GRAD_ALIGNED=grad_aligned, BLOCK_V=block,
+                num_warps=BWD_NUM_WARPS, num_stages=1)
+        else:
             _cross_entropy_bwd_kernel[(n_rows,)](
-                logits, stats, targets, grad_losses, dlogits,
-                logits.stride(0), dlogits.stride(0), grad_losses.stride(0),
-                n_cols, ignore_index,
-                GRAD_ALIGNED=shares_alignment(logits, dlogits),
-                BLOCK_V=block_v(n_cols, logits.element_size()),
+                *args, GRAD_ALIGNED=grad_aligned, BLOCK_V=block_v(n_cols, logits.element_size()),
                 num_warps=NUM_WARPS, num_stages=1)
     return dlogits
 
 
 @cross_entropy_stats_bwd.register_fake
-def _(grad_losses, logits, targets, stats, ignore_index):
+def _(grad_losses, logits, targets, stats, ignore_index, version):
     return logits.new_empty(logits.shape)
 
 
 def _stats_setup(ctx, inputs, output):
-    logits, targets, ignore_index = inputs
+    logits, targets, ignore_index, version = inputs
     _losses, stats = output
     ctx.mark_non_differentiable(stats)
     ctx.save_for_backward(logits, targets, stats)  # no (N, V) tensor of its own
     ctx.ignore_index = ignore_index
+    ctx.version = version
 
 
 def _stats_backward(ctx, grad_losses, _grad_stats):
     logits, targets, stats = ctx.saved_tensors
     grad_losses = grad_losses.to(torch.float32)  # any stride: 0 for a mean's expanded scalar
-    return (cross_entropy_stats_bwd(grad_losses, logits, targets, stats, ctx.ignore_index),
-            None, None)
+    return (cross_entropy_stats_bwd(grad_losses, logits, targets, stats, ctx.ignore_index,
+                                    ctx.version), None, None, None)
 
 
 _cross_entropy_stats = differentiable(cross_entropy_stats_fwd, _stats_backward, _stats_setup)
@@ -370,7 +497,7 @@ def cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index:
     grad = logits.new_empty((n_rows if compute_grad else 0, n_cols))
     ones = torch.ones(1, dtype=torch.float32, device=logits.device).expand(n_rows)
     launch_cross_entropy(logits, targets, ignore_index, losses,
-                         grad if compute_grad else None, ones)
+                         grad if compute_grad else None, ones, version=1)
     return losses, grad
 
 
@@ -427,11 +554,12 @@ _cross_entropy_v1 = differentiable(cross_entropy_fwd, _backward, _setup)
 def cross_entropy(logits, targets, ignore_index, reduction):
     flat_targets = targets.reshape(-1).to(torch.int64)
     rows = _rows(logits)
-    if VERSIONS.current() == 1:
+    version = VERSIONS.current()
+    if version == 1:
         compute_grad = torch.is_grad_enabled() and logits.requires_grad
         losses, _grad = _cross_entropy_v1(rows, flat_targets, ignore_index, compute_grad)
     else:
-        losses, _stats = _cross_entropy_stats(rows, flat_targets, ignore_index)
+        losses, _stats = _cross_entropy_stats(rows, flat_targets, ignore_index, version)
     loss = reduce_losses(losses, flat_targets, ignore_index, reduction)
     return loss.view(targets.shape) if reduction == "none" else loss
 
@@ -445,12 +573,12 @@ def cross_entropy(logits, targets, ignore_index, reduction):
 _ROW_SIZES = ("stride_logits", "stride_grad", "stride_dlogits", "n_cols")
 
 
-def _spec(name: str, fn, dtype: str, signature: dict, constexprs: dict,
-          padded: bool) -> AotSpec:
+def _spec(name: str, fn, dtype: str, signature: dict, constexprs: dict, padded: bool,
+          num_warps: int) -> AotSpec:
     flags = ",".join(f"{k}={v}" for k, v in constexprs.items())
     unaligned = () if padded else tuple(p for p in _ROW_SIZES if p in signature)
     return AotSpec(f"{name}[{dtype},{flags},V={50304 if padded else 50257}]", fn, signature,
-                   constexprs, num_warps=NUM_WARPS, num_stages=1, unaligned=unaligned)
+                   constexprs, num_warps=num_warps, num_stages=1, unaligned=unaligned)
 
 
 def _aot_specs() -> list[AotSpec]:
@@ -461,24 +589,32 @@ def _aot_specs() -> list[AotSpec]:
                    "RowWeight": "*fp32", "Losses": "*fp32", "Stats": "*fp32",
                    "stride_logits": "i32", "stride_grad": "i32", "stride_row_weight": "i32",
                    "n_cols": "i32", "ignore_index": "i32", "COMPUTE_GRAD": "constexpr",
-                   "GRAD_ALIGNED": "constexpr", "BLOCK_V": "constexpr"}
+                   "GRAD_ALIGNED": "constexpr", "BLOCK_V": "constexpr", "PREFETCH": "constexpr"}
         backward = {"Logits": f"*{dtype}", "Stats": "*fp32", "Targets": "*i64",
                     "GradLosses": "*fp32", "DLogits": f"*{dtype}", "stride_logits": "i32",
                     "stride_dlogits": "i32", "stride_grad_losses": "i32", "n_cols": "i32",
                     "ignore_index": "i32", "GRAD_ALIGNED": "constexpr", "BLOCK_V": "constexpr"}
         for padded in (True, False):
-            # Losses only (version 2's forward, and any forward without grad); with the
-            # gradient in place or into a buffer laid out like the logits (the fused
-            # linear + cross-entropy, version 1), or into one laid out otherwise.
+            # Losses only (versions 2 and 3's forward, and any forward without grad); with
+            # the gradient in place or into a buffer laid out like the logits (the fused
+            # linear + cross-entropy, version 1), or into one laid out otherwise; each with
+            # version 3's prefetching sweeps and without.
             for compute_grad, grad_aligned in ((False, False), (True, True), (True, False)):
-                specs.append(_spec("cross_entropy_fwd", _cross_entropy_fwd_kernel, dtype,
-                                   forward,
-                                   {"COMPUTE_GRAD": compute_grad, "GRAD_ALIGNED": grad_aligned,
-                                    "BLOCK_V": block}, padded))
+                for prefetch in (False, True):
+                    specs.append(_spec("cross_entropy_fwd", _cross_entropy_fwd_kernel, dtype,
+                                       forward,
+                                       {"COMPUTE_GRAD": compute_grad, "GRAD_ALIGNED": grad_aligned,
+                                        "BLOCK_V": block, "PREFETCH": prefetch}, padded,
+                                       NUM_WARPS))
             for grad_aligned in (True, False):
                 specs.append(_spec("cross_entropy_bwd", _cross_entropy_bwd_kernel, dtype,
                                    backward,
-                                   {"GRAD_ALIGNED": grad_aligned, "BLOCK_V": block}, padded))
+                                   {"GRAD_ALIGNED": grad_aligned, "BLOCK_V": block}, padded,
+                                   NUM_WARPS))
+                specs.append(_spec("cross_entropy_bwd_block", _cross_entropy_bwd_block_kernel,
+                                   dtype, backward,
+                                   {"GRAD_ALIGNED": grad_aligned,
+                                    "BLOCK_V": BWD_BLOCK_BYTES // size}, padded, BWD_NUM_WARPS))
         signature = {"Grad": f"*{dtype}", "RowScale": "*fp32", "Targets": "*i64",
                      "Out": f"*{dtype}", "stride_grad": "i32", "stride_row_scale": "i32",
                      "stride_out": "i32", "n_cols": "i32", "ignore_index": "i32",

@@ -28,15 +28,25 @@ give the same bits.
 Registers decide the tiles (`launch_config`; the AOT compile checks every config the
 launcher can pick, C = 1 ... MAX_CHANNELS, for spills). The forward holds one tile of s
 and keeps ~4 fp32 values per element alive: 4096-element tiles, whole rows up to
-MAX_CHANNELS = 16384 (84 registers at 16 warps). The backward holds x, dy, xhat, g and
-dx per element plus the dW/dB accumulators per column, ~6 values: its tiles give each
-thread 16 elements (BWD_ELEMENTS_PER_THREAD; 32 spilled on sm_80 at C = 129...256 and at
-C = 1), and a row wider than MAX_BWD_BLOCK_N = 8192 is split into column blocks, one per
-program of a second grid axis (a whole 16384-wide row needs ~6 x 32 values per thread at
-16 warps, over the 128 registers a 512-thread block allows: it spilled 1.1 KB/thread).
-Each column block's program first walks the whole row once for the two row means (the
-other blocks' loads of the same rows are in flight at the same time, so the re-reads
-come from L2), then computes dx and dW/dB for its own columns only.
+MAX_CHANNELS = 16384 (84 registers at 16 warps).
+
+The backward is memory-bound too: it reads x and dy and writes dx (6 bytes per element
+in bf16), plus the partial sums, 2 x programs x C fp32 written and read again by the
+final `sum(0)`. Its tiles hold 32 bytes of x and of dy per thread (16 bf16 or 8 fp32
+elements: two 16-byte vectors each) on 8 warps: at GPT-2's C = 768 (padded to 1024), 4
+bf16 rows or 2 fp32 rows, 12 KB of x and dy per tile. Each program walks its tiles with
+the next tile's loads issued before the current one's arithmetic (two block-wide row
+sums, each a barrier), so 2 tiles are in flight per program, not 1 now and then; at
+C = 768 that takes 128 registers (bf16), and two programs per SM (BWD_PROGRAMS_PER_SM)
+fit beside each other: 48 KB in flight per SM, against the ~20-30 KB an H100/H200 needs
+to cover HBM latency. Two programs per SM, not four, halve the partial sums, which need
+no zeroing either (at N = 8192, C = 768 on 132 SMs: 3.2 MB written and read, 9 % beside
+the op's 38 MB; four per SM and their zeroing moved 9.7 MB). A row wider than
+MAX_BWD_BLOCK_BYTES (4096 bf16 or 2048 fp32 columns) is split into column blocks, one per
+program of a second grid axis (a whole 16384-wide row in registers spilled 1.1
+KB/thread). Each column block's program first walks the whole row once for the two row
+means (the other blocks' loads of the same rows are in flight at the same time, so the
+re-reads come from L2), then computes dx and dW/dB for its own columns only.
 """
 from __future__ import annotations
 
@@ -55,9 +65,12 @@ from kernels.triton.grid import cdiv, next_power_of_2
 
 TILE_ELEMENTS = 4096      # forward: elements per tile, BLOCK_M = TILE_ELEMENTS // BLOCK_N rows
 MAX_CHANNELS = 16384      # the forward keeps a whole row in registers; wider rows would spill
-BWD_ELEMENTS_PER_THREAD = 16  # backward: BLOCK_M = 16 * 32 * num_warps // BLOCK_N rows
-MAX_BWD_BLOCK_N = 8192    # backward: wider rows are split into column blocks this wide
-BWD_PROGRAMS_PER_SM = 4   # backward programs per SM: the partial-sum buffer's row count
+BWD_BYTES_PER_THREAD = 32  # backward: bytes of x (and of dy) per thread per tile
+BWD_WARPS = 8
+# backward: bytes of a tile's row; wider rows are split into column blocks this wide
+# (4096 bf16 or 2048 fp32 columns)
+MAX_BWD_BLOCK_BYTES = BWD_BYTES_PER_THREAD * 32 * BWD_WARPS
+BWD_PROGRAMS_PER_SM = 2   # backward programs per SM: the partial-sum buffer's row count
 INTERPRETER_BWD_PROGRAMS = 2
 
 
@@ -123,6 +136,29 @@ def _row_sums_over_column_blocks(X, DY, W, rows64, row_mask, stride_x, stride_dy
 
 
 @triton.jit
+def _load_bwd_tile(X, DY, Mean, Rstd, rows, cols, row_mask, col_mask, stride_x, stride_dy):
+    """A row tile's x and dy (as stored) and its rows' mean and rstd; rows outside
+    row_mask load as zeros (and move no bytes)."""
+    mask = row_mask[:, None] & col_mask[None, :]
+    rows64 = rows.to(tl.int64)[:, None]  # row * stride can pass 2**31 on big activations
+    x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0)
+    dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0)
+    mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
+    rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
+    return x, dy, mean, rstd
+
+
+@triton.jit
+def _store_dx(DS, DX, dx, rows, cols, mask, stride_ds, stride_dx, HAS_DS: tl.constexpr):
+    """dx (+ the gradient reaching the fused variant's returned sum) into DX."""
+    rows64 = rows.to(tl.int64)[:, None]
+    if HAS_DS:
+        dx += tl.load(DS + rows64 * stride_ds + cols[None, :], mask=mask,
+                      other=0.0).to(tl.float32)
+    tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _layer_norm_bwd_kernel(
     DY, DS, X, W, Mean, Rstd, DX, PartialDW, PartialDB,
     stride_dy, stride_ds, stride_x, stride_dx,
@@ -139,34 +175,51 @@ def _layer_norm_bwd_kernel(
     w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
     dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
     db = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for i in range(tiles_per_program):
-        rows = (pid * tiles_per_program + i) * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_mask = rows < n_rows
-        mask = row_mask[:, None] & col_mask[None, :]
-        rows64 = rows.to(tl.int64)[:, None]  # row * stride can pass 2**31 on big activations
-        mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
-        rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
-
-        if SPLIT_ROWS:  # the row means need the whole row: one walk over it first
+    first_row = pid * tiles_per_program * BLOCK_M
+    if SPLIT_ROWS:
+        for i in range(tiles_per_program):
+            rows = first_row + i * BLOCK_M + tl.arange(0, BLOCK_M)
+            row_mask = rows < n_rows
+            mask = row_mask[:, None] & col_mask[None, :]
+            rows64 = rows.to(tl.int64)[:, None]
+            mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
+            rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
+            # The row means need the whole row: one walk over it first.
             sum_xhat_g, sum_g = _row_sums_over_column_blocks(
                 X, DY, W, rows64, row_mask, stride_x, stride_dy, mean, rstd, n_cols, BLOCK_N)
             xhat, g, dy = _xhat_and_g(X, DY, w, rows64, cols, mask, stride_x, stride_dy,
                                       mean, rstd)
-        else:  # the tile is the whole row: sum it in registers
-            xhat, g, dy = _xhat_and_g(X, DY, w, rows64, cols, mask, stride_x, stride_dy,
-                                      mean, rstd)
-            sum_xhat_g = tl.sum(xhat * g, axis=1)
-            sum_g = tl.sum(g, axis=1)
-        mean_xhat_g = sum_xhat_g / n_cols
-        mean_g = sum_g / n_cols
-        dx = (g - xhat * mean_xhat_g[:, None] - mean_g[:, None]) * rstd[:, None]
-        if HAS_DS:
-            dx += tl.load(DS + rows64 * stride_ds + cols[None, :], mask=mask,
-                          other=0.0).to(tl.float32)
-        tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-
-        dw += tl.sum(dy * xhat, axis=0)
-        db += tl.sum(dy, axis=0)
+            mean_xhat_g = sum_xhat_g / n_cols
+            mean_g = sum_g / n_cols
+            dx = (g - xhat * mean_xhat_g[:, None] - mean_g[:, None]) * rstd[:, None]
+            _store_dx(DS, DX, dx, rows, cols, mask, stride_ds, stride_dx, HAS_DS)
+            dw += tl.sum(dy * xhat, axis=0)
+            db += tl.sum(dy, axis=0)
+    else:
+        # The tile is the whole row: sums in registers. The next tile's loads are issued
+        # before this one's arithmetic, so they are in flight while it runs (each tile's
+        # loads would otherwise wait for the previous tile's reductions); the prefetch past
+        # the program's last tile is masked off (no bytes).
+        rows = first_row + tl.arange(0, BLOCK_M)
+        x, dy, mean, rstd = _load_bwd_tile(X, DY, Mean, Rstd, rows, cols, rows < n_rows,
+                                           col_mask, stride_x, stride_dy)
+        for i in range(tiles_per_program):
+            next_rows = rows + BLOCK_M
+            next_tile = _load_bwd_tile(X, DY, Mean, Rstd, next_rows, cols,
+                                       (next_rows < n_rows) & (i + 1 < tiles_per_program),
+                                       col_mask, stride_x, stride_dy)
+            mask = (rows < n_rows)[:, None] & col_mask[None, :]
+            xhat = tl.where(mask, (x.to(tl.float32) - mean[:, None]) * rstd[:, None], 0.0)
+            dy = dy.to(tl.float32)
+            g = w[None, :] * dy
+            mean_xhat_g = tl.sum(xhat * g, axis=1) / n_cols
+            mean_g = tl.sum(g, axis=1) / n_cols
+            dx = (g - xhat * mean_xhat_g[:, None] - mean_g[:, None]) * rstd[:, None]
+            _store_dx(DS, DX, dx, rows, cols, mask, stride_ds, stride_dx, HAS_DS)
+            dw += tl.sum(dy * xhat, axis=0)
+            db += tl.sum(dy, axis=0)
+            rows = next_rows
+            x, dy, mean, rstd = next_tile
     tl.store(PartialDW + pid * n_cols + cols, dw, mask=col_mask)
     tl.store(PartialDB + pid * n_cols + cols, db, mask=col_mask)
 
@@ -177,19 +230,19 @@ def _num_warps(block_n: int) -> int:
     return 4 if block_n <= 1024 else 8 if block_n <= 4096 else 16
 
 
-def launch_config(n_cols: int) -> tuple[tuple[int, int, int], tuple[int, int, int, bool]]:
-    """The tiles for rows of n_cols (see the module docstring): the forward's
-    (BLOCK_M, BLOCK_N, num_warps) and the backward's (BLOCK_M, BLOCK_N, num_warps,
-    SPLIT_ROWS). Raises ValueError past MAX_CHANNELS."""
+def launch_config(n_cols: int, element_size: int
+                  ) -> tuple[tuple[int, int, int], tuple[int, int, int, bool]]:
+    """The tiles for rows of n_cols of element_size bytes (see the module docstring): the
+    forward's (BLOCK_M, BLOCK_N, num_warps) and the backward's (BLOCK_M, BLOCK_N,
+    num_warps, SPLIT_ROWS). Raises ValueError past MAX_CHANNELS."""
     if n_cols > MAX_CHANNELS:
         raise ValueError(f"the Triton layer_norm keeps a row in registers and supports up to "
                          f"{MAX_CHANNELS} channels, got {n_cols}; use the 'torch' backend")
     block_n = next_power_of_2(n_cols)
     forward = (max(1, TILE_ELEMENTS // block_n), block_n, _num_warps(block_n))
-    bwd_block_n = min(block_n, MAX_BWD_BLOCK_N)
-    bwd_warps = _num_warps(bwd_block_n)
-    bwd_block_m = max(1, BWD_ELEMENTS_PER_THREAD * 32 * bwd_warps // bwd_block_n)
-    return forward, (bwd_block_m, bwd_block_n, bwd_warps, block_n > bwd_block_n)
+    bwd_block_n = min(block_n, MAX_BWD_BLOCK_BYTES // element_size)
+    bwd_block_m = MAX_BWD_BLOCK_BYTES // element_size // bwd_block_n
+    return forward, (bwd_block_m, bwd_block_n, BWD_WARPS, block_n > bwd_block_n)
 
 
 @functools.lru_cache(maxsize=None)
@@ -209,7 +262,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 def _forward(x, residual, weight, bias, eps, summed_dtype):
     n_rows, n_cols = x.shape
-    (block_m, block_n, num_warps), _ = launch_config(max(n_cols, 1))
+    (block_m, block_n, num_warps), _ = launch_config(max(n_cols, 1), x.element_size())
     summed = torch.empty((n_rows, n_cols), dtype=summed_dtype, device=x.device) \
         if residual is not None else None
     y = torch.empty((n_rows, n_cols), dtype=summed_dtype, device=x.device)
@@ -268,22 +321,24 @@ def layer_norm_bwd(dy: torch.Tensor, dsummed: Optional[torch.Tensor], x: torch.T
     (the gradient reaching the fused variant's returned sum). dbias is in weight's dtype."""
     n_rows, n_cols = x.shape
     dy, dsummed = _rows(dy), None if dsummed is None else _rows(dsummed)
-    _, (block_m, block_n, num_warps, split_rows) = launch_config(max(n_cols, 1))
-    n_tiles = cdiv(n_rows, block_m)
-    # At least one program, so that 0 rows still give (zero) weight gradients.
-    tiles_per_program = max(1, cdiv(n_tiles, _bwd_max_programs(x.device)))
-    n_programs = max(1, cdiv(n_tiles, tiles_per_program))
+    _, (block_m, block_n, num_warps, split_rows) = launch_config(max(n_cols, 1),
+                                                                 x.element_size())
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
-    partial_dw = torch.zeros((n_programs, n_cols), dtype=torch.float32, device=x.device)
-    partial_db = torch.zeros((n_programs, n_cols), dtype=torch.float32, device=x.device)
-    if n_rows and n_cols:
-        with on_device_of(x):
-            _layer_norm_bwd_kernel[(n_programs, cdiv(n_cols, block_n))](
-                dy, dsummed, x, weight, mean, rstd, dx, partial_dw, partial_db,
-                dy.stride(0), 0 if dsummed is None else dsummed.stride(0), x.stride(0),
-                dx.stride(0), n_rows, n_cols, tiles_per_program,
-                HAS_DS=dsummed is not None, SPLIT_ROWS=split_rows, BLOCK_M=block_m,
-                BLOCK_N=block_n, num_warps=num_warps, num_stages=1)
+    if not n_rows or not n_cols:  # no program runs: the weight gradients of no rows are zero
+        return dx, weight.new_zeros(n_cols), weight.new_zeros(n_cols)
+    n_tiles = cdiv(n_rows, block_m)
+    tiles_per_program = cdiv(n_tiles, _bwd_max_programs(x.device))
+    n_programs = cdiv(n_tiles, tiles_per_program)
+    # Every program owns at least one tile and stores its whole row of both: no zeroing.
+    partial_dw = torch.empty((n_programs, n_cols), dtype=torch.float32, device=x.device)
+    partial_db = torch.empty((n_programs, n_cols), dtype=torch.float32, device=x.device)
+    with on_device_of(x):
+        _layer_norm_bwd_kernel[(n_programs, cdiv(n_cols, block_n))](
+            dy, dsummed, x, weight, mean, rstd, dx, partial_dw, partial_db,
+            dy.stride(0), 0 if dsummed is None else dsummed.stride(0), x.stride(0),
+            dx.stride(0), n_rows, n_cols, tiles_per_program,
+            HAS_DS=dsummed is not None, SPLIT_ROWS=split_rows, BLOCK_M=block_m,
+            BLOCK_N=block_n, num_warps=num_warps, num_stages=1)
     return dx, partial_dw.sum(0).to(weight.dtype), partial_db.sum(0).to(weight.dtype)
 
 
@@ -355,9 +410,13 @@ _DTYPE_COMBOS = (("fp32", "fp32", "fp32", "fp32"), ("bf16", "bf16", "bf16", "bf1
                  ("bf16", "fp32", "fp32", "fp32"))
 
 
-def _forward_specs(block_m: int, block_n: int, num_warps: int) -> list[AotSpec]:
+def _forward_specs(x_dtype: str, block_m: int, block_n: int, num_warps: int
+                   ) -> list[AotSpec]:
+    """The forward at one tile, for every dtype combination whose x is in x_dtype."""
     specs = []
     for x_t, r_t, s_t, w_t in _DTYPE_COMBOS:
+        if x_t != x_dtype:
+            continue
         for has_residual in (False, True):
             if not has_residual and x_t != s_t:
                 continue  # without a residual, x is what gets normalized
@@ -375,37 +434,47 @@ def _forward_specs(block_m: int, block_n: int, num_warps: int) -> list[AotSpec]:
     return specs
 
 
-def _backward_specs(block_m: int, block_n: int, num_warps: int, split_rows: bool
-                    ) -> list[AotSpec]:
+_ELEMENT_SIZES = {"fp32": 4, "bf16": 2}
+
+
+def _backward_specs(s_t: str, w_t: str, block_m: int, block_n: int, num_warps: int,
+                    split_rows: bool) -> list[AotSpec]:
+    """The backward at one tile for the normalized tensor s in s_t (what the backward sees)
+    and the weight in w_t."""
     specs = []
-    # The backward sees the normalized tensor s (its dtype) and the weight.
-    for s_t, w_t in sorted({(s_t, w_t) for _, _, s_t, w_t in _DTYPE_COMBOS}):
-        for has_ds in (False, True):
-            signature = {"DY": f"*{s_t}", "DS": f"*{s_t}", "X": f"*{s_t}", "W": f"*{w_t}",
-                         "Mean": "*fp32", "Rstd": "*fp32", "DX": f"*{s_t}",
-                         "PartialDW": "*fp32", "PartialDB": "*fp32",
-                         "stride_dy": "i32", "stride_ds": "i32", "stride_x": "i32",
-                         "stride_dx": "i32", "n_rows": "i32", "n_cols": "i32",
-                         "tiles_per_program": "i32", "HAS_DS": "constexpr",
-                         "SPLIT_ROWS": "constexpr", "BLOCK_M": "constexpr",
-                         "BLOCK_N": "constexpr"}
-            split = ",split" if split_rows else ""
-            specs.append(AotSpec(
-                f"layer_norm_bwd[x={s_t},w={w_t},ds={has_ds},BLOCK_M={block_m},"
-                f"BLOCK_N={block_n}{split}]", _layer_norm_bwd_kernel, signature,
-                {"HAS_DS": has_ds, "SPLIT_ROWS": split_rows, "BLOCK_M": block_m,
-                 "BLOCK_N": block_n}, num_warps=num_warps, num_stages=1))
+    for has_ds in (False, True):
+        signature = {"DY": f"*{s_t}", "DS": f"*{s_t}", "X": f"*{s_t}", "W": f"*{w_t}",
+                     "Mean": "*fp32", "Rstd": "*fp32", "DX": f"*{s_t}",
+                     "PartialDW": "*fp32", "PartialDB": "*fp32",
+                     "stride_dy": "i32", "stride_ds": "i32", "stride_x": "i32",
+                     "stride_dx": "i32", "n_rows": "i32", "n_cols": "i32",
+                     "tiles_per_program": "i32", "HAS_DS": "constexpr",
+                     "SPLIT_ROWS": "constexpr", "BLOCK_M": "constexpr",
+                     "BLOCK_N": "constexpr"}
+        split = ",split" if split_rows else ""
+        specs.append(AotSpec(
+            f"layer_norm_bwd[x={s_t},w={w_t},ds={has_ds},BLOCK_M={block_m},"
+            f"BLOCK_N={block_n}{split}]", _layer_norm_bwd_kernel, signature,
+            {"HAS_DS": has_ds, "SPLIT_ROWS": split_rows, "BLOCK_M": block_m,
+             "BLOCK_N": block_n}, num_warps=num_warps, num_stages=1))
     return specs
 
 
 def _aot_specs() -> list[AotSpec]:
     """Every tile the launchers pick at any C they accept (1 ... MAX_CHANNELS, one C per
     distinct config, from launch_config itself), in every dtype combination."""
-    configs = launch_configs(launch_config)
-    forward = sorted({fwd for fwd, _ in configs})
-    backward = sorted({bwd for _, bwd in configs})
-    return ([spec for tile in forward for spec in _forward_specs(*tile)]
-            + [spec for tile in backward for spec in _backward_specs(*tile)])
+    specs = []
+    for x_t in sorted({x_t for x_t, _, _, _ in _DTYPE_COMBOS}):
+        configs = launch_configs(functools.partial(launch_config,
+                                                   element_size=_ELEMENT_SIZES[x_t]))
+        specs += [spec for tile in sorted({fwd for fwd, _ in configs})
+                  for spec in _forward_specs(x_t, *tile)]
+    for s_t, w_t in sorted({(s_t, w_t) for _, _, s_t, w_t in _DTYPE_COMBOS}):
+        configs = launch_configs(functools.partial(launch_config,
+                                                   element_size=_ELEMENT_SIZES[s_t]))
+        specs += [spec for tile in sorted({bwd for _, bwd in configs})
+                  for spec in _backward_specs(s_t, w_t, *tile)]
+    return specs
 
 
 AOT_SPECS = _aot_specs()

@@ -6,6 +6,7 @@
     python -m bench render bench/results/<device>/kernels.json [...]
     python -m bench static [--out-dir DIR]      # the static performance report, no GPU
     python -m bench headline attention|memory --out-dir DIR   # the GPU kernel headlines
+    python -m bench variants --out-dir DIR      # GPU: dropout, loss variants vs plain calls
     python -m bench gpt2 --out-dir DIR [--nanogpt PATH]  # GPT-2 124M training vs nanoGPT
     python -m bench predictions bench/results/<gpu>-<date>/kernels.json
     python -m bench routes [--check]            # auto's routes from the GPU records
@@ -31,7 +32,8 @@ from pathlib import Path
 
 SUITE_NAMES = ("kernels", "e2e", "nanogpt", "sweep")
 # Commands with a command line of their own: name -> the module whose main(argv) runs it.
-TOOLS = {"headline": "bench.kernels.headline", "gpt2": "bench.training.gpt2",
+TOOLS = {"headline": "bench.kernels.headline", "variants": "bench.kernels.variants",
+         "gpt2": "bench.training.gpt2",
          "routes": "bench.kernels.routes", "dispatch": "bench.kernels.dispatch",
          "predictions": "bench.static.predictions", "resources": "bench.static.resources",
          "lce-memory": "bench.kernels.linear_cross_entropy_memory"}

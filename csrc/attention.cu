@@ -18,10 +18,18 @@
 //   P (5 GEMMs), adding dQ's partial products atomically into a zeroed fp32 buffer; with
 //   `deterministic` that pass leaves dQ to version 1's dQ kernel.
 //
+// Keys may outnumber queries (decoding with a KV cache: query i sits at position
+// i + T_K - T), and there may be dropout: a mask from philox.cuh's definition (the one
+// kernels/philox.py writes down), regenerated in the backward instead of stored; see
+// attention.cuh for how every kernel applies both.
+//
 // The kernels read q, k, v (and dout) in place through their strides, e.g. the model's
 // permuted views of its (B, T, 3, H, D) qkv projection; the output is allocated as
 // (B, T, H, D) and returned as a (B, H, T, D) view, so the model's transpose back to
 // (B, T, C) is free.
+#include <algorithm>
+#include <cmath>
+
 #include "attention.cuh"
 #include "kernels.h"
 
@@ -59,9 +67,11 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
               "q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
               v.scalar_type());
-  TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(),
-              "the cuda attention kernel needs q, k, v of one shape (B, H, T, D) (as many keys "
-              "as queries), got q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(1) == q.size(1) &&
+                  k.size(3) == q.size(3) && k.size(2) >= q.size(2),
+              "the cuda attention kernel needs q of shape (B, H, T, D) and k, v of one shape "
+              "(B, H, T_K, D) with T_K >= T, got q ", q.sizes(), ", k ", k.sizes(), ", v ",
+              v.sizes());
   const int64_t D = q.size(3);
   TORCH_CHECK(D > 0 && D <= 128 && D % 8 == 0,
               "the cuda attention kernel needs a head_dim that is a multiple of 8 and at most "
@@ -70,8 +80,22 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   // 65535, and the smallest block (the fp32 kernels') covers 8 rows.
   TORCH_CHECK(q.size(0) * q.size(1) <= INT32_MAX, "batch * heads must be below 2^31, got ",
               q.size(0) * q.size(1));
-  TORCH_CHECK(q.size(2) <= int64_t(MAX_SEQ_LEN), "the cuda attention kernel supports sequences "
-              "up to ", MAX_SEQ_LEN, ", got ", q.size(2));
+  TORCH_CHECK(k.size(2) <= int64_t(MAX_SEQ_LEN), "the cuda attention kernel supports sequences "
+              "up to ", MAX_SEQ_LEN, ", got ", k.size(2));
+}
+
+// A call's dropout for the kernels: seed and offset as kernels/philox.py draws or is given
+// them (the seed's 64 bits in an int64), and its threshold, round(p * 2^16) at most
+// 2^16 - 1, as kernels/philox.py's threshold() computes it (both round half to even).
+Dropout dropout_of(double p, int64_t seed, int64_t offset) {
+  TORCH_CHECK(p >= 0 && p < 1, "dropout_p must be in [0, 1), got ", p);
+  TORCH_CHECK(offset >= 0 && offset <= int64_t(UINT32_MAX), "the dropout offset must be in "
+              "[0, 2^32), got ", offset);
+  if (p == 0) return {0, 0, 0, 0, 1.f, false};
+  const uint64_t bits = uint64_t(seed);
+  const double threshold = std::min(std::nearbyint(p * 65536.0), 65535.0);
+  return {uint32_t(bits), uint32_t(bits >> 32), uint32_t(offset), uint32_t(threshold),
+          float(1.0 / (1.0 - p)), true};
 }
 
 // The kernels move 16-byte chunks of rows: they need a unit stride on D and 16-byte aligned
@@ -98,12 +122,14 @@ void check_version(int64_t version) {
 }  // namespace
 
 std::vector<at::Tensor> attention_forward(const at::Tensor& q_in, const at::Tensor& k_in,
-                                          const at::Tensor& v_in, double scale, int64_t version) {
+                                          const at::Tensor& v_in, double scale, int64_t version,
+                                          double dropout_p, int64_t seed, int64_t offset) {
   check_version(version);
   check_qkv(q_in, k_in, v_in);
+  const Dropout dropout = dropout_of(dropout_p, seed, offset);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const int B = int(q_in.size(0)), H = int(q_in.size(1)), T = int(q_in.size(2)),
-            D = int(q_in.size(3));
+            T_K = int(k_in.size(2)), D = int(q_in.size(3));
   at::Tensor out = at::empty({B, T, H, D}, q_in.options()).permute({0, 2, 1, 3});
   at::Tensor lse = at::empty({B, H, T}, q_in.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
@@ -112,8 +138,9 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q_in, const at::Tens
   dispatch_float_bf16(q.scalar_type(), "causal_attention", [&](auto tag) {
     using Elem = decltype(tag);
     const AttentionForwardArgs<Elem> args{operand<const Elem>(q), operand<const Elem>(k),
-                                        operand<const Elem>(v), operand<Elem>(out),
-                                        data_as<float>(lse), H, T, D, float(scale * LOG2E)};
+                                          operand<const Elem>(v),  operand<Elem>(out),
+                                          data_as<float>(lse),     H, T, T_K, D,
+                                          float(scale * LOG2E),    dropout};
     if constexpr (std::is_same_v<Elem, float>) attention_forward_fp32(args, B * H, stream);
     else if (version == 2 && attention_bf16_v2_runs(D, false, false))
       attention_forward_bf16_v2(args, B * H, stream);
@@ -125,9 +152,11 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q_in, const at::Tens
 std::vector<at::Tensor> attention_backward(const at::Tensor& dout_in, const at::Tensor& q_in,
                                            const at::Tensor& k_in, const at::Tensor& v_in,
                                            const at::Tensor& out_in, const at::Tensor& lse,
-                                           double scale, int64_t version, bool deterministic) {
+                                           double scale, int64_t version, bool deterministic,
+                                           double dropout_p, int64_t seed, int64_t offset) {
   check_version(version);
   check_qkv(q_in, k_in, v_in);
+  const Dropout dropout = dropout_of(dropout_p, seed, offset);
   for (const auto& [t, name] : {std::pair{&dout_in, "dout"}, std::pair{&out_in, "out"}}) {
     check_same_device(q_in, "q", *t, name);
     TORCH_CHECK(t->sizes() == q_in.sizes() && t->scalar_type() == q_in.scalar_type(), name,
@@ -135,7 +164,7 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& dout_in, const at::
                 t->scalar_type(), " ", t->sizes());
   }
   const int B = int(q_in.size(0)), H = int(q_in.size(1)), T = int(q_in.size(2)),
-            D = int(q_in.size(3));
+            T_K = int(k_in.size(2)), D = int(q_in.size(3));
   check_same_device(q_in, "q", lse, "lse");
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() &&
                   lse.sizes() == at::IntArrayRef({B, H, T}),
@@ -160,8 +189,8 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& dout_in, const at::
     const AttentionBackwardArgs<Elem> args{
         operand<const Elem>(q), operand<const Elem>(k), operand<const Elem>(v),
         operand<const Elem>(dout), operand<Elem>(dq), operand<Elem>(dk), operand<Elem>(dv),
-        const_data_as<float>(lse), const_data_as<float>(delta), H, T, D, float(scale),
-        float(scale * LOG2E)};
+        const_data_as<float>(lse), const_data_as<float>(delta), H, T, T_K, D, float(scale),
+        float(scale * LOG2E), dropout};
     if constexpr (std::is_same_v<Elem, float>) {
       attention_backward_fp32(args, B * H, stream);
     } else if (version == 2 && attention_bf16_v2_runs(D, true, !deterministic)) {

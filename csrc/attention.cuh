@@ -11,10 +11,17 @@
 //   D..D_PAD are zero-filled in shared memory, which leaves every dot product unchanged, and
 //   are never stored;
 // - rows (and keys) at or beyond T are zero-filled and never stored; a padded query row gets
-//   lse = +inf in the backward so its probabilities are exactly 0.
+//   lse = +inf in the backward so its probabilities are exactly 0;
+// - there are T queries and T_K >= T keys (decoding with a KV cache): query i sits at
+//   position i + T_K - T, so it sees keys j <= i + kv_offset() (the causal mask aligned to
+//   the bottom-right); T_K == T is ordinary causal attention;
+// - with dropout (philox.cuh), the softmax statistics see every probability, the products
+//   only the kept ones, and the 1 / (1 - p) scale is applied where the result is stored
+//   (O, dV) or where dP meets Delta (dS = P (Z dP - Delta)).
 #pragma once
 
 #include "common.cuh"
+#include "philox.cuh"
 
 namespace gptk {
 
@@ -35,8 +42,11 @@ struct AttentionForwardArgs {
   HeadOperand<const Elem> q, k, v;
   HeadOperand<Elem> out;
   float* lse;        // (B, H, T), base 2
-  int H, T, D;
+  int H, T, T_K, D;  // T queries, T_K keys
   float scale_log2;  // softmax scale * log2(e)
+  Dropout dropout;
+
+  __device__ __forceinline__ int kv_offset() const { return T_K - T; }
 };
 
 template <typename Elem>
@@ -45,9 +55,12 @@ struct AttentionBackwardArgs {
   HeadOperand<Elem> dq, dk, dv;
   const float* lse;    // (B, H, T), base 2, from the forward
   const float* delta;  // (B, H, T): rowsum(dout * out)
-  int H, T, D;
+  int H, T, T_K, D;
   float scale;         // softmax scale (dq and dk are scale * (dS K) and scale * (dS^T Q))
   float scale_log2;
+  Dropout dropout;
+
+  __device__ __forceinline__ int kv_offset() const { return T_K - T; }
 };
 
 // Longest supported sequence: blocks of the sequence go on grid axis y (at most 65535
@@ -118,6 +131,52 @@ __device__ __forceinline__ void store_rows(__nv_bfloat16* head, int64_t stride_t
           pack_pair(acc[dt][2] * factor1, acc[dt][3] * factor1);
   }
 }
+
+// Dropout's keep bits for a warp's C fragments: bit (nt * 4 + e) of a 16 x 16 block stands
+// for element e of n-tile nt (nt = 0, 1: columns 0..7, 8..15). A kernel computes a tile's
+// bits before its score products, while few registers are live (the Philox rounds need a
+// dozen), and applies them after the softmax with `kept`. Bits of 4 consecutive 16-column
+// blocks fill a uint32 (block kk at << 8 kk). `keeps` reads an element's number from its
+// counter's words by the element's position in the 16 x 16 tile (the tile's starts are
+// multiples of 16, so the position has the bits that pick the word and the half).
+
+// A block with queries as rows (the forward and the dQ kernels): rows row16 + g and
+// row16 + g + 8, keys key16 + 0..15 (both starts multiples of 16). One Philox call decides
+// all 8 of the lane's elements (philox.cuh).
+__device__ __forceinline__ uint32_t keep_bits_rows(const Dropout& d, int bh, int row16, int key16) {
+  const int g = threadIdx.x % WARP_SIZE / 4, c = threadIdx.x % 4;
+  const uint4 w = dropout_words(d, bh, row16 + g, key16 + 2 * c);
+  uint32_t bits = 0;
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e)  // row g + 8 (e / 2), key 8 nt + 2c + (e & 1)
+      bits |= uint32_t(keeps(d, w, g + 8 * (e / 2), 8 * nt + 2 * c + (e & 1))) << (nt * 4 + e);
+  return bits;
+}
+
+// A transposed block (the backward's dK/dV products): rows = keys key16 + g and
+// key16 + g + 8, columns = queries q16 + 8 nt + 2c + lo. The queries q16 + 2c + lo and
+// q16 + 8 + 2c + lo share a counter, which decides both of the lane's keys: 2 calls per
+// block, 4 of each call's 8 numbers.
+__device__ __forceinline__ uint32_t keep_bits_transposed(const Dropout& d, int bh, int key16,
+                                                         int q16) {
+  const int g = threadIdx.x % WARP_SIZE / 4, c = threadIdx.x % 4;
+  uint32_t bits = 0;
+#pragma unroll
+  for (int lo = 0; lo < 2; ++lo) {
+    const uint4 w = dropout_words(d, bh, q16 + 2 * c + lo, key16 + g);
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r)  // element 2r + lo of n-tile nt: key g + 8r, query 8 nt + 2c + lo
+        bits |= uint32_t(keeps(d, w, 8 * nt + 2 * c + lo, g + 8 * r)) << (nt * 4 + 2 * r + lo);
+  }
+  return bits;
+}
+
+// Whether element e of n-tile nt (of up to 8 n-tiles: 64 columns) is kept.
+__device__ __forceinline__ bool kept(uint32_t bits, int nt, int e) { return bits >> (nt * 4 + e) & 1u; }
 
 // ----------------------------------------------------------------------------- entry points
 

@@ -89,7 +89,7 @@ __device__ __forceinline__ void load_rows_transposed(bf16* tile, const bf16* hea
 // ----------------------------------------------------------------------------- forward
 
 // One block per 64 queries of one (batch, head); warp w owns queries 16w..16w+15.
-template <int D_PAD>
+template <int D_PAD, bool DROPOUT>
 __global__ void __launch_bounds__(THREADS) attention_forward_bf16_kernel(const AttentionForwardArgs<bf16> args) {
   constexpr int BLOCK_KEYS = BLOCK_ROWS;  // equal to the query block: one diagonal tile
   constexpr int STRIDE = D_PAD + 8, VT_STRIDE = BLOCK_KEYS + 8;
@@ -113,11 +113,19 @@ __global__ void __launch_bounds__(THREADS) attention_forward_bf16_kernel(const A
   float acc[D_PAD / 8][4] = {};
   float m[2] = {-INFINITY, -INFINITY};  // running row max (base 2)
   float l[2] = {0.f, 0.f};              // this lane's share of the running row sum
-  const int last_key = min(q0 + BLOCK_ROWS, T) - 1;
+  const int offset = args.kv_offset();  // query `row` sees keys <= row + offset
+  const int last_key = min(q0 + BLOCK_ROWS, T) - 1 + offset;
   for (int k0 = 0; k0 <= last_key; k0 += BLOCK_KEYS) {
-    load_rows<BLOCK_KEYS, D_PAD, STRIDE>(qk_tile, args.k.head(b, h), args.k.stride_t, k0, T, D);
+    load_rows<BLOCK_KEYS, D_PAD, STRIDE>(qk_tile, args.k.head(b, h), args.k.stride_t, k0, args.T_K, D);
     load_rows_transposed<BLOCK_KEYS, D_PAD, VT_STRIDE>(vt_tile, args.v.head(b, h), args.v.stride_t,
-                                                       k0, T, D);
+                                                       k0, args.T_K, D);
+    uint32_t keep = ~0u;  // dropout's keep bits of the warp's 16 x 64 tile
+    if constexpr (DROPOUT) {
+      keep = 0;
+#pragma unroll
+      for (int kk = 0; kk < BLOCK_KEYS / 16; ++kk)
+        keep |= keep_bits_rows(args.dropout, bh, warp_row0, k0 + kk * 16) << (8 * kk);
+    }
     __syncthreads();
 
     float s[BLOCK_KEYS / 8][4] = {};
@@ -128,7 +136,7 @@ __global__ void __launch_bounds__(THREADS) attention_forward_bf16_kernel(const A
 
     // Scale to base 2, mask keys after the query (only a tile reaching past the warp's
     // first row has any), and take the row maxima over the 4 lanes of each row.
-    const bool diagonal = k0 + BLOCK_KEYS - 1 > warp_row0;
+    const bool diagonal = k0 + BLOCK_KEYS - 1 > warp_row0 + offset;
     float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int nt = 0; nt < BLOCK_KEYS / 8; ++nt)
@@ -136,7 +144,7 @@ __global__ void __launch_bounds__(THREADS) attention_forward_bf16_kernel(const A
       for (int e = 0; e < 4; ++e) {
         const int key = k0 + nt * 8 + 2 * c + (e & 1);
         float x = s[nt][e] * args.scale_log2;
-        if (diagonal && key > row[e / 2]) x = -INFINITY;
+        if (diagonal && key > row[e / 2] + offset) x = -INFINITY;
         s[nt][e] = x;
         tile_max[e / 2] = fmaxf(tile_max[e / 2], x);
       }
@@ -146,8 +154,9 @@ __global__ void __launch_bounds__(THREADS) attention_forward_bf16_kernel(const A
       tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(FULL_MASK, tile_max[r], 1));
       tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(FULL_MASK, tile_max[r], 2));
       const float m_new = fmaxf(m[r], tile_max[r]);
-      // Every tile holds key k0 <= q0 <= row, so m_new is finite; the guard keeps a fully
-      // masked row at 0 instead of exp2(-inf - -inf) = NaN should that ever change.
+      // Tile 0 holds key 0 <= row + offset, so m is finite from the first tile on; the
+      // guard keeps a fully masked row at 0 instead of exp2(-inf - -inf) = NaN should that
+      // ever change.
       const float base = m_new == -INFINITY ? 0.f : m_new;
       rescale[r] = exp2f(m[r] - base);
       m[r] = m_new;
@@ -174,6 +183,13 @@ __global__ void __launch_bounds__(THREADS) attention_forward_bf16_kernel(const A
       acc[dt][3] *= rescale[1];
     }
 
+    // Dropout after the sums: only the kept probabilities go into P V.
+#pragma unroll
+    for (int nt = 0; nt < BLOCK_KEYS / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        if (!kept(keep, nt, e)) s[nt][e] = 0.f;
+
     // acc += P V, with P taken straight from the score registers.
 #pragma unroll
     for (int kk = 0; kk < BLOCK_KEYS / 16; ++kk) {
@@ -190,7 +206,9 @@ __global__ void __launch_bounds__(THREADS) attention_forward_bf16_kernel(const A
     l[r] += __shfl_xor_sync(FULL_MASK, l[r], 1);
     l[r] += __shfl_xor_sync(FULL_MASK, l[r], 2);
   }
-  store_rows<D_PAD>(args.out.head(b, h), args.out.stride_t, acc, warp_row0, T, D, 1.f / l[0], 1.f / l[1]);
+  const float out_scale = DROPOUT ? args.dropout.scale : 1.f;
+  store_rows<D_PAD>(args.out.head(b, h), args.out.stride_t, acc, warp_row0, T, D, out_scale / l[0],
+                    out_scale / l[1]);
   if (c == 0) {
 #pragma unroll
     for (int r = 0; r < 2; ++r)
@@ -217,7 +235,7 @@ struct DkDvTiles {
   static constexpr size_t BYTES = BF16_END * sizeof(bf16) + 2 * QUERIES * sizeof(float);
 };
 
-template <int D_PAD>
+template <int D_PAD, bool DROPOUT>
 __global__ void __launch_bounds__(THREADS) attention_backward_dkdv_bf16_kernel(const AttentionBackwardArgs<bf16> args) {
   using Tiles = DkDvTiles<D_PAD>;
   constexpr int QUERIES = Tiles::QUERIES, STRIDE = Tiles::STRIDE, T_STRIDE = Tiles::T_STRIDE;
@@ -236,15 +254,17 @@ __global__ void __launch_bounds__(THREADS) attention_backward_dkdv_bf16_kernel(c
   const int T = args.T, D = args.D;
   const int bh = blockIdx.x, b = bh / args.H, h = bh % args.H;
   const int k0 = blockIdx.y * BLOCK_ROWS;
-  const int key[2] = {k0 + warp * WARP_ROWS + g, k0 + warp * WARP_ROWS + g + 8};
+  const int offset = args.kv_offset();  // query i sees keys <= i + offset
+  // The first query to see each of this lane's two keys.
+  const int first_query[2] = {k0 + warp * WARP_ROWS + g - offset, k0 + warp * WARP_ROWS + g + 8 - offset};
   const float* lse = args.lse + int64_t(bh) * T;
   const float* delta = args.delta + int64_t(bh) * T;
 
-  load_rows<BLOCK_ROWS, D_PAD, STRIDE>(k_tile, args.k.head(b, h), args.k.stride_t, k0, T, D);
-  load_rows<BLOCK_ROWS, D_PAD, STRIDE>(v_tile, args.v.head(b, h), args.v.stride_t, k0, T, D);
+  load_rows<BLOCK_ROWS, D_PAD, STRIDE>(k_tile, args.k.head(b, h), args.k.stride_t, k0, args.T_K, D);
+  load_rows<BLOCK_ROWS, D_PAD, STRIDE>(v_tile, args.v.head(b, h), args.v.stride_t, k0, args.T_K, D);
 
   float dk[D_PAD / 8][4] = {}, dv[D_PAD / 8][4] = {};
-  for (int q0 = k0 / QUERIES * QUERIES; q0 < T; q0 += QUERIES) {
+  for (int q0 = max(k0 - offset, 0) / QUERIES * QUERIES; q0 < T; q0 += QUERIES) {
     load_rows<QUERIES, D_PAD, STRIDE>(q_tile, args.q.head(b, h), args.q.stride_t, q0, T, D);
     load_rows_transposed<QUERIES, D_PAD, T_STRIDE>(qt_tile, args.q.head(b, h), args.q.stride_t, q0, T, D);
     load_rows<QUERIES, D_PAD, STRIDE>(do_tile, args.dout.head(b, h), args.dout.stride_t, q0, T, D);
@@ -253,6 +273,14 @@ __global__ void __launch_bounds__(THREADS) attention_backward_dkdv_bf16_kernel(c
     for (int i = threadIdx.x; i < QUERIES; i += blockDim.x) {
       lse_tile[i] = q0 + i < T ? lse[q0 + i] : INFINITY;  // padded queries: P = exp2(-inf) = 0
       delta_tile[i] = q0 + i < T ? delta[q0 + i] : 0.f;
+    }
+    uint32_t keep = ~0u;  // dropout's keep bits of the warp's 16 keys x QUERIES tile
+    if constexpr (DROPOUT) {
+      keep = 0;
+#pragma unroll
+      for (int kk = 0; kk < QUERIES / 16; ++kk)
+        keep |= keep_bits_transposed(args.dropout, bh, k0 + warp * WARP_ROWS, q0 + kk * 16)
+                << (8 * kk);
     }
     __syncthreads();
 
@@ -268,15 +296,20 @@ __global__ void __launch_bounds__(THREADS) attention_backward_dkdv_bf16_kernel(c
         mma_b_rows(dpt[nt], v_frag, do_tile, STRIDE, nt * 8, kk * 16);
       }
     }
-    // P^T and dS^T in place of S^T and dP^T; a key after the query gets P = 0.
+    // P^T and dS^T in place of S^T and dP^T; a key after the query gets P = 0. With
+    // dropout st holds P^T Z (for dV; Z's scale at the store) and dS = P (Z dP - Delta).
 #pragma unroll
     for (int nt = 0; nt < QUERIES / 8; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int qi = nt * 8 + 2 * c + (e & 1);
-        const float p = q0 + qi >= key[e / 2] ? exp2f(st[nt][e] * args.scale_log2 - lse_tile[qi]) : 0.f;
-        st[nt][e] = p;
-        dpt[nt][e] = p * (dpt[nt][e] - delta_tile[qi]);
+        const float p = q0 + qi >= first_query[e / 2]
+                            ? exp2f(st[nt][e] * args.scale_log2 - lse_tile[qi]) : 0.f;
+        const bool keeps = kept(keep, nt, e);
+        const float dp = DROPOUT ? (keeps ? dpt[nt][e] * args.dropout.scale : 0.f)
+                                              : dpt[nt][e];
+        st[nt][e] = keeps ? p : 0.f;
+        dpt[nt][e] = p * (dp - delta_tile[qi]);
       }
 #pragma unroll
     for (int kk = 0; kk < QUERIES / 16; ++kk) {
@@ -292,13 +325,16 @@ __global__ void __launch_bounds__(THREADS) attention_backward_dkdv_bf16_kernel(c
     __syncthreads();
   }
   const int warp_key0 = k0 + warp * WARP_ROWS;
-  store_rows<D_PAD>(args.dk.head(b, h), args.dk.stride_t, dk, warp_key0, T, D, args.scale, args.scale);
-  store_rows<D_PAD>(args.dv.head(b, h), args.dv.stride_t, dv, warp_key0, T, D, 1.f, 1.f);
+  const float dv_scale = DROPOUT ? args.dropout.scale : 1.f;
+  store_rows<D_PAD>(args.dk.head(b, h), args.dk.stride_t, dk, warp_key0, args.T_K, D, args.scale,
+                    args.scale);
+  store_rows<D_PAD>(args.dv.head(b, h), args.dv.stride_t, dv, warp_key0, args.T_K, D, dv_scale,
+                    dv_scale);
 }
 
 // dQ for 64 queries of one (batch, head); warp w owns queries 16w..16w+15:
 // S = Q K^T, dP = dO V^T, dQ += dS K over the key tiles at or below the diagonal.
-template <int D_PAD>
+template <int D_PAD, bool DROPOUT>
 __global__ void __launch_bounds__(THREADS) attention_backward_dq_bf16_kernel(const AttentionBackwardArgs<bf16> args) {
   constexpr int KEYS = inner_tile<D_PAD>();
   constexpr int STRIDE = D_PAD + 8, T_STRIDE = KEYS + 8;
@@ -332,11 +368,20 @@ __global__ void __launch_bounds__(THREADS) attention_backward_dq_bf16_kernel(con
   }
 
   float dq[D_PAD / 8][4] = {};
-  const int last_key = min(q0 + BLOCK_ROWS, T) - 1;
+  const int offset = args.kv_offset();  // query `row` sees keys <= row + offset
+  const int last_key = min(q0 + BLOCK_ROWS, T) - 1 + offset;
   for (int k0 = 0; k0 <= last_key; k0 += KEYS) {
-    load_rows<KEYS, D_PAD, STRIDE>(k_tile, args.k.head(b, h), args.k.stride_t, k0, T, D);
-    load_rows_transposed<KEYS, D_PAD, T_STRIDE>(kt_tile, args.k.head(b, h), args.k.stride_t, k0, T, D);
-    load_rows<KEYS, D_PAD, STRIDE>(v_tile, args.v.head(b, h), args.v.stride_t, k0, T, D);
+    load_rows<KEYS, D_PAD, STRIDE>(k_tile, args.k.head(b, h), args.k.stride_t, k0, args.T_K, D);
+    load_rows_transposed<KEYS, D_PAD, T_STRIDE>(kt_tile, args.k.head(b, h), args.k.stride_t, k0,
+                                                args.T_K, D);
+    load_rows<KEYS, D_PAD, STRIDE>(v_tile, args.v.head(b, h), args.v.stride_t, k0, args.T_K, D);
+    uint32_t keep = ~0u;  // dropout's keep bits of the warp's 16 x KEYS tile
+    if constexpr (DROPOUT) {
+      keep = 0;
+#pragma unroll
+      for (int kk = 0; kk < KEYS / 16; ++kk)
+        keep |= keep_bits_rows(args.dropout, bh, warp_row0, k0 + kk * 16) << (8 * kk);
+    }
     __syncthreads();
 
     float s[KEYS / 8][4] = {}, dp[KEYS / 8][4] = {};
@@ -347,6 +392,13 @@ __global__ void __launch_bounds__(THREADS) attention_backward_dq_bf16_kernel(con
         mma_b_rows(s[nt], q_frag[kk], k_tile, STRIDE, nt * 8, kk * 16);
         mma_b_rows(dp[nt], do_frag[kk], v_tile, STRIDE, nt * 8, kk * 16);
       }
+    // With dropout, dP of the kept probabilities: Z dP (dropped ones 0, the rest scaled).
+    if constexpr (DROPOUT) {
+#pragma unroll
+      for (int nt = 0; nt < KEYS / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dp[nt][e] = kept(keep, nt, e) ? dp[nt][e] * args.dropout.scale : 0.f;
+    }
     // dS in place of S.
 #pragma unroll
     for (int nt = 0; nt < KEYS / 8; ++nt)
@@ -354,7 +406,7 @@ __global__ void __launch_bounds__(THREADS) attention_backward_dq_bf16_kernel(con
       for (int e = 0; e < 4; ++e) {
         const int key = k0 + nt * 8 + 2 * c + (e & 1);
         const int r = e / 2;
-        const float p = key <= row[r] ? exp2f(s[nt][e] * args.scale_log2 - row_lse[r]) : 0.f;
+        const float p = key <= row[r] + offset ? exp2f(s[nt][e] * args.scale_log2 - row_lse[r]) : 0.f;
         s[nt][e] = p * (dp[nt][e] - row_delta[r]);
       }
 #pragma unroll
@@ -369,10 +421,13 @@ __global__ void __launch_bounds__(THREADS) attention_backward_dq_bf16_kernel(con
   store_rows<D_PAD>(args.dq.head(b, h), args.dq.stride_t, dq, warp_row0, T, D, args.scale, args.scale);
 }
 
+// Each kernel comes with and without dropout (a template flag: the kernels without it keep
+// the registers they had, and at D = 32 the dQ kernel would spill on sm_80 otherwise).
 template <int D_PAD>
 void launch_forward(const AttentionForwardArgs<bf16>& args, int batch_heads, cudaStream_t stream) {
   const dim3 grid(unsigned(batch_heads), unsigned(ceil_div(args.T, BLOCK_ROWS)));
-  attention_forward_bf16_kernel<D_PAD><<<grid, THREADS, 0, stream>>>(args);
+  if (args.dropout.enabled) attention_forward_bf16_kernel<D_PAD, true><<<grid, THREADS, 0, stream>>>(args);
+  else attention_forward_bf16_kernel<D_PAD, false><<<grid, THREADS, 0, stream>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -380,18 +435,25 @@ void launch_forward(const AttentionForwardArgs<bf16>& args, int batch_heads, cud
 template <int D_PAD>
 void launch_backward_dq(const AttentionBackwardArgs<bf16>& args, int batch_heads, cudaStream_t stream) {
   const dim3 grid(unsigned(batch_heads), unsigned(ceil_div(args.T, BLOCK_ROWS)));
-  attention_backward_dq_bf16_kernel<D_PAD><<<grid, THREADS, 0, stream>>>(args);
+  if (args.dropout.enabled) attention_backward_dq_bf16_kernel<D_PAD, true><<<grid, THREADS, 0, stream>>>(args);
+  else attention_backward_dq_bf16_kernel<D_PAD, false><<<grid, THREADS, 0, stream>>>(args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <int D_PAD, bool DROPOUT>
+void launch_backward_dkdv(const AttentionBackwardArgs<bf16>& args, int batch_heads, cudaStream_t stream) {
+  const dim3 grid(unsigned(batch_heads), unsigned(ceil_div(args.T_K, BLOCK_ROWS)));  // key blocks
+  const auto dkdv = attention_backward_dkdv_bf16_kernel<D_PAD, DROPOUT>;
+  constexpr size_t smem = DkDvTiles<D_PAD>::BYTES;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(dkdv, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  dkdv<<<grid, THREADS, smem, stream>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <int D_PAD>
 void launch_backward(const AttentionBackwardArgs<bf16>& args, int batch_heads, cudaStream_t stream) {
-  const dim3 grid(unsigned(batch_heads), unsigned(ceil_div(args.T, BLOCK_ROWS)));
-  const auto dkdv = attention_backward_dkdv_bf16_kernel<D_PAD>;
-  constexpr size_t smem = DkDvTiles<D_PAD>::BYTES;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(dkdv, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  dkdv<<<grid, THREADS, smem, stream>>>(args);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (args.dropout.enabled) launch_backward_dkdv<D_PAD, true>(args, batch_heads, stream);
+  else launch_backward_dkdv<D_PAD, false>(args, batch_heads, stream);
   launch_backward_dq<D_PAD>(args, batch_heads, stream);
 }
 

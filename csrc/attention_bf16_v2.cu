@@ -174,14 +174,16 @@ __device__ __forceinline__ void load_tile_async(bf16* tile, const bf16* head, in
 // Tile shapes of the forward for a padded head dim: BLOCK_M = 128 queries per block on WARPS
 // warps, each owning M_TILES consecutive 16-row m-tiles; key tiles of BLOCK_N keys through
 // a STAGES-deep cp.async ring.
-template <int D_PAD>
+template <int D_PAD, bool DROPOUT = false>
 struct ForwardShape {
   // D <= 64: 4 warps x 32 rows (FlashAttention-2's 128 x 64 on 4 warps). Per lane:
   // accumulators 2 x D_PAD/8 x 4 and scores 2 x 8 x 4 fp32 registers.
-  // D = 128: 8 warps x 16 rows; 32 rows would need 128 accumulator + 64 score registers and
-  // spill.
-  static constexpr int WARPS = D_PAD == 128 ? 8 : 4;
-  static constexpr int M_TILES = D_PAD == 128 ? 1 : 2;
+  // D = 128, and dropout at any D: 8 warps x 16 rows; 32 rows would need 128 accumulator +
+  // 64 score registers and spill at D = 128, and at D = 64 the dropout's keep bits and
+  // Philox rounds push the 252 registers of 32 rows into spills.
+  static constexpr bool ONE_M_TILE = D_PAD == 128 || DROPOUT;
+  static constexpr int WARPS = ONE_M_TILE ? 8 : 4;
+  static constexpr int M_TILES = ONE_M_TILE ? 1 : 2;
   static constexpr int THREADS = WARPS * WARP_SIZE;
   // Blocks per SM the register budget aims at: 8 warps per SM, up to 255 registers per lane
   // (ptxas left to choose picks fewer registers for more blocks in some configurations,
@@ -198,11 +200,14 @@ struct ForwardShape {
 };
 
 // One block per 128 queries of one (batch, head); warp w owns queries w * WARP_M ..
-// (w + 1) * WARP_M - 1 of the block.
-template <int D_PAD>
-__global__ void __launch_bounds__(ForwardShape<D_PAD>::THREADS, ForwardShape<D_PAD>::MIN_BLOCKS)
+// (w + 1) * WARP_M - 1 of the block. DROPOUT is a template flag, not a runtime branch: the
+// kernels without it are the ones they were (at D = 64 they use 252-255 registers, and
+// the dropout code's registers would make them spill).
+template <int D_PAD, bool DROPOUT>
+__global__ void __launch_bounds__(ForwardShape<D_PAD, DROPOUT>::THREADS,
+                                  ForwardShape<D_PAD, DROPOUT>::MIN_BLOCKS)
     attention_forward_bf16_v2_kernel(const AttentionForwardArgs<bf16> args) {
-  using S = ForwardShape<D_PAD>;
+  using S = ForwardShape<D_PAD, DROPOUT>;
   constexpr int M_TILES = S::M_TILES, BLOCK_N = S::BLOCK_N, STAGES = S::STAGES;
   extern __shared__ __align__(16) unsigned char smem[];
   bf16* const q_tile = reinterpret_cast<bf16*>(smem);
@@ -217,15 +222,17 @@ __global__ void __launch_bounds__(ForwardShape<D_PAD>::THREADS, ForwardShape<D_P
   const int warp_row0 = q0 + warp * S::WARP_M;
   const bf16* const k_head = args.k.head(b, h);
   const bf16* const v_head = args.v.head(b, h);
-  // Key tiles 0 .. n_tiles - 1 hold every key at or before the block's last query.
-  const int n_tiles = int(ceil_div(min(q0 + S::BLOCK_M, T), BLOCK_N));
+  // Key tiles 0 .. n_tiles - 1 hold every key at or before the block's last query, which
+  // sees keys up to its row + offset.
+  const int offset = args.kv_offset();
+  const int n_tiles = int(ceil_div(min(q0 + S::BLOCK_M, T) + offset, BLOCK_N));
 
   auto load_kv = [&](int tile) {
     const int stage = tile % STAGES;
     load_tile_async<BLOCK_N, D_PAD, S::THREADS>(k_ring + stage * S::KV_ELEMS, k_head,
-                                                args.k.stride_t, tile * BLOCK_N, T, D);
+                                                args.k.stride_t, tile * BLOCK_N, args.T_K, D);
     load_tile_async<BLOCK_N, D_PAD, S::THREADS>(v_ring + stage * S::KV_ELEMS, v_head,
-                                                args.v.stride_t, tile * BLOCK_N, T, D);
+                                                args.v.stride_t, tile * BLOCK_N, args.T_K, D);
   };
 
   // Pipeline prologue: K/V tile t is commit group t (committed even when empty, past the
@@ -256,9 +263,22 @@ __global__ void __launch_bounds__(ForwardShape<D_PAD>::THREADS, ForwardShape<D_P
     const int k0 = t * BLOCK_N;
     // A tile wholly after the warp's last query contributes nothing (warp-uniform; the
     // only barrier of the iteration is behind us).
-    if (k0 > warp_row0 + S::WARP_M - 1) continue;
+    if (k0 > warp_row0 + S::WARP_M - 1 + offset) continue;
     const bf16* const k_tile = k_ring + t % STAGES * S::KV_ELEMS;
     const bf16* const v_tile = v_ring + t % STAGES * S::KV_ELEMS;
+    uint32_t keep[M_TILES];  // dropout's keep bits, per m-tile of 16 rows x the 64 keys
+#pragma unroll
+    for (int mt = 0; mt < M_TILES; ++mt) {
+      keep[mt] = ~0u;
+      if constexpr (DROPOUT) {
+        keep[mt] = 0;
+        // One Philox call at a time: the calls in flight together would each hold a
+        // dozen registers beside the accumulators (at D = 128 that spills).
+#pragma unroll 1
+        for (int kk = 0; kk < BLOCK_N / 16; ++kk)
+          keep[mt] |= keep_bits_rows(args.dropout, bh, warp_row0 + mt * 16, k0 + kk * 16) << (8 * kk);
+      }
+    }
 
     // S = Q K^T: A from the row-major Q tile (pattern a), B from the n-major K tile
     // (pattern b), one ldmatrix per two n-tiles, each B fragment used by every m-tile.
@@ -288,7 +308,7 @@ __global__ void __launch_bounds__(ForwardShape<D_PAD>::THREADS, ForwardShape<D_P
     for (int mt = 0; mt < M_TILES; ++mt) {
       const int row0 = warp_row0 + mt * 16;
       const int row[2] = {row0 + g, row0 + g + 8};
-      const bool diagonal = k0 + BLOCK_N - 1 > row0;
+      const bool diagonal = k0 + BLOCK_N - 1 > row0 + offset;
       float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
       for (int nt = 0; nt < BLOCK_N / 8; ++nt)
@@ -296,7 +316,7 @@ __global__ void __launch_bounds__(ForwardShape<D_PAD>::THREADS, ForwardShape<D_P
         for (int e = 0; e < 4; ++e) {
           const int key = k0 + nt * 8 + 2 * c + (e & 1);
           float x = s[mt][nt][e] * args.scale_log2;
-          if (diagonal && key > row[e / 2]) x = -INFINITY;
+          if (diagonal && key > row[e / 2] + offset) x = -INFINITY;
           s[mt][nt][e] = x;
           tile_max[e / 2] = fmaxf(tile_max[e / 2], x);
         }
@@ -305,7 +325,7 @@ __global__ void __launch_bounds__(ForwardShape<D_PAD>::THREADS, ForwardShape<D_P
       for (int r = 0; r < 2; ++r) {
         tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(FULL_MASK, tile_max[r], 1));
         tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(FULL_MASK, tile_max[r], 2));
-        // Tile 0 holds key 0 <= every row, so m is finite from the first tile on and a
+        // Tile 0 holds key 0 <= every row + offset, so m is finite from the first tile on and a
         // wholly masked later tile leaves it (rescale 1, p 0); the guard keeps a fully
         // masked row at 0 instead of exp2(-inf - -inf) = NaN should that ever change.
         const float m_new = fmaxf(m[mt][r], tile_max[r]);
@@ -333,6 +353,14 @@ __global__ void __launch_bounds__(ForwardShape<D_PAD>::THREADS, ForwardShape<D_P
         acc[mt][dt][1] *= rescale[0];
         acc[mt][dt][2] *= rescale[1];
         acc[mt][dt][3] *= rescale[1];
+      }
+      // Dropout after the sums: only the kept probabilities go into P V.
+      if constexpr (DROPOUT) {
+#pragma unroll
+        for (int nt = 0; nt < BLOCK_N / 8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            if (!kept(keep[mt], nt, e)) s[mt][nt][e] = 0.f;
       }
     }
 
@@ -364,8 +392,9 @@ __global__ void __launch_bounds__(ForwardShape<D_PAD>::THREADS, ForwardShape<D_P
       l[mt][r] += __shfl_xor_sync(FULL_MASK, l[mt][r], 1);
       l[mt][r] += __shfl_xor_sync(FULL_MASK, l[mt][r], 2);
     }
+    const float out_scale = DROPOUT ? args.dropout.scale : 1.f;
     store_rows<D_PAD>(args.out.head(b, h), args.out.stride_t, acc[mt], row0, T, D,
-                      1.f / l[mt][0], 1.f / l[mt][1]);
+                      out_scale / l[mt][0], out_scale / l[mt][1]);
     if (c == 0) {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
@@ -381,7 +410,7 @@ __global__ void __launch_bounds__(ForwardShape<D_PAD>::THREADS, ForwardShape<D_P
 // Tile shapes of the backward (D <= 64): BLOCK_N = 128 keys per block, 16 per warp on 8
 // warps; the queries at or after them in steps of BLOCK_M through a STAGES-deep cp.async
 // ring.
-template <int D_PAD>
+template <int D_PAD, bool DROPOUT = false>
 struct BackwardShape {
   static_assert(D_PAD <= 64, "D = 128 runs version 1's backward (see the top of the file)");
   static constexpr int WARPS = 8;
@@ -389,8 +418,9 @@ struct BackwardShape {
   static constexpr int MIN_BLOCKS = 1;  // up to 255 registers per lane (as the forward)
   static constexpr int BLOCK_N = WARPS * 16;
   // Per lane: dK and dV accumulators 2 x D_PAD/8 x 4 fp32 (64 at D = 64), S^T and dP^T
-  // BLOCK_M/8 x 4 each.
-  static constexpr int BLOCK_M = 64;
+  // BLOCK_M/8 x 4 each. With dropout at D = 64, 32-query steps: the 255 registers of
+  // 64-query steps leave no room for the keep bits.
+  static constexpr int BLOCK_M = DROPOUT && D_PAD == 64 ? 32 : 64;
   static constexpr int STAGES = 2;
   static constexpr int KV_ELEMS = BLOCK_N * D_PAD, QD_ELEMS = BLOCK_M * D_PAD;
   static constexpr int DS_ELEMS = BLOCK_N * BLOCK_M;
@@ -411,11 +441,12 @@ struct BackwardShape {
 // and works on the transposed products, keys as rows (so that dK and dV accumulate in C
 // fragments of its own rows): per query step, S^T = K Q^T, dP^T = V dO^T, P^T, dS^T,
 // dV += P^T dO, dK += dS^T Q; with ATOMIC_DQ also dQ += dS K for the step's queries.
-template <int D_PAD, bool ATOMIC_DQ>
-__global__ void __launch_bounds__(BackwardShape<D_PAD>::THREADS, BackwardShape<D_PAD>::MIN_BLOCKS)
+template <int D_PAD, bool ATOMIC_DQ, bool DROPOUT>
+__global__ void __launch_bounds__(BackwardShape<D_PAD, DROPOUT>::THREADS,
+                                  BackwardShape<D_PAD, DROPOUT>::MIN_BLOCKS)
     attention_backward_bf16_v2_kernel(const AttentionBackwardArgs<bf16> args,
                                       float* __restrict__ dq_accum) {
-  using S = BackwardShape<D_PAD>;
+  using S = BackwardShape<D_PAD, DROPOUT>;
   constexpr int BLOCK_M = S::BLOCK_M, STAGES = S::STAGES;
   extern __shared__ __align__(16) unsigned char smem[];
   bf16* const k_tile = reinterpret_cast<bf16*>(smem);
@@ -432,16 +463,20 @@ __global__ void __launch_bounds__(BackwardShape<D_PAD>::THREADS, BackwardShape<D
   const int bh = blockIdx.x, b = bh / args.H, h = bh % args.H;
   const int k0 = blockIdx.y * S::BLOCK_N;  // block 0 first: it has the most queries to visit
   const int key0 = warp * 16;              // the warp's first key, in the block
-  const int key[2] = {k0 + key0 + g, k0 + key0 + g + 8};
-  // Queries before k0 see none of the block's keys; k0 is a multiple of BLOCK_M.
-  const int n_steps = int(ceil_div(T - k0, BLOCK_M));
+  // Query i sees keys <= i + offset: first_query[r] is the first query to see this lane's
+  // key k0 + key0 + g + 8 r, and queries before k0 - offset see none of the block's keys.
+  // The steps start there, aligned down to BLOCK_M.
+  const int offset = args.kv_offset();
+  const int first_query[2] = {k0 + key0 + g - offset, k0 + key0 + g + 8 - offset};
+  const int q_start = max(k0 - offset, 0) / BLOCK_M * BLOCK_M;
+  const int n_steps = int(ceil_div(T - q_start, BLOCK_M));
   const bf16* const q_head = args.q.head(b, h);
   const bf16* const do_head = args.dout.head(b, h);
   const float* const lse_head = args.lse + int64_t(bh) * T;
   const float* const delta_head = args.delta + int64_t(bh) * T;
 
   auto load_step = [&](int step) {
-    const int stage = step % STAGES, q0 = k0 + step * BLOCK_M;
+    const int stage = step % STAGES, q0 = q_start + step * BLOCK_M;
     load_tile_async<BLOCK_M, D_PAD, S::THREADS>(q_ring + stage * S::QD_ELEMS, q_head,
                                                 args.q.stride_t, q0, T, D);
     load_tile_async<BLOCK_M, D_PAD, S::THREADS>(do_ring + stage * S::QD_ELEMS, do_head,
@@ -455,8 +490,10 @@ __global__ void __launch_bounds__(BackwardShape<D_PAD>::THREADS, BackwardShape<D
   };
 
   // Prologue: K and V join query step 0's commit group; step s is group s.
-  load_tile_async<S::BLOCK_N, D_PAD, S::THREADS>(k_tile, args.k.head(b, h), args.k.stride_t, k0, T, D);
-  load_tile_async<S::BLOCK_N, D_PAD, S::THREADS>(v_tile, args.v.head(b, h), args.v.stride_t, k0, T, D);
+  load_tile_async<S::BLOCK_N, D_PAD, S::THREADS>(k_tile, args.k.head(b, h), args.k.stride_t, k0,
+                                                 args.T_K, D);
+  load_tile_async<S::BLOCK_N, D_PAD, S::THREADS>(v_tile, args.v.head(b, h), args.v.stride_t, k0,
+                                                 args.T_K, D);
 #pragma unroll
   for (int step = 0; step < STAGES - 1; ++step) {
     if (step < n_steps) load_step(step);
@@ -472,11 +509,20 @@ __global__ void __launch_bounds__(BackwardShape<D_PAD>::THREADS, BackwardShape<D
     if (step + STAGES - 1 < n_steps) load_step(step + STAGES - 1);
     cp_async_commit();
 
-    const int stage = step % STAGES, q0 = k0 + step * BLOCK_M;
+    const int stage = step % STAGES, q0 = q_start + step * BLOCK_M;
     const bf16* const q_tile = q_ring + stage * S::QD_ELEMS;
     const bf16* const do_tile = do_ring + stage * S::QD_ELEMS;
     const float* const lse = lse_ring + stage * BLOCK_M;
     const float* const delta = delta_ring + stage * BLOCK_M;
+    // Dropout's keep bits of the warp's 16 keys x BLOCK_M queries (BLOCK_M / 8 n-tiles x
+    // 4 = 32), computed before the products keep S^T and dP^T live.
+    uint32_t keep = ~0u;
+    if constexpr (DROPOUT) {
+      keep = 0;
+#pragma unroll
+      for (int kk = 0; kk < BLOCK_M / 16; ++kk)
+        keep |= keep_bits_transposed(args.dropout, bh, k0 + key0, q0 + kk * 16) << (8 * kk);
+    }
 
     // S^T = K Q^T, 16 keys x BLOCK_M queries: A from the row-major K tile (pattern a), B
     // from the n-major Q tile (pattern b: n = query, k = d).
@@ -500,7 +546,7 @@ __global__ void __launch_bounds__(BackwardShape<D_PAD>::THREADS, BackwardShape<D
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int qi = nt * 8 + 2 * c + (e & 1), query = q0 + qi;
-        const bool sees = query >= key[e / 2] && query < T;
+        const bool sees = query >= first_query[e / 2] && query < T;
         st[nt][e] = sees ? exp2f(st[nt][e] * args.scale_log2 - lse[qi]) : 0.f;
       }
     // dP^T = V dO^T, as S^T with V and dO; then dS^T = P^T (dP^T - Delta).
@@ -518,13 +564,18 @@ __global__ void __launch_bounds__(BackwardShape<D_PAD>::THREADS, BackwardShape<D
       }
     }
     // Both packed to bf16 A fragments (c_to_a) at once, which halves the registers they hold.
+    // With dropout, dS = P (Z dP - Delta), and P^T becomes P^T Z for dV (Z's 1 / (1 - p) at
+    // the store).
     uint32_t p_frag[BLOCK_M / 16][4], ds_frag[BLOCK_M / 16][4];
 #pragma unroll
     for (int nt = 0; nt < BLOCK_M / 8; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int qi = nt * 8 + 2 * c + (e & 1);
-        dpt[nt][e] = st[nt][e] * (dpt[nt][e] - delta[qi]);
+        const bool keeps = kept(keep, nt, e);
+        const float dp = DROPOUT ? (keeps ? dpt[nt][e] * args.dropout.scale : 0.f) : dpt[nt][e];
+        dpt[nt][e] = st[nt][e] * (dp - delta[qi]);
+        if (!keeps) st[nt][e] = 0.f;
       }
 #pragma unroll
     for (int kk = 0; kk < BLOCK_M / 16; ++kk) {
@@ -596,8 +647,11 @@ __global__ void __launch_bounds__(BackwardShape<D_PAD>::THREADS, BackwardShape<D
       }
     }
   }
-  store_rows<D_PAD>(args.dk.head(b, h), args.dk.stride_t, dk, k0 + key0, T, D, args.scale, args.scale);
-  store_rows<D_PAD>(args.dv.head(b, h), args.dv.stride_t, dv, k0 + key0, T, D, 1.f, 1.f);
+  const float dv_scale = DROPOUT ? args.dropout.scale : 1.f;
+  store_rows<D_PAD>(args.dk.head(b, h), args.dk.stride_t, dk, k0 + key0, args.T_K, D, args.scale,
+                    args.scale);
+  store_rows<D_PAD>(args.dv.head(b, h), args.dv.stride_t, dv, k0 + key0, args.T_K, D, dv_scale,
+                    dv_scale);
 }
 
 // dq = bf16(scale * dq_accum), 4 elements per thread (D is a multiple of 8, both tensors are
@@ -619,33 +673,49 @@ void allow_shared_memory(Kernel kernel, size_t bytes) {
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
 }
 
-template <int D_PAD>
+template <int D_PAD, bool DROPOUT>
 void launch_forward(const AttentionForwardArgs<bf16>& args, int batch_heads, cudaStream_t stream) {
-  using S = ForwardShape<D_PAD>;
+  using S = ForwardShape<D_PAD, DROPOUT>;
   const dim3 grid(unsigned(batch_heads), unsigned(ceil_div(args.T, S::BLOCK_M)));
-  const auto kernel = attention_forward_bf16_v2_kernel<D_PAD>;
+  const auto kernel = attention_forward_bf16_v2_kernel<D_PAD, DROPOUT>;
   allow_shared_memory(kernel, S::SMEM);
   kernel<<<grid, S::THREADS, S::SMEM, stream>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <int D_PAD>
+void launch_forward(const AttentionForwardArgs<bf16>& args, int batch_heads, cudaStream_t stream) {
+  if (args.dropout.enabled) launch_forward<D_PAD, true>(args, batch_heads, stream);
+  else launch_forward<D_PAD, false>(args, batch_heads, stream);
+}
+
+template <int D_PAD, bool ATOMIC_DQ, bool DROPOUT>
+void launch_backward_pass(const AttentionBackwardArgs<bf16>& args, int batch_heads, float* dq_accum,
+                          cudaStream_t stream) {
+  using S = BackwardShape<D_PAD, DROPOUT>;
+  const dim3 grid(unsigned(batch_heads), unsigned(ceil_div(args.T_K, S::BLOCK_N)));  // key blocks
+  const auto kernel = attention_backward_bf16_v2_kernel<D_PAD, ATOMIC_DQ, DROPOUT>;
+  allow_shared_memory(kernel, S::smem(ATOMIC_DQ));
+  kernel<<<grid, S::THREADS, S::smem(ATOMIC_DQ), stream>>>(args, dq_accum);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <int D_PAD, bool ATOMIC_DQ>
+void launch_backward_pass(const AttentionBackwardArgs<bf16>& args, int batch_heads, float* dq_accum,
+                          cudaStream_t stream) {
+  if (args.dropout.enabled) launch_backward_pass<D_PAD, ATOMIC_DQ, true>(args, batch_heads, dq_accum, stream);
+  else launch_backward_pass<D_PAD, ATOMIC_DQ, false>(args, batch_heads, dq_accum, stream);
+}
+
+template <int D_PAD>
 void launch_backward(const AttentionBackwardArgs<bf16>& args, int batch_heads, float* dq_accum,
                      cudaStream_t stream) {
-  using S = BackwardShape<D_PAD>;
-  const dim3 grid(unsigned(batch_heads), unsigned(ceil_div(args.T, S::BLOCK_N)));
   if (dq_accum == nullptr) {  // deterministic: dK and dV here, dQ by version 1's kernel
-    const auto kernel = attention_backward_bf16_v2_kernel<D_PAD, false>;
-    allow_shared_memory(kernel, S::smem(false));
-    kernel<<<grid, S::THREADS, S::smem(false), stream>>>(args, nullptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_backward_pass<D_PAD, false>(args, batch_heads, nullptr, stream);
     attention_backward_dq_bf16(args, batch_heads, stream);
     return;
   }
-  const auto kernel = attention_backward_bf16_v2_kernel<D_PAD, true>;
-  allow_shared_memory(kernel, S::smem(true));
-  kernel<<<grid, S::THREADS, S::smem(true), stream>>>(args, dq_accum);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_backward_pass<D_PAD, true>(args, batch_heads, dq_accum, stream);
   const int64_t quads = int64_t(batch_heads) * args.T * args.D / 4;
   constexpr int CONVERT_THREADS = 256;
   const int64_t blocks = std::min<int64_t>(ceil_div(quads, CONVERT_THREADS), int64_t(num_sms()) * 16);

@@ -80,31 +80,37 @@ __global__ void __launch_bounds__(THREADS) attention_forward_fp32_kernel(const A
   const int bh = blockIdx.x, b = bh / args.H, h = bh % args.H;
   const int q0 = (gridDim.y - 1 - blockIdx.y) * ROWS;  // longest rows first
   const int row = q0 + warp;
+  const int offset = args.kv_offset();  // query `row` sees keys <= row + offset
 
   load_rows<ROWS, D_PAD, D_PAD>(q_rows, args.q.head(b, h), args.q.stride_t, q0, T, D, args.scale_log2);
   float acc[dims_per_lane<D_PAD>()] = {};
   float m = -INFINITY, l = 0.f;
-  const int last_key = min(q0 + ROWS, T) - 1;
+  const int last_key = min(q0 + ROWS, T) - 1 + offset;
   for (int k0 = 0; k0 <= last_key; k0 += TILE) {
     __syncthreads();  // q_rows written / the previous tiles consumed
-    load_rows<TILE, D_PAD, PADDED>(k_tile, args.k.head(b, h), args.k.stride_t, k0, T, D);
-    load_rows<TILE, D_PAD, D_PAD>(v_tile, args.v.head(b, h), args.v.stride_t, k0, T, D);
+    load_rows<TILE, D_PAD, PADDED>(k_tile, args.k.head(b, h), args.k.stride_t, k0, args.T_K, D);
+    load_rows<TILE, D_PAD, D_PAD>(v_tile, args.v.head(b, h), args.v.stride_t, k0, args.T_K, D);
     __syncthreads();
     if (row >= T) continue;  // warp-uniform
     const int key = k0 + lane;
-    const float s = key <= row ? dot_row<D_PAD>(q_rows + warp * D_PAD, k_tile + lane * PADDED) : -INFINITY;
-    // The first tile holds key 0 <= row, so m_new is finite from then on.
+    const float s = key <= row + offset
+                        ? dot_row<D_PAD>(q_rows + warp * D_PAD, k_tile + lane * PADDED)
+                        : -INFINITY;
+    // The first tile holds key 0 <= row + offset, so m_new is finite from then on.
     const float m_new = fmaxf(m, warp_max(s));
-    const float p = exp2f(s - m_new);
+    float p = exp2f(s - m_new);
     const float rescale = exp2f(m - m_new);
     l = l * rescale + warp_sum(p);
+    if (args.dropout.enabled && key <= row + offset && !dropout_keeps(args.dropout, bh, row, key))
+      p = 0.f;  // out of the products, not of the softmax's sum
 #pragma unroll
     for (int i = 0; i < dims_per_lane<D_PAD>(); ++i) acc[i] *= rescale;
     accumulate<D_PAD, D_PAD>(acc, p, v_tile);
     m = m_new;
   }
   if (row < T) {
-    store_row<D_PAD>(args.out.head(b, h) + row * args.out.stride_t, acc, D, 1.f / l);
+    store_row<D_PAD>(args.out.head(b, h) + row * args.out.stride_t, acc, D,
+                     (args.dropout.enabled ? args.dropout.scale : 1.f) / l);
     if (lane == 0) args.lse[int64_t(bh) * T + row] = m + log2f(l);
   }
 }
@@ -127,19 +133,22 @@ __global__ void __launch_bounds__(THREADS) attention_backward_dq_fp32_kernel(con
   load_rows<ROWS, D_PAD, D_PAD>(do_rows, args.dout.head(b, h), args.dout.stride_t, q0, T, D);
   const float row_lse = row < T ? args.lse[int64_t(bh) * T + row] : 0.f;
   const float row_delta = row < T ? args.delta[int64_t(bh) * T + row] : 0.f;
+  const int offset = args.kv_offset();
   float dq[dims_per_lane<D_PAD>()] = {};
-  const int last_key = min(q0 + ROWS, T) - 1;
+  const int last_key = min(q0 + ROWS, T) - 1 + offset;
   for (int k0 = 0; k0 <= last_key; k0 += TILE) {
     __syncthreads();
-    load_rows<TILE, D_PAD, PADDED>(k_tile, args.k.head(b, h), args.k.stride_t, k0, T, D);
-    load_rows<TILE, D_PAD, PADDED>(v_tile, args.v.head(b, h), args.v.stride_t, k0, T, D);
+    load_rows<TILE, D_PAD, PADDED>(k_tile, args.k.head(b, h), args.k.stride_t, k0, args.T_K, D);
+    load_rows<TILE, D_PAD, PADDED>(v_tile, args.v.head(b, h), args.v.stride_t, k0, args.T_K, D);
     __syncthreads();
     if (row >= T) continue;
     const int key = k0 + lane;
     float ds = 0.f;
-    if (key <= row) {
+    if (key <= row + offset) {
       const float p = exp2f(dot_row<D_PAD>(q_rows + warp * D_PAD, k_tile + lane * PADDED) - row_lse);
-      const float dp = dot_row<D_PAD>(do_rows + warp * D_PAD, v_tile + lane * PADDED);
+      float dp = dot_row<D_PAD>(do_rows + warp * D_PAD, v_tile + lane * PADDED);
+      if (args.dropout.enabled)  // dP of the dropped probabilities: Z dP
+        dp = dropout_keeps(args.dropout, bh, row, key) ? dp * args.dropout.scale : 0.f;
       ds = p * (dp - row_delta);
     }
     accumulate<D_PAD, PADDED>(dq, ds, k_tile);
@@ -162,10 +171,11 @@ __global__ void __launch_bounds__(THREADS) attention_backward_dkdv_fp32_kernel(c
   const int k0 = blockIdx.y * ROWS;
   const int key = k0 + warp;
 
-  load_rows<ROWS, D_PAD, D_PAD>(k_rows, args.k.head(b, h), args.k.stride_t, k0, T, D, args.scale_log2);
-  load_rows<ROWS, D_PAD, D_PAD>(v_rows, args.v.head(b, h), args.v.stride_t, k0, T, D);
+  const int offset = args.kv_offset();  // query i sees keys <= i + offset
+  load_rows<ROWS, D_PAD, D_PAD>(k_rows, args.k.head(b, h), args.k.stride_t, k0, args.T_K, D, args.scale_log2);
+  load_rows<ROWS, D_PAD, D_PAD>(v_rows, args.v.head(b, h), args.v.stride_t, k0, args.T_K, D);
   float dk[dims_per_lane<D_PAD>()] = {}, dv[dims_per_lane<D_PAD>()] = {};
-  for (int q0 = k0 / TILE * TILE; q0 < T; q0 += TILE) {
+  for (int q0 = max(k0 - offset, 0) / TILE * TILE; q0 < T; q0 += TILE) {
     __syncthreads();
     load_rows<TILE, D_PAD, PADDED>(q_tile, args.q.head(b, h), args.q.stride_t, q0, T, D);
     load_rows<TILE, D_PAD, PADDED>(do_tile, args.dout.head(b, h), args.dout.stride_t, q0, T, D);
@@ -175,20 +185,24 @@ __global__ void __launch_bounds__(THREADS) attention_backward_dkdv_fp32_kernel(c
       delta_tile[threadIdx.x] = i < T ? args.delta[int64_t(bh) * T + i] : 0.f;
     }
     __syncthreads();
-    if (key >= T) continue;
+    if (key >= args.T_K) continue;
     const int query = q0 + lane;
-    float p = 0.f, ds = 0.f;
-    if (query >= key && query < T) {
-      p = exp2f(dot_row<D_PAD>(k_rows + warp * D_PAD, q_tile + lane * PADDED) - lse_tile[lane]);
-      const float dp = dot_row<D_PAD>(v_rows + warp * D_PAD, do_tile + lane * PADDED);
+    float p_kept = 0.f, ds = 0.f;
+    if (query + offset >= key && query < T) {
+      const float p = exp2f(dot_row<D_PAD>(k_rows + warp * D_PAD, q_tile + lane * PADDED) - lse_tile[lane]);
+      float dp = dot_row<D_PAD>(v_rows + warp * D_PAD, do_tile + lane * PADDED);
+      const bool kept = !args.dropout.enabled || dropout_keeps(args.dropout, bh, query, key);
+      p_kept = kept ? p : 0.f;  // dV = (P Z)^T dO, Z's scale at the store
+      if (args.dropout.enabled) dp = kept ? dp * args.dropout.scale : 0.f;
       ds = p * (dp - delta_tile[lane]);
     }
-    accumulate<D_PAD, PADDED>(dv, p, do_tile);
+    accumulate<D_PAD, PADDED>(dv, p_kept, do_tile);
     accumulate<D_PAD, PADDED>(dk, ds, q_tile);
   }
-  if (key < T) {
+  if (key < args.T_K) {
     store_row<D_PAD>(args.dk.head(b, h) + key * args.dk.stride_t, dk, D, args.scale);
-    store_row<D_PAD>(args.dv.head(b, h) + key * args.dv.stride_t, dv, D, 1.f);
+    store_row<D_PAD>(args.dv.head(b, h) + key * args.dv.stride_t, dv, D,
+                     args.dropout.enabled ? args.dropout.scale : 1.f);
   }
 }
 
@@ -201,9 +215,10 @@ void launch_forward(const AttentionForwardArgs<float>& args, int batch_heads, cu
 
 template <int D_PAD>
 void launch_backward(const AttentionBackwardArgs<float>& args, int batch_heads, cudaStream_t stream) {
-  const dim3 grid(unsigned(batch_heads), unsigned(ceil_div(args.T, ROWS)));
-  attention_backward_dkdv_fp32_kernel<D_PAD><<<grid, THREADS, 0, stream>>>(args);
+  const dim3 key_grid(unsigned(batch_heads), unsigned(ceil_div(args.T_K, ROWS)));
+  attention_backward_dkdv_fp32_kernel<D_PAD><<<key_grid, THREADS, 0, stream>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const dim3 grid(unsigned(batch_heads), unsigned(ceil_div(args.T, ROWS)));
   attention_backward_dq_fp32_kernel<D_PAD><<<grid, THREADS, 0, stream>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

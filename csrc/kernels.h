@@ -39,31 +39,42 @@ at::Tensor bias_gelu_backward(const at::Tensor& dout, const at::Tensor& pre,
                               const std::optional<at::Tensor>& bias, bool approximate_tanh);
 
 // Per-row cross-entropy of logits (N, V) against targets (N,): returns {losses, lse} (fp32;
-// 0 loss for ignored rows).
+// 0 loss for ignored rows). The loss variants (0: off): label smoothing, the z-loss
+// coefficient, the logit soft cap (lse is then that of the capped logits).
 std::vector<at::Tensor> cross_entropy_forward(const at::Tensor& logits, const at::Tensor& targets,
-                                              int64_t ignore_index);
+                                              int64_t ignore_index, double smoothing,
+                                              double z_loss, double softcap);
 
 // d logits for per-row loss gradients dlosses (N,) fp32, from the saved lse.
 at::Tensor cross_entropy_backward(const at::Tensor& dlosses, const at::Tensor& logits,
                                   const at::Tensor& targets, const at::Tensor& lse,
-                                  int64_t ignore_index);
+                                  int64_t ignore_index, double smoothing, double z_loss,
+                                  double softcap);
 
-// The fused pass: returns the per-row losses and overwrites logits with
+// The fused pass: returns {losses, lse} per row and overwrites logits with
 // row_weight[row] * d(loss_row)/d(logits) (row_weight: fp32 (rows,) on the device, any
 // stride: an expanded scalar weighs every row alike).
-at::Tensor cross_entropy_forward_backward_(at::Tensor& logits, const at::Tensor& targets,
-                                           const at::Tensor& row_weight, int64_t ignore_index);
+std::vector<at::Tensor> cross_entropy_forward_backward_(at::Tensor& logits,
+                                                        const at::Tensor& targets,
+                                                        const at::Tensor& row_weight,
+                                                        int64_t ignore_index, double smoothing,
+                                                        double z_loss, double softcap);
 
-// Causal attention on (B, H, T, D) q, k, v: returns {o (B, H, T, D), lse (B, H, T) fp32, in
-// log2 units}. `version` (1 or 2) picks the bf16 kernels (attention.cu); fp32 has one.
+// Causal attention on (B, H, T, D) q and (B, H, T_K, D) k, v, T_K >= T (the mask aligned to
+// the bottom-right): returns {o (B, H, T, D), lse (B, H, T) fp32, in log2 units}. `version`
+// (1 or 2) picks the bf16 kernels (attention.cu); fp32 has one. With dropout_p > 0 the
+// probabilities are dropped by the mask of (seed, offset) (philox.cuh).
 std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k,
-                                          const at::Tensor& v, double scale, int64_t version);
+                                          const at::Tensor& v, double scale, int64_t version,
+                                          double dropout_p, int64_t seed, int64_t offset);
 
 // Returns {dq, dk, dv}. `deterministic` gives version 2 a dQ without atomics (run-to-run
-// identical); version 1 and fp32 are deterministic anyway.
+// identical); version 1 and fp32 are deterministic anyway. The dropout arguments must be
+// the forward's: the mask is regenerated, not stored.
 std::vector<at::Tensor> attention_backward(const at::Tensor& dout, const at::Tensor& q,
                                            const at::Tensor& k, const at::Tensor& v,
                                            const at::Tensor& out, const at::Tensor& lse,
-                                           double scale, int64_t version, bool deterministic);
+                                           double scale, int64_t version, bool deterministic,
+                                           double dropout_p, int64_t seed, int64_t offset);
 
 }  // namespace gptk

@@ -5,7 +5,8 @@ transposed weights), so its checkpoints load as they are. Differences from nanoG
 - every hot path goes through `kernels` (`config.backend` picks torch / triton / cuda / auto);
 - the residual add before each block's second LayerNorm is fused with it (`add_layer_norm`);
 - the loss fuses the lm_head with cross-entropy (`linear_cross_entropy`), so training never
-  holds the full (B*T, vocab) logits;
+  holds the full (B*T, vocab) logits; its variants (label smoothing, z-loss, logit
+  soft-capping) are config keys, off by default;
 - on the CPU under bf16 autocast, each block trains as one autograd node with the same
   numbers (`kernels.cpu`), where the block is exactly this file's (`Block.runs_as_written`);
 - a KV cache makes generation cost one token's work per step instead of the whole prefix;
@@ -47,6 +48,13 @@ class GPTConfig:
     # CPU bf16 training runs each block as one autograd node (`kernels.cpu.fused_block`)
     # where that gives the module path's numbers; False always runs the modules.
     cpu_fused_block: bool = True
+    # Loss variants (`kernels.losses`), 0 = off: label smoothing; the z-loss coefficient
+    # (z_loss * logsumexp(logits)^2 per token; the term's value is kept in GPT.last_z_loss
+    # for logging); logit soft-capping, softcap * tanh(logits / softcap) on every logit the
+    # model produces (Gemma 2's final-logit capping: sampling sees it too).
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    logit_softcap: float = 0.0
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -60,6 +68,12 @@ class GPTConfig:
         if self.gelu_approximate not in ("tanh", "none"):
             raise ValueError(f"gelu_approximate must be 'tanh' or 'none', got "
                              f"{self.gelu_approximate!r}")
+        if not 0.0 <= self.label_smoothing <= 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1], got {self.label_smoothing}")
+        for name in ("z_loss", "logit_softcap"):
+            if not 0.0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0 (0: off), got "
+                                 f"{getattr(self, name)}")
         if self.backend not in kernels.BACKENDS + (kernels.AUTO,):
             raise ValueError(f"unknown backend {self.backend!r}; choose one of "
                              f"{kernels.BACKENDS + (kernels.AUTO,)}")
@@ -378,6 +392,7 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2
+        self.last_z_loss: torch.Tensor | None = None  # the z-loss term of the last loss
         self.apply(self._init_weights)
         # GPT-2's scaled init of the projections that write into the residual stream.
         for name, p in self.named_parameters():
@@ -429,20 +444,35 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, kv_cache: KVCache | None = None):
         """Returns (logits, loss).
 
-        With targets: loss is the mean cross-entropy (targets of -1 ignored) and logits is
-        None, since the lm_head is fused with the loss and the logits never exist whole.
-        Without: logits of the last position only (B, 1, V), as generation needs.
+        With targets: loss is the mean cross-entropy (targets of -1 ignored; the config's
+        loss variants applied) and logits is None, since the lm_head is fused with the loss
+        and the logits never exist whole. With a z-loss, its term (detached) is kept in
+        `last_z_loss`. Without targets: logits of the last position only (B, 1, V), as
+        generation needs.
         """
         x = self.hidden_states(idx, kv_cache)
         if targets is not None:
-            loss = kernels.linear_cross_entropy(x, self.lm_head.weight, targets, ignore_index=-1,
-                                                backend=self.config.backend)
+            cfg = self.config
+            loss = kernels.linear_cross_entropy(
+                x, self.lm_head.weight, targets, ignore_index=-1,
+                label_smoothing=cfg.label_smoothing, z_loss=cfg.z_loss,
+                softcap=cfg.logit_softcap or None, return_z_loss=cfg.z_loss > 0,
+                backend=cfg.backend)
+            if cfg.z_loss > 0:
+                loss, self.last_z_loss = loss
             return None, loss
-        return self.lm_head(x[:, [-1], :]), None
+        return self.head(x[:, [-1], :]), None
+
+    def head(self, x):
+        """The logits of final hidden states x: the lm_head, soft-capped when the config
+        says so (`logit_softcap`)."""
+        logits = self.lm_head(x)
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap else logits
 
     def logits(self, idx):
         """Logits of every position (B, T, V)."""
-        return self.lm_head(self.hidden_states(idx))
+        return self.head(self.hidden_states(idx))
 
     def run_with_cache(self, idx, names: Collection[str] | None = None
                        ) -> tuple[torch.Tensor, ActivationCache]:
@@ -461,7 +491,7 @@ class GPT(nn.Module):
         return self._run(idx, HookPoints(self.config.n_layer, hooks=hooks))
 
     def _run(self, idx, hooks: HookPoints) -> torch.Tensor:
-        logits = self.lm_head(self.hidden_states(idx, hooks=hooks))
+        logits = self.head(self.hidden_states(idx, hooks=hooks))
         hooks.check_reached()
         return logits
 

@@ -38,19 +38,26 @@ class TrainStep:
     batches      (iter_num, micro_step) -> (x, y), a pure function of its arguments;
     lr_at        iter_num -> learning rate;
     seed_iteration  called with iter_num before the forward passes (the CLI seeds the
-                 dropout masks of each iteration there, for exact resume), or None.
+                 dropout masks of each iteration there, for exact resume), or None;
+    z_loss_of    called after each forward: the z-loss term of its loss (a detached 0-d
+                 tensor: `GPT.last_z_loss`), or None when the model has no z-loss. With it,
+                 `z_loss` holds the iteration's mean z-loss term after each call that
+                 wants the loss.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  scaler: torch.amp.GradScaler, batches: Callable[[int, int], Batch],
                  lr_at: Callable[[int], float], accumulation_steps: int, grad_clip: float,
                  autocast: AbstractContextManager, distributed: bool = False,
-                 seed_iteration: Callable[[int], None] | None = None):
+                 seed_iteration: Callable[[int], None] | None = None,
+                 z_loss_of: Callable[[], torch.Tensor | None] | None = None):
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.batches, self.lr_at = batches, lr_at
         self.accumulation_steps, self.grad_clip = accumulation_steps, grad_clip
         self.autocast, self.distributed = autocast, distributed
         self.seed_iteration = seed_iteration
+        self.z_loss_of = z_loss_of
+        self.z_loss: torch.Tensor | None = None
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         self._prefetched: tuple[tuple[int, int], Batch] | None = None
 
@@ -67,7 +74,7 @@ class TrainStep:
         if self.seed_iteration is not None:
             self.seed_iteration(iter_num)
         steps = self.accumulation_steps
-        loss_sum = None
+        loss_sum = z_loss_sum = None
         x, y = self._batch(iter_num, 0)
         for micro_step in range(steps):
             last = micro_step == steps - 1
@@ -82,6 +89,10 @@ class TrainStep:
             self.scaler.scale(loss).backward()
             if want_loss:
                 loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+                z_loss = None if self.z_loss_of is None else self.z_loss_of()
+                if z_loss is not None:
+                    z_loss = z_loss / steps
+                    z_loss_sum = z_loss if z_loss_sum is None else z_loss_sum + z_loss
             x, y = next_batch
             self._prefetched = (following, next_batch)
         if self.grad_clip != 0.0:
@@ -90,4 +101,5 @@ class TrainStep:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        self.z_loss = z_loss_sum
         return loss_sum

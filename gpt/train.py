@@ -112,6 +112,12 @@ class TrainConfig:
     # ~1.8x cheaper than "tanh" (GPT-2's approximation) on the CPU; both train alike.
     gelu_approximate: str = "none"
     backend: str = "auto"  # kernels: torch | triton | cuda | auto
+    # Loss variants (kernels.losses), 0 = off: label smoothing, the z-loss coefficient (its
+    # term is logged as z_loss), logit soft-capping (an architecture key, like bias: set it
+    # when training from scratch; a checkpoint keeps its own).
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    logit_softcap: float = 0.0
     # CPU bf16 training runs each block as one autograd node (kernels.cpu.fused_block, the
     # same numbers as the modules); False always runs the modules. The log says which runs.
     cpu_fused_block: bool = True
@@ -174,6 +180,11 @@ def check_config(config: TrainConfig, world_size: int) -> None:
         fail(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
     if not 0.0 <= config.dropout < 1.0:
         fail(f"dropout must be in [0, 1), got {config.dropout}")
+    if not 0.0 <= config.label_smoothing <= 1.0:
+        fail(f"label_smoothing must be in [0, 1], got {config.label_smoothing}")
+    for key in ("z_loss", "logit_softcap"):
+        if getattr(config, key) < 0:
+            fail(f"{key} must be >= 0 (0: off), got {getattr(config, key)}")
     if config.gradient_accumulation_steps % world_size:
         fail(f"gradient_accumulation_steps ({config.gradient_accumulation_steps}) must be "
              f"divisible by the number of processes ({world_size})")
@@ -225,14 +236,16 @@ def find_dataset(config: TrainConfig) -> Path:
 def build_model(config: TrainConfig, meta: dict | None, device) -> tuple[GPT, dict | None, str]:
     """(model, checkpoint to resume from or None, what was done) per config.init_from."""
     overrides = dict(dropout=config.dropout, backend=config.backend,
-                     cpu_fused_block=config.cpu_fused_block)
+                     cpu_fused_block=config.cpu_fused_block,
+                     label_smoothing=config.label_smoothing, z_loss=config.z_loss)
     checkpoint = None
     if config.init_from == "scratch":
         vocab_size = meta["vocab_size"] if meta else 50304  # nanoGPT: GPT-2's, padded
         model = GPT(GPTConfig(block_size=config.block_size, vocab_size=vocab_size,
                               n_layer=config.n_layer, n_head=config.n_head,
                               n_embd=config.n_embd, bias=config.bias,
-                              gelu_approximate=config.gelu_approximate, **overrides))
+                              gelu_approximate=config.gelu_approximate,
+                              logit_softcap=config.logit_softcap, **overrides))
         how = "Initializing a new model from scratch"
     elif config.init_from == "resume":
         checkpoint = load_checkpoint_file(config.out_dir, map_location=device)
@@ -436,8 +449,9 @@ def dropout_generators(device: torch.device) -> list[torch.Generator]:
 
 
 def make_step(config: TrainConfig, model, optimizer, scaler, batches: TrainBatches,
-              dist: Distributed) -> TrainStep:
-    """The iteration of `config`: what the CLI runs, and what the benchmarks time."""
+              dist: Distributed, gpt: GPT | None = None) -> TrainStep:
+    """The iteration of `config`: what the CLI runs, and what the benchmarks time. `gpt`:
+    the model itself (model may wrap it), whose z-loss term the step collects."""
     generators = dropout_generators(batches.device)
 
     def seed_dropout(iter_num: int) -> None:
@@ -450,7 +464,9 @@ def make_step(config: TrainConfig, model, optimizer, scaler, batches: TrainBatch
                      accumulation_steps=config.gradient_accumulation_steps // dist.world_size,
                      grad_clip=config.grad_clip,
                      autocast=autocast_context(config, batches.device),
-                     distributed=dist.enabled, seed_iteration=seed_dropout)
+                     distributed=dist.enabled, seed_iteration=seed_dropout,
+                     z_loss_of=(lambda: gpt.last_z_loss) if gpt is not None and config.z_loss
+                     else None)
 
 
 def progress_bar(config: TrainConfig, dist: Distributed, iter_num: int):
@@ -499,6 +515,7 @@ def _train(config: TrainConfig, dist: Distributed, device: torch.device) -> None
 
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model, checkpoint, how = build_model(config, meta, device)
+    gpt_model = model  # before any wrapping
     log(how)
     log(f"number of parameters: {model.get_num_params() / 1e6:.2f}M")
     log("kernels: " + "; ".join(str(s) for s in kernels.available_backends().values()))
@@ -535,7 +552,7 @@ def _train(config: TrainConfig, dist: Distributed, device: torch.device) -> None
         log = bar.write
 
     step = make_step(config, model, optimizer, scaler,
-                     TrainBatches(splits["train"], config, device, dist), dist)
+                     TrainBatches(splits["train"], config, device, dist), dist, gpt_model)
     lr_at = lr_schedule(config)
     t0 = time.perf_counter()
     local_iter_num, running_mfu = 0, {count: -1.0 for count in flops_per_token}
@@ -568,7 +585,10 @@ def _train(config: TrainConfig, dist: Distributed, device: torch.device) -> None
             if dist.enabled:  # the iteration's loss over every rank (gloo has no AVG)
                 torch_dist.all_reduce(loss)
                 loss /= dist.world_size
-            lossf = loss.item()  # the only host sync of a training iteration
+            # The z-loss term rides along (rank 0's micro-batches: a value to watch).
+            logged = loss if step.z_loss is None else torch.stack([loss, step.z_loss])
+            lossf, *z_loss = logged.flatten().tolist()  # the only host sync of an iteration
+            z_lossf = z_loss[0] if z_loss else None
             tokens_per_sec = tokens_per_iter / dt
             if local_iter_num >= 5 and peak_flops:  # let the first iterations warm up
                 for count, flops in flops_per_token.items():
@@ -578,14 +598,16 @@ def _train(config: TrainConfig, dist: Distributed, device: torch.device) -> None
             mfu = {count: value if value >= 0 else None for count, value in running_mfu.items()}
             mfu_text = {count: "n/a" if value is None else f"{value * 100:.2f}%"
                         for count, value in mfu.items()}
+            z_text = "" if z_lossf is None else f", z_loss {z_lossf:.4f}"
             log(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, "
-                f"mfu {mfu_text['nanogpt']}, causal mfu {mfu_text['causal']}")
+                f"mfu {mfu_text['nanogpt']}, causal mfu {mfu_text['causal']}{z_text}")
             if bar is not None:
                 bar.set_postfix(loss=f"{lossf:.4f}", refresh=False)
             if metrics:
+                extra = {} if z_lossf is None else {"z_loss": z_lossf}
                 metrics.write(event="train", iter=iter_num, loss=lossf, lr=lr, time_ms=dt * 1000,
                               tokens_per_sec=tokens_per_sec, mfu=mfu["nanogpt"],
-                              mfu_causal=mfu["causal"])
+                              mfu_causal=mfu["causal"], **extra)
         iter_num += 1
         local_iter_num += 1
         if iter_num > config.max_iters:

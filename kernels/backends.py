@@ -17,10 +17,8 @@ which calls it supports: `unsupported(call)` returns None, or the limit the call
 (`kernels.routing`: per op and GPU architecture, the fastest correct one in the committed
 GPU records, PyTorch's own included; on the CPU, ``torch``) that is available, runs on the
 inputs' device (never the interpreter) and supports the call, so it never picks a backend
-that would then refuse. An explicitly named backend that cannot
-run a call raises `BackendUnavailableError` naming the limit, with one exception: a call
-using a feature only the `torch` backend implements (attention dropout, queries shorter
-than keys) runs there, with a warning the first time. The process-wide default is
+that would then refuse. An explicitly named backend that cannot run a call raises
+`BackendUnavailableError` naming the limit. The process-wide default is
 ``"auto"``; change it with `set_default_backend` or the ``KERNELS_BACKEND`` variable.
 """
 from __future__ import annotations
@@ -29,7 +27,6 @@ import importlib
 import importlib.metadata
 import importlib.util
 import os
-import warnings
 from types import ModuleType
 from typing import Callable
 
@@ -172,8 +169,6 @@ def _implementation(candidate: str, call: Call) -> Callable | None:
     """The function of one of a route's implementations (`kernels.routing`) for `call`, or
     None when it cannot take this call here."""
     backend, variant = routing.split(candidate)
-    if backend != "torch" and call.torch_only:
-        return None
     if not _can_take(backend, call.op, call.device) or _module(backend).unsupported(call):
         return None
     if variant is None:
@@ -218,18 +213,12 @@ def _explain_if_unable(name: str, op: str, device: torch.device) -> None:
 
 
 def why_unsupported(backend: str, call: Call) -> str | None:
-    """Why the explicitly named `backend` would refuse `call`, or None when it runs it
-    (on itself, or on `torch` for a torch-only feature)."""
+    """Why the explicitly named `backend` would refuse `call`, or None when it runs it."""
     try:
         _explain_if_unable(_check_name(backend), call.op, call.device)
     except BackendUnavailableError as exc:
         return str(exc)
-    if call.torch_only:
-        return None
     return _module(backend).unsupported(call)
-
-
-_warned_torch_only: set[tuple[str, str]] = set()
 
 
 def resolve(call: Call, backend: str | None) -> Callable:
@@ -242,12 +231,6 @@ def resolve(call: Call, backend: str | None) -> Callable:
                 return function
         return _module("torch").OPS[call.op]
     _explain_if_unable(name, call.op, call.device)
-    if call.torch_only and name != "torch":
-        if (name, call.torch_only) not in _warned_torch_only:
-            _warned_torch_only.add((name, call.torch_only))
-            warnings.warn(f"{call.op}: backend {name!r} does not implement {call.torch_only}; "
-                          f"running the 'torch' backend for such calls", stacklevel=3)
-        return _module("torch").OPS[call.op]
     reason = _module(name).unsupported(call)
     if reason is not None:
         raise BackendUnavailableError(f"backend {name!r} cannot run this {call.op} call: "

@@ -32,6 +32,13 @@ def _run(call, backend):
     return resolve(call, backend)(*call.args)
 
 
+def _without_classes(logits, call):
+    """A cross-entropy call's result when there are no classes (every target is ignored):
+    the losses, and with return_z_loss the z-loss term, whose per-row terms are 0 too."""
+    loss = without_classes(logits, call["targets"], call["ignore_index"], call["reduction"])
+    return (loss, loss.detach()) if call["return_z_loss"] else loss
+
+
 def layer_norm(x, weight, bias=None, eps=1e-5, *, backend=None):
     """LayerNorm over the last dim of x[..., C] with weight[C] and optional bias[C]; the
     result has x's dtype (the parameters may be another float dtype)."""
@@ -51,32 +58,45 @@ def mlp_gelu(x, w_fc, b_fc, w_proj, b_proj, approximate="tanh", *, backend=None)
     return _run(_MLP_GELU.canonicalize(x, w_fc, b_fc, w_proj, b_proj, approximate), backend)
 
 
-def causal_attention(q, k, v, scale=None, dropout_p=0.0, *, backend=None):
+def causal_attention(q, k, v, scale=None, dropout_p=0.0, dropout_seed=None, *, backend=None):
     """Causal softmax(q k^T * scale) v on (B, H, T, D); scale defaults to D**-0.5.
 
     k and v may be longer than q (decoding with a KV cache): the mask is then aligned to
-    the bottom-right. Such calls, and calls with attention dropout, run on the `torch`
-    backend: the fused kernels implement neither (a warning says so once).
+    the bottom-right. With dropout_p > 0 the probabilities are dropped (kept ones scaled
+    by 1 / (1 - dropout_p)) by a mask drawn from torch's default generator, or, given
+    dropout_seed = (seed, offset), by the mask `kernels.philox` defines for it, the same
+    on every backend (`kernels.philox.keep_mask` rebuilds it).
     """
-    return _run(_CAUSAL_ATTENTION.canonicalize(q, k, v, scale, dropout_p), backend)
+    return _run(_CAUSAL_ATTENTION.canonicalize(q, k, v, scale, dropout_p, dropout_seed),
+                backend)
 
 
-def cross_entropy(logits, targets, ignore_index=-100, reduction="mean", *, backend=None):
+def cross_entropy(logits, targets, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+                  z_loss=0.0, softcap=None, return_z_loss=False, *, backend=None):
     """Cross-entropy of logits[..., V] against class indices targets[...], as F.cross_entropy
     (mean over the targets that are not ignore_index). The loss is fp32 whatever the logits'
-    dtype."""
-    call = _CROSS_ENTROPY.canonicalize(logits, targets, ignore_index, reduction)
+    dtype.
+
+    Loss variants (all off by default; see `kernels.losses`): label_smoothing as
+    F.cross_entropy's; z_loss, the coefficient of z_loss * logsumexp(logits)^2 added per
+    row (PaLM); softcap, logits replaced by softcap * tanh(logits / softcap) first (Gemma
+    2). With return_z_loss the result is (loss, z-loss term): the term reduced as the loss
+    and detached, to log it."""
+    call = _CROSS_ENTROPY.canonicalize(logits, targets, ignore_index, reduction,
+                                       label_smoothing, z_loss, softcap, return_z_loss)
     if call["logits"].shape[-1] == 0:  # no classes: nothing for a kernel to compute
-        return without_classes(*call.args)
+        return _without_classes(call["logits"], call)
     return _run(call, backend)
 
 
-def linear_cross_entropy(x, weight, targets, bias=None, ignore_index=-100, reduction="mean", *,
+def linear_cross_entropy(x, weight, targets, bias=None, ignore_index=-100, reduction="mean",
+                         label_smoothing=0.0, z_loss=0.0, softcap=None, return_z_loss=False, *,
                          backend=None):
-    """cross_entropy(x @ weight.T + bias, targets) without materializing all the logits at
-    once where the backend can (the lm_head fused with the loss)."""
-    call = _LINEAR_CROSS_ENTROPY.canonicalize(x, weight, targets, bias, ignore_index, reduction)
+    """cross_entropy(x @ weight.T + bias, targets, ...) without materializing all the logits
+    at once where the backend can (the lm_head fused with the loss); the loss variants are
+    cross_entropy's."""
+    call = _LINEAR_CROSS_ENTROPY.canonicalize(x, weight, targets, bias, ignore_index, reduction,
+                                              label_smoothing, z_loss, softcap, return_z_loss)
     if call["weight"].shape[0] == 0:  # no classes: nothing for a kernel to compute
-        return without_classes(F.linear(call["x"], call["weight"], call["bias"]),
-                               *call.args[2:3], *call.args[4:])
+        return _without_classes(F.linear(call["x"], call["weight"], call["bias"]), call)
     return _run(call, backend)

@@ -8,7 +8,10 @@ always None), so `auto` always has somewhere to go. It must agree with
 memory-efficient / math kernels itself; on the CPU, short bf16 sequences take the batched
 matmuls of `kernels.cpu.attention` instead), `F.cross_entropy`, and the chunked linear +
 cross-entropy of `kernels.chunked_linear_cross_entropy` (eager linear + cross-entropy when
-the logits fit in one chunk).
+the logits fit in one chunk). Attention dropout draws its masks from torch's generators
+(SDPA's own, or `kernels.cpu.dropout`'s on the CPU path), except in a call that names its
+mask by a dropout_seed: there the probabilities are materialized and dropped by the mask
+`kernels.philox` defines for that seed, the one every backend applies.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import chunked_linear_cross_entropy as chunked
-from kernels import reference
+from kernels import losses, philox, reference
 from kernels.cpu import attention as cpu_attention
 from kernels.reference import causal_mask
 from kernels.specs import OPS as SPEC_OPS
@@ -47,7 +50,9 @@ def mlp_gelu(x, w_fc, b_fc, w_proj, b_proj, approximate):
     return F.linear(F.gelu(F.linear(x, w_fc, b_fc), approximate=approximate), w_proj, b_proj)
 
 
-def causal_attention(q, k, v, scale, dropout_p):
+def causal_attention(q, k, v, scale, dropout_p, dropout_seed=None):
+    if dropout_p > 0.0 and dropout_seed is not None:
+        return _attention_with_seeded_dropout(q, k, v, scale, dropout_p, dropout_seed)
     if q.numel() == 0 or k.numel() == 0:
         # SDPA's cuDNN path returns an undefined tensor (None in Python) for an empty batch
         # in 16-bit (seen on an H200, torch 2.11); the reference's math is free when empty.
@@ -69,6 +74,19 @@ def causal_attention(q, k, v, scale, dropout_p):
     # Queries are the last t_q positions (decoding with a KV cache): bottom-right mask.
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(t_q, t_k, q.device),
                                           scale=scale, dropout_p=dropout_p)
+
+
+def _attention_with_seeded_dropout(q, k, v, scale, dropout_p, dropout_seed):
+    """Attention whose dropout mask is dropout_seed's (`kernels.philox`), the one every
+    backend applies for it: SDPA draws its own, so the (T_q, T_k) probabilities are
+    materialized (as eager attention does), in fp32 for 16-bit inputs."""
+    compute = torch.promote_types(q.dtype, torch.float32)
+    t_q, t_k = q.shape[-2], k.shape[-2]
+    scores = torch.matmul(q.to(compute), k.to(compute).transpose(-2, -1)) * scale
+    scores = scores.masked_fill(~causal_mask(t_q, t_k, q.device), float("-inf"))
+    keep = philox.keep_mask(dropout_seed, dropout_p, *scores.shape, device=q.device)
+    dropped = torch.softmax(scores, dim=-1) * keep
+    return (torch.matmul(dropped, v.to(compute)) * (1.0 / (1.0 - dropout_p))).to(q.dtype)
 
 
 def _sdpa_in_fp32(q, k, v) -> bool:
@@ -109,7 +127,8 @@ def _sdpa_aligned(t):
     return t.clone(memory_format=torch.contiguous_format)
 
 
-def cross_entropy(logits, targets, ignore_index, reduction):
+def cross_entropy(logits, targets, ignore_index, reduction, label_smoothing=0.0, z_loss=0.0,
+                  softcap=0.0, return_z_loss=False):
     # (N, V) logits and (N,) int64 targets, the common case, go to F.cross_entropy as they
     # are: each no-op reshape or cast is a dispatcher round trip of ~1 us.
     flat_targets = targets if targets.dim() == 1 else targets.reshape(-1)
@@ -117,16 +136,31 @@ def cross_entropy(logits, targets, ignore_index, reduction):
         flat_targets = flat_targets.long()
     rows = logits if logits.dim() == 2 else \
         logits.reshape(flat_targets.numel(), logits.shape[-1])
+    kept = flat_targets != ignore_index
     # An ignored row is ignored whatever its logits: F.cross_entropy would give a row of
     # -inf a NaN gradient (softmax 0/0) even though it does not count.
-    rows = torch.where((flat_targets != ignore_index).unsqueeze(1), _at_least_fp32(rows), 0.0)
-    losses = F.cross_entropy(rows, flat_targets, ignore_index=ignore_index,
-                             reduction=reduction)
-    return losses.view(targets.shape) if reduction == "none" else losses
+    rows = torch.where(kept.unsqueeze(1), _at_least_fp32(rows), 0.0)
+    if softcap:
+        rows = softcap * torch.tanh(rows / softcap)
+    plain = not (z_loss or return_z_loss)
+    loss = F.cross_entropy(rows, flat_targets, ignore_index=ignore_index,
+                           reduction=reduction if plain else "none",
+                           label_smoothing=label_smoothing)
+    if plain:
+        return loss.view(targets.shape) if reduction == "none" else loss
+    # The z-loss needs each row's log-sum-exp: F.cross_entropy keeps its own to itself.
+    lse = torch.logsumexp(rows, dim=-1)
+    if z_loss:
+        loss = loss + torch.where(kept, z_loss * lse.square(), 0.0)
+    loss = losses.reduce_losses(loss, flat_targets, ignore_index, reduction)
+    return losses.finish(loss, lse, targets, ignore_index, reduction,
+                         losses.LossVariant(label_smoothing, z_loss, softcap), return_z_loss)
 
 
-def linear_cross_entropy(x, weight, targets, bias, ignore_index, reduction):
+def linear_cross_entropy(x, weight, targets, bias, ignore_index, reduction, label_smoothing=0.0,
+                         z_loss=0.0, softcap=0.0, return_z_loss=False):
     rows = x.numel() // max(1, x.shape[-1])
+    variant = (label_smoothing, z_loss, softcap, return_z_loss)
     if rows * weight.shape[0] <= chunked.SINGLE_CHUNK_LOGITS and \
             x.dtype in (torch.float32, torch.float64):
         # Logits no larger than one chunk: eager's linear and cross-entropy hold no more
@@ -135,8 +169,10 @@ def linear_cross_entropy(x, weight, targets, bias, ignore_index, reduction):
         # eager's backward rounds the loss's gradient (upstream / N) to 16 bits with
         # every entry of dlogits, so every gradient carries that one rounding, a bias of
         # up to 0.2 % in bf16; the chunk loop applies the scale in fp32 after its GEMMs.
-        return cross_entropy(F.linear(x, weight, bias), targets, ignore_index, reduction)
-    return chunked.linear_cross_entropy(x, weight, targets, bias, ignore_index, reduction)
+        return cross_entropy(F.linear(x, weight, bias), targets, ignore_index, reduction,
+                             *variant)
+    return chunked.linear_cross_entropy(x, weight, targets, bias, ignore_index, reduction,
+                                        *variant)
 
 
 def _at_least_fp32(t):
@@ -161,9 +197,9 @@ def causal_attention_preferring(kernel: str):
     order = list(dict.fromkeys(getattr(SDPBackend, name) for name in
                                (SDPA_KERNELS[kernel], *SDPA_KERNELS.values())))
 
-    def attention(q, k, v, scale, dropout_p):
+    def attention(q, k, v, scale, dropout_p, dropout_seed=None):
         with sdpa_kernel(order, set_priority=True):
-            return causal_attention(q, k, v, scale, dropout_p)
+            return causal_attention(q, k, v, scale, dropout_p, dropout_seed)
     attention.__name__ = f"causal_attention_preferring_{kernel.replace('-', '_')}"
     return attention
 

@@ -20,9 +20,10 @@ def _stage(name, code="print('hi')", estimate=1.0, needs=None):
 def test_plan_is_in_order_of_value(tmp_path):
     names = [stage.name for stage in gpu_check.stages(PY, tmp_path)]
     # Training right after the install, then attention at every version, then LayerNorm
-    # and cross-entropy, then the conformance suite and the rest.
-    expected = ["install", "train", "attention", "memory", "conformance", "gpu-tests",
-                "train-backends", "kernels", "kernels-vs-static", "e2e", "tests", "sweep"]
+    # and cross-entropy and the variants, then the conformance suite and the rest.
+    expected = ["install", "train", "attention", "memory", "variants", "conformance",
+                "gpu-tests", "train-backends", "kernels", "kernels-vs-static", "e2e", "tests",
+                "sweep"]
     assert names == expected
     gpu_tests = next(s for s in gpu_check.stages(PY, tmp_path) if s.name == "gpu-tests")
     assert "-m" in gpu_tests.command and "gpu" in gpu_tests.command
@@ -32,7 +33,7 @@ def test_conformance_stage_only_when_the_suite_exists(tmp_path):
     assert "conformance" not in [s.name for s in gpu_check.stages(PY, tmp_path, repo=tmp_path)]
     (tmp_path / "tests").mkdir()
     (tmp_path / gpu_check.CONFORMANCE_TESTS).write_text("")
-    assert [s.name for s in gpu_check.stages(PY, tmp_path, repo=tmp_path)][4] == "conformance"
+    assert [s.name for s in gpu_check.stages(PY, tmp_path, repo=tmp_path)][5] == "conformance"
 
 
 def test_time_slices_and_skips():

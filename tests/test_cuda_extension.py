@@ -220,17 +220,17 @@ def test_kernels_reject_cpu_tensors_with_clear_errors():
         ext.layer_norm_forward(x, torch.ones(8), None, 1e-5)
     q = torch.randn(1, 1, 4, 8)
     with pytest.raises(RuntimeError, match="q must be a CUDA tensor"):
-        ext.attention_forward(q, q, q, 1.0, 1)
+        ext.attention_forward(q, q, q, 1.0, 1, 0.0, 0, 0)
     with pytest.raises(RuntimeError, match="has versions 1 and 2, got 3"):
-        ext.attention_forward(q, q, q, 1.0, 3)
+        ext.attention_forward(q, q, q, 1.0, 3, 0.0, 0, 0)
     with pytest.raises(RuntimeError, match="has versions 1 and 2, got 0"):
-        ext.attention_backward(q, q, q, q, q, torch.zeros(1, 1, 4), 1.0, 0, False)
+        ext.attention_backward(q, q, q, q, q, torch.zeros(1, 1, 4), 1.0, 0, False, 0.0, 0, 0)
     with pytest.raises(RuntimeError, match="q must be a CUDA tensor"):
-        ext.attention_backward(q, q, q, q, q, torch.zeros(1, 1, 4), 1.0, 2, True)
+        ext.attention_backward(q, q, q, q, q, torch.zeros(1, 1, 4), 1.0, 2, True, 0.1, 5, 6)
     with pytest.raises(TypeError):  # the version is a required argument
         ext.attention_forward(q, q, q, 1.0)
     with pytest.raises(RuntimeError, match="logits must be a CUDA tensor"):
-        ext.cross_entropy_forward(x, torch.zeros(4, dtype=torch.long), -100)
+        ext.cross_entropy_forward(x, torch.zeros(4, dtype=torch.long), -100, 0.0, 0.0, 0.0)
     with pytest.raises(RuntimeError, match="pre must be a CUDA tensor"):
         ext.bias_gelu_forward(x, None, True)
 
@@ -306,6 +306,18 @@ def test_meta_mlp_and_attention(approximate):
     _assert_grads_match(grads)
 
 
+@pytest.mark.parametrize("dropout_seed", [None, (3, 4)])
+def test_meta_attention_with_a_kv_cache_and_dropout(dropout_seed):
+    """Keys outnumbering queries and dropout (a fresh seed, or a given one) reach both
+    kernels; the gradients take their inputs' shapes (dK, dV the cache's length)."""
+    q = torch.empty(2, 4, 3, 16, dtype=torch.bfloat16)
+    k, v = (torch.empty(2, 4, 11, 16, dtype=torch.bfloat16) for _ in range(2))
+    out, grads = _fake_grads(
+        lambda q, k, v: OPS["causal_attention"](q, k, v, 0.25, 0.1, dropout_seed), q, k, v)
+    assert out.shape == q.shape
+    _assert_grads_match(grads)
+
+
 @pytest.fixture
 def restore_versions():
     """Put every kernel back at the version it ran at before the test."""
@@ -342,7 +354,7 @@ def test_meta_attention_passes_version_and_mode_to_both_kernels(number, determin
     backward_op = cuda_backend.attention._attention_bwd
 
     def recording(*args):
-        seen.append(args[-2:])
+        seen.append(args[7:9])  # (version, deterministic)
         return backward_op(*args)
 
     monkeypatch.setattr(cuda_backend.attention, "_attention_bwd", recording)
@@ -362,24 +374,27 @@ def test_attention_fake_impls_check_what_the_kernels_check():
     fwd, bwd = cuda_backend.attention._attention_fwd, cuda_backend.attention._attention_bwd
     q = torch.empty(1, 2, 5, 16, dtype=torch.bfloat16, device="meta")
     lse = torch.empty(1, 2, 5, device="meta")
+    longer = torch.empty(1, 2, 9, 16, dtype=torch.bfloat16, device="meta")
     with pytest.raises(RuntimeError, match="has versions 1 and 2, got 3"):
-        fwd(q, q, q, 0.25, 3)
+        fwd(q, q, q, 0.25, 3, 0.0, None)
     with pytest.raises(RuntimeError, match="multiple of 8 and at most 128, got 12"):
-        fwd(*(torch.empty(1, 2, 5, 12, device="meta"),) * 3, 0.25, 1)
-    with pytest.raises(RuntimeError, match="q, k, v of one shape"):
-        fwd(q, torch.empty(1, 2, 6, 16, dtype=torch.bfloat16, device="meta"), q, 0.25, 2)
+        fwd(*(torch.empty(1, 2, 5, 12, device="meta"),) * 3, 0.25, 1, 0.0, None)
+    with pytest.raises(RuntimeError, match="k, v of one shape"):
+        fwd(q, longer, q, 0.25, 2, 0.0, None)
+    with pytest.raises(RuntimeError, match="T_K >= T"):
+        fwd(longer, q, q, 0.25, 2, 0.0, None)
     with pytest.raises(RuntimeError, match="must share a dtype"):
-        fwd(q, q.float(), q, 0.25, 1)
+        fwd(q, q.float(), q, 0.25, 1, 0.0, None)
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
-        fwd(*(q.half(),) * 3, 0.25, 1)
+        fwd(*(q.half(),) * 3, 0.25, 1, 0.0, None)
     with pytest.raises(RuntimeError, match="has versions 1 and 2, got 0"):
-        bwd(q, q, q, q, q, lse, 0.25, 0, False)
+        bwd(q, q, q, q, q, lse, 0.25, 0, False, 0.0, None)
     with pytest.raises(RuntimeError, match="lse must be the forward's contiguous float32"):
-        bwd(q, q, q, q, q, lse.bfloat16(), 0.25, 2, False)
+        bwd(q, q, q, q, q, lse.bfloat16(), 0.25, 2, False, 0.0, None)
     with pytest.raises(RuntimeError, match="dout must match q"):
-        bwd(q.float(), q, q, q, q, lse, 0.25, 2, True)
-    dq, dk, dv = bwd(q, q, q, q, q, lse, 0.25, 2, False)
-    assert dq.shape == dk.shape == dv.shape == q.shape
+        bwd(q.float(), q, q, q, q, lse, 0.25, 2, True, 0.0, None)
+    dq, dk, dv = bwd(q, q, longer, longer, q, lse, 0.25, 2, False, 0.1, torch.tensor([1, 2]))
+    assert dq.shape == q.shape and dk.shape == dv.shape == longer.shape
 
 
 @pytest.mark.parametrize("number", [1, 2])
@@ -422,6 +437,27 @@ def test_meta_cross_entropies(reduction):
         lambda x, w, b, t: OPS["linear_cross_entropy"](x, w, t, b, -1, reduction),
         x, w, b, targets)
     assert loss.shape == ((2, 5) if reduction == "none" else ()) and loss.dtype == torch.float32
+    _assert_grads_match(grads)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_meta_cross_entropies_with_loss_variants(reduction):
+    """Label smoothing, z-loss and soft cap reach both kernels; the z-loss value comes back
+    beside the loss, shaped like it, without a gradient of its own."""
+    targets = torch.zeros(2, 5, dtype=torch.long)
+    variant = (0.1, 1e-4, 30.0, True)
+    (loss, z_value), grads = _fake_grads(
+        lambda z, t: OPS["cross_entropy"](z, t, -1, reduction, *variant),
+        torch.empty(2, 5, 11), targets)
+    assert loss.shape == z_value.shape == ((2, 5) if reduction == "none" else ())
+    assert not z_value.requires_grad
+    _assert_grads_match(grads)
+    x = torch.empty(2, 5, 8, dtype=torch.bfloat16)
+    w = torch.empty(11, 8, dtype=torch.bfloat16)
+    (loss, z_value), grads = _fake_grads(
+        lambda x, w, t: OPS["linear_cross_entropy"](x, w, t, None, -1, reduction, *variant),
+        x, w, targets)
+    assert loss.shape == z_value.shape and z_value.dtype == torch.float32
     _assert_grads_match(grads)
 
 

@@ -56,8 +56,6 @@ def assert_case_passes(op, case, dtype):
     inputs = case.build(dtype, torch.device("cuda"), torch.Generator().manual_seed(0))
     if not inputs.autocast:
         call = SPECS[op].canonicalize(*inputs.args)
-        if call.torch_only:
-            pytest.skip(f"{call.torch_only} runs on the torch backend")
         reason = kernels.backends.why_unsupported("cuda", call)
         if reason is not None:
             pytest.skip(f"cuda refuses this call: {reason}")
@@ -82,18 +80,23 @@ def test_attention_conformance_cases_at_every_version(case_name, number):
                            torch.bfloat16)
 
 
-def _long_attention_case(b, h, t, d, qkv_view=False, scale=1.0):
+def _long_attention_case(b, h, t, d, qkv_view=False, scale=1.0, t_k=None, dropout_p=0.0):
     """Sequences spanning many forward tiles (64 keys), backward key blocks (128) and query
-    steps (64), with a ragged last tile: every stage of both cp.async rings is refilled."""
+    steps (64), with a ragged last tile: every stage of both cp.async rings is refilled.
+    t_k > t: a KV cache longer than the queries; dropout_p: a mask from a fixed seed."""
     def build(dtype, device, gen):
         if qkv_view:  # the model's strided views of one (B, T, 3, H, D) projection
             qkv = make.tensor((b, t, 3, h, d), dtype, device, gen, scale=scale)
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         else:
-            q, k, v = (make.tensor((b, h, t, d), dtype, device, gen, scale=scale)
-                       for _ in range(3))
-        return Inputs((q, k, v, None, 0.0), (0, 1, 2))
-    return Case(f"B{b}-H{h}-T{t}-D{d}{'-qkv' if qkv_view else ''}", build)
+            q = make.tensor((b, h, t, d), dtype, device, gen, scale=scale)
+            k, v = (make.tensor((b, h, t_k or t, d), dtype, device, gen, scale=scale)
+                    for _ in range(2))
+        seed = (0x5EED, 3) if dropout_p else None
+        return Inputs((q, k, v, None, dropout_p, seed), (0, 1, 2))
+    name = f"B{b}-H{h}-T{t}-D{d}{'-qkv' if qkv_view else ''}"
+    return Case(name + (f"-TK{t_k}" if t_k else "") + (f"-p{dropout_p}" if dropout_p else ""),
+                build)
 
 
 LONG_ATTENTION = [
@@ -105,6 +108,13 @@ LONG_ATTENTION = [
     _long_attention_case(2, 2, 333, 64, qkv_view=True),
     _long_attention_case(1, 2, 260, 64, scale=4.0),  # peaked rows
     _long_attention_case(4, 12, 1024, 64),  # GPT-2 124M's attention
+    _long_attention_case(1, 2, 77, 64, t_k=600),    # a prompt appended to a long cache
+    _long_attention_case(2, 3, 1, 64, t_k=333),     # one decoding step
+    _long_attention_case(2, 3, 300, 64, dropout_p=0.1),
+    _long_attention_case(1, 2, 515, 32, dropout_p=0.3),
+    _long_attention_case(1, 1, 390, 128, dropout_p=0.1),
+    _long_attention_case(2, 2, 333, 64, qkv_view=True, dropout_p=0.2),
+    _long_attention_case(1, 2, 150, 64, t_k=420, dropout_p=0.1),
 ]
 
 
@@ -177,24 +187,31 @@ def _opcheck_samples():
     logits = torch.randn(6, 11, device="cuda")
     targets = torch.randint(0, 11, (6,), device="cuda")
     q = torch.randn(1, 2, 9, 32, device="cuda", dtype=torch.bfloat16)
+    kv = torch.randn(1, 2, 20, 32, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     loop = cuda_backend.linear_cross_entropy.chunk_loop.op
     return [
         (torch.ops.gptk.cuda_layer_norm_fwd, (x.requires_grad_(), w.requires_grad_(), b, 1e-5)),
         (torch.ops.gptk.cuda_add_layer_norm_fwd, (x, x.detach().clone(), w, None, 1e-5)),
         (torch.ops.gptk.cuda_bias_gelu_fwd, (x, b.requires_grad_(), True)),
         (torch.ops.gptk.cuda_bias_gelu_fwd, (x, b, False)),
-        (torch.ops.gptk.cuda_cross_entropy_fwd, (logits.requires_grad_(), targets, -100)),
+        (torch.ops.gptk.cuda_cross_entropy_fwd, (logits.requires_grad_(), targets, -100,
+                                                 0.0, 0.0, 0.0)),
+        (torch.ops.gptk.cuda_cross_entropy_fwd, (logits, targets, -100, 0.1, 1e-4, 5.0)),
         (torch.ops.gptk.cuda_cross_entropy_fwd_bwd_, (logits.detach().clone(), targets,
-                                                      torch.rand(6, device="cuda"), -100)),
+                                                      torch.rand(6, device="cuda"), -100,
+                                                      0.1, 1e-4, 5.0)),
         (torch.ops.gptk.cuda_attention_fwd, (q.requires_grad_(), q.detach().clone(),
-                                             q.detach().clone(), 0.2, 1)),
-        (torch.ops.gptk.cuda_attention_fwd, (q, q.detach().clone(), q.detach().clone(), 0.2, 2)),
+                                             q.detach().clone(), 0.2, 1, 0.0, None)),
+        (torch.ops.gptk.cuda_attention_fwd, (q, q.detach().clone(), q.detach().clone(), 0.2, 2,
+                                             0.0, None)),
+        (torch.ops.gptk.cuda_attention_fwd, (q, kv.clone(), kv.clone(), 0.2, 2, 0.1,
+                                             torch.tensor([5, 6]))),
         (loop, (x.detach(), torch.randn(11, 40, device="cuda"), targets[:5], None, -100,
-                torch.rand(5, device="cuda"), True)),
+                torch.rand(5, device="cuda"), True, 0.1, 1e-4, 5.0)),
     ]
 
 
-@pytest.mark.parametrize("index", range(9))
+@pytest.mark.parametrize("index", range(11))
 def test_opcheck(index):
     op, args = _opcheck_samples()[index]
     # Numerics are the conformance suite's; opcheck checks schema, fake impl and autograd.

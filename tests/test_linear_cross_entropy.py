@@ -33,14 +33,18 @@ def make(rows, channels, vocab, dtype, bias=True, ignored=(1,), ignore_index=-1)
     return x, weight, b, targets
 
 
-def check(impl, x, weight, bias, targets, ignore_index, reduction):
-    """The backend's loss and gradients against the fp64 reference, eager as the allowance."""
+def check(impl, x, weight, bias, targets, ignore_index, reduction, variant=(0.0, 0.0, None, False)):
+    """The backend's loss and gradients against the fp64 reference, eager as the allowance
+    (variant: label_smoothing, z_loss, softcap, return_z_loss)."""
     args = tuple(t if t is None or not t.is_floating_point() else t.detach().requires_grad_()
                  for t in (x, weight, targets, bias)) + (ignore_index, reduction)
+    smoothing, z_loss, softcap, return_z_loss = variant
+    canonical = args + (smoothing, z_loss, softcap or 0.0, return_z_loss)
+    args += variant
     inputs = Inputs(args, (0, 1) if bias is None else (0, 1, 3))
     expected, upstream = reference_results(SPEC, inputs, torch.Generator().manual_seed(0))
     eager = run(SPEC.eager, inputs.args, inputs.grad_args, upstream)
-    actual = run(implementation(impl), inputs.args, inputs.grad_args, upstream)
+    actual = run(implementation(impl), canonical, inputs.grad_args, upstream)
     assert actual.outputs[0].dtype == torch.float32
     for grad, arg in zip(actual.grads, inputs.differentiable()):
         assert grad.dtype == arg.dtype
@@ -62,6 +66,16 @@ def test_matches_reference_in_many_chunks(impl, reduction, bias, dtype, many_chu
     x, weight, b, targets = make(13, 24, 200, dtype, bias, ignored=(1, 5, 6))
     assert chunked.chunk_rows(13, 200) == 2
     check(impl, x, weight, b, targets, -1, reduction)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loss_variants_in_many_chunks(impl, reduction, dtype, many_chunks):
+    """Label smoothing, z-loss (its value returned too) and soft-capping through the chunk
+    step of each backend, in every reduction, with ignored rows."""
+    x, weight, b, targets = make(13, 24, 200, dtype, True, ignored=(1, 5, 6))
+    check(impl, x, weight, b, targets, -1, reduction, (0.2, 0.01, 1.5, True))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -123,8 +137,9 @@ def test_opcheck(impl):
     module = kernels.backends._module(impl).linear_cross_entropy
     x, weight, b, targets = make(6, 16, 40, torch.float32)
     for row_weight, compute_grad in ((torch.rand(6, device=DEVICE), True), (None, False)):
-        torch.library.opcheck(module.chunk_loop.op,
-                              (x, weight, targets, b, -1, row_weight, compute_grad))
+        for variant in ((0.0, 0.0, 0.0), (0.1, 1e-3, 5.0)):
+            torch.library.opcheck(module.chunk_loop.op,
+                                  (x, weight, targets, b, -1, row_weight, compute_grad, *variant))
 
 
 def test_chunk_policy():

@@ -41,6 +41,33 @@ def test_loss_is_cross_entropy_of_the_logits_with_minus_one_ignored():
     assert_close(loss, expected)
 
 
+def test_loss_variants_are_config_keys_off_by_default():
+    """label_smoothing, z_loss and logit_softcap reach the fused loss (its value against
+    cross-entropy of the capped logits, written out), the z-loss term is kept for logging,
+    and the soft cap applies to every logit the model returns."""
+    assert (GPTConfig().label_smoothing, GPTConfig().z_loss, GPTConfig().logit_softcap) == (0, 0, 0)
+    model = tiny_model(label_smoothing=0.1, z_loss=1e-2, logit_softcap=2.0)
+    idx, targets = torch.randint(0, 50, (2, 16)), torch.randint(0, 50, (2, 16))
+    targets[0, :5] = -1
+    _, loss = model(idx, targets)
+    logits = model.logits(idx)
+    raw = model.lm_head(model.hidden_states(idx))
+    assert_close(logits, 2.0 * torch.tanh(raw / 2.0))
+    assert logits.abs().max() < 2.0
+    flat, kept = logits.view(-1, 50).double(), targets.view(-1) != -1
+    lse = torch.logsumexp(flat, -1)[kept]
+    z_term = 1e-2 * lse.square().mean()
+    smoothed = torch.nn.functional.cross_entropy(flat, targets.view(-1), ignore_index=-1,
+                                                 label_smoothing=0.1)
+    assert_close(loss, smoothed + z_term)
+    assert_close(model.last_z_loss, z_term)
+    assert not model.last_z_loss.requires_grad
+    assert model(idx)[0].abs().max() < 2.0  # generation's logits too
+    plain = tiny_model()
+    plain(idx, targets)
+    assert plain.last_z_loss is None
+
+
 def test_gpt2_124m_parameter_count_and_init():
     with torch.device("meta"):
         model = GPT(GPTConfig(vocab_size=50257))
@@ -57,6 +84,8 @@ def test_gpt2_124m_parameter_count_and_init():
 @pytest.mark.parametrize("field, value, message", [
     ("n_embd", 31, "divisible by n_head"), ("n_layer", 0, "positive int"),
     ("dropout", 1.0, "dropout"), ("backend", "tpu", "unknown backend"),
+    ("label_smoothing", 1.5, "label_smoothing"), ("z_loss", -1.0, "z_loss"),
+    ("logit_softcap", float("inf"), "logit_softcap"),
 ])
 def test_bad_config_is_a_clear_error(field, value, message):
     with pytest.raises(ValueError, match=message):

@@ -113,6 +113,18 @@ def test_backend_packages_do_not_import_the_registry():
     (lambda: kernels.cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 2]), ignore_index=1.5),
      TypeError, "ignore_index must be an int"),
     (lambda: kernels.layer_norm(torch.tensor(1.0), torch.ones(1)), ValueError, "at least one dim"),
+    (lambda: kernels.causal_attention(*[torch.randn(1, 1, 2, 8)] * 3, dropout_p=0.1,
+                                      dropout_seed=(1,)), TypeError, "pair of ints"),
+    (lambda: kernels.causal_attention(*[torch.randn(1, 1, 2, 8)] * 3, dropout_p=0.1,
+                                      dropout_seed=(1, 2 ** 32)), ValueError, "offset < 2\\^32"),
+    (lambda: kernels.cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 2]), label_smoothing=1.5),
+     ValueError, r"label_smoothing must be a number in \[0, 1\]"),
+    (lambda: kernels.cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 2]), z_loss=-1e-4),
+     ValueError, "z_loss"),
+    (lambda: kernels.cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 2]), softcap=0.0),
+     ValueError, "softcap must be None or a finite number > 0"),
+    (lambda: kernels.linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 2]),
+                                          return_z_loss=1), TypeError, "return_z_loss must be a bool"),
 ])
 def test_bad_input_gets_a_clear_error(call, error, message):
     with pytest.raises(error, match=message):
@@ -142,20 +154,23 @@ def test_matmul_ops_follow_autocast():
 
 @pytest.mark.skipif(not kernels.available_backends()["triton"].available,
                     reason="triton backend unavailable")
-def test_attention_with_dropout_falls_back_to_torch_with_one_warning(monkeypatch, recwarn):
-    """Attention dropout and a KV cache are torch-only features: an explicitly named kernel
-    backend hands such calls to `torch`, saying so once."""
-    monkeypatch.setattr(backends, "_warned_torch_only", set())
-    q = torch.randn(1, 1, 4, 8)
-    for _ in range(3):
-        out = kernels.causal_attention(q, q, q, dropout_p=0.5, backend="triton")
-    assert out.shape == q.shape
-    messages = [str(w.message) for w in recwarn.list if "attention dropout" in str(w.message)]
-    assert len(messages) == 1 and "'torch' backend" in messages[0]
-
-
-def test_auto_sends_torch_only_calls_to_torch():
+def test_dropout_and_kv_cache_calls_run_on_the_named_backend(recwarn):
+    """Attention dropout and queries shorter than keys are every backend's: a named backend
+    runs them itself, with no warning and no detour through `torch`."""
     q, kv = torch.randn(1, 1, 4, 8), torch.randn(1, 1, 6, 8)
-    call = kernels.specs.SPECS["causal_attention"].canonicalize(q, kv, kv)
-    assert call.torch_only == "queries shorter than keys (KV cache)"
-    assert backends.resolve(call, "auto") is backends._module("torch").OPS["causal_attention"]
+    triton_attention = backends._module("triton").OPS["causal_attention"]
+    for args in ((q, q, q, None, 0.5), (q, kv, kv), (q, kv, kv, None, 0.2, (1, 2))):
+        call = kernels.specs.SPECS["causal_attention"].canonicalize(*args)
+        assert backends.resolve(call, "triton") is triton_attention
+        assert kernels.causal_attention(*args, backend="triton").shape == q.shape
+    assert not recwarn.list
+
+
+@pytest.mark.skipif(not kernels.available_backends()["triton"].available,
+                    reason="triton backend unavailable")
+def test_a_call_the_backend_cannot_run_is_refused_with_the_limit():
+    q = torch.randn(1, 1, 4, 256)
+    call = kernels.specs.SPECS["causal_attention"].canonicalize(q, q, q)
+    assert "head dims up to 128" in backends.why_unsupported("triton", call)
+    with pytest.raises(kernels.BackendUnavailableError, match="head dims up to 128, got 256"):
+        kernels.causal_attention(q, q, q, backend="triton")

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import reference, torch_backend
+from kernels import philox, reference, torch_backend
 from kernels.testing import assert_close
 
 FP64 = dict(dtype=torch.float64, requires_grad=True)
@@ -104,6 +104,41 @@ def test_cross_entropy_matches_builtin(reduction, index_dtype):
     assert reference.cross_entropy(logits.float(), targets, -100, reduction).dtype == torch.float32
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_variants_match_their_definitions(reduction):
+    """Label smoothing against F.cross_entropy's own, the soft cap as cap * tanh(x / cap)
+    first, the z-loss as coef * logsumexp^2 per kept row, its value returned detached."""
+    logits = (3 * torch.randn(6, 50, dtype=torch.float64)).requires_grad_()
+    targets = torch.randint(0, 50, (6,))
+    targets[[1, 4]] = -100
+    loss, z_value = reference.cross_entropy(logits, targets, -100, reduction, 0.2, 1e-2, 4.0,
+                                            True)
+    capped = 4.0 * torch.tanh(logits / 4.0)
+    kept = (targets != -100).double()
+    z_terms = 1e-2 * torch.logsumexp(capped, -1).square() * kept
+    expected_z = {"none": z_terms, "sum": z_terms.sum(), "mean": z_terms.sum() / kept.sum()}
+    expected = F.cross_entropy(capped, targets, ignore_index=-100, reduction=reduction,
+                               label_smoothing=0.2) + expected_z[reduction]
+    assert_close(loss, expected)
+    assert_close(z_value, expected_z[reduction])
+    assert not z_value.requires_grad and loss.requires_grad
+    plain = reference.cross_entropy(logits, targets, -100, reduction)
+    assert_close(reference.cross_entropy(logits, targets, -100, reduction, 0.0, 0.0, None),
+                 plain)
+
+
+def test_attention_dropout_applies_the_seeds_mask():
+    q = torch.randn(2, 3, 5, 8, **FP64)
+    k, v = torch.randn(2, 3, 9, 8, **FP64), torch.randn(2, 3, 9, 8, **FP64)
+    seed = (77, 3)
+    out = reference.causal_attention(q, k, v, None, 0.25, seed)
+    scores = (q @ k.transpose(-2, -1)) * 8 ** -0.5
+    scores = scores.masked_fill(~reference.causal_mask(5, 9, "cpu"), float("-inf"))
+    keep = philox.keep_mask(seed, 0.25, 2, 3, 5, 9)
+    assert_close(out, (torch.softmax(scores, -1) * keep / 0.75) @ v)
+    assert not torch.equal(out, reference.causal_attention(q, k, v, None, 0.25, (77, 4)))
+
+
 def test_cross_entropy_mean_of_all_ignored_is_nan_like_torch():
     logits, targets = torch.randn(3, 7), torch.full((3,), -100)
     assert torch.isnan(reference.cross_entropy(logits, targets))
@@ -140,3 +175,10 @@ def test_reference_gradcheck_fp64():
     assert torch.autograd.gradcheck(
         lambda a, wt, bb: reference.linear_cross_entropy(a, wt, targets, bb, -100),
         (torch.randn(4, 3, **FP64), torch.randn(5, 3, **FP64), torch.randn(5, **FP64)))
+    for reduction in ("mean", "none"):  # every loss variant at once
+        assert torch.autograd.gradcheck(
+            lambda z: reference.cross_entropy(z, targets, -100, reduction, 0.1, 0.05, 2.0),
+            (logits,))
+    assert torch.autograd.gradcheck(  # attention with a dropout mask and a KV cache
+        lambda *a: reference.causal_attention(*a, None, 0.3, (5, 6)),
+        (q[:, :, :3], k, v))

@@ -306,6 +306,34 @@ def test_resume_continues_with_the_same_losses(tmp_path, text_file):
         assert torch.equal(tensor, parts["model"][name]), name
 
 
+@pytest.mark.skipif(not __import__("kernels").available_backends()["triton"].available,
+                    reason="triton backend unavailable")
+def test_resume_with_attention_dropout_on_triton_continues_with_the_same_losses(tmp_path,
+                                                                                  text_file):
+    """The fused attention's dropout draws its Philox (seed, offset) from the generators
+    the loop seeds by (seed, iteration), both of which the checkpoint holds: a resumed run
+    continues with the uninterrupted run's losses, bit for bit."""
+    common = ["--backend=triton", "--n_layer=1", "--eval_interval=2",
+              "--always_save_checkpoint=True", "--dropout=0.3", "--lr_decay_iters=4",
+              "--learning_rate=1e-2", "--gradient_accumulation_steps=1", "--eval_iters=1"]
+    uninterrupted = train_losses(run(tmp_path, text_file, "full", *common, "--max_iters=4"))
+    run(tmp_path, text_file, "parts", *common, "--max_iters=2")
+    resumed = train_losses(run(tmp_path, text_file, "parts", *common, "--max_iters=4",
+                               "--init_from=resume"))
+    assert resumed == uninterrupted
+    assert len(set(uninterrupted.values())) == len(uninterrupted)
+
+
+def test_loss_variants_are_keys_and_the_z_loss_is_logged(tmp_path, text_file, capsys):
+    entries = run(tmp_path, text_file, "out", "--max_iters=2", "--eval_interval=2",
+                  "--label_smoothing=0.1", "--z_loss=1e-3", "--logit_softcap=30")
+    logged = [e for e in entries if e["event"] == "train"]
+    assert all(e["z_loss"] > 0 for e in logged)
+    assert re.search(r"iter 1: loss \d+\.\d+, time .*, z_loss \d+\.\d+", capsys.readouterr().out)
+    ckpt = load_checkpoint_file(tmp_path / "out")
+    assert (ckpt["model_args"]["label_smoothing"], ckpt["model_args"]["logit_softcap"]) == (0.1, 30.0)
+
+
 def test_eval_only_evaluates_once(tmp_path, text_file):
     entries = run(tmp_path, text_file, "out", "--eval_only=True")
     assert [e["event"] for e in entries] == ["eval"]

@@ -20,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 import kernels
 from aot_session import SM90_SINGLE_PASS_SOURCE
 from bench.static import sass
-from kernels import reference, versions
+from kernels import philox, reference, versions
 from kernels.testing import assert_close
 from kernels.triton import attention
 from kernels.triton.aot import TARGET_ARCHS, compile_all
@@ -152,8 +152,11 @@ def test_dispatch_through_kernels_ops():
 
 
 @pytest.mark.parametrize("call, error, match", [
-    (lambda q: attention.causal_attention(q, q, q, None, 0.1), ValueError, "dropout"),
-    (lambda q: attention.causal_attention(q[:, :, :4], q, q, None, 0.0), ValueError, "keys"),
+    (lambda q: attention.causal_attention(q, q, q, None, 1.0), ValueError, "dropout_p"),
+    (lambda q: attention.causal_attention(q, q[:, :, :4], q[:, :, :4], None, 0.0), ValueError,
+     "T_K >= T"),
+    (lambda q: attention.causal_attention(q, q, q, None, 0.1, (-1, 0)), ValueError,
+     "dropout_seed"),
     (lambda q: attention_forward(q.double(), q.double(), q.double()), TypeError, "float64"),
     (lambda q: attention_forward(q, q.half(), q), TypeError, "share a dtype"),
     (lambda q: attention_forward(q, q[:, :, :4], q), ValueError, "shape"),
@@ -167,15 +170,21 @@ def test_bad_input_is_named(call, error, match):
 
 
 @pytest.mark.parametrize("version", VERSIONS, indirect=True)
-def test_opcheck_fwd_and_bwd_ops(version):
-    """Schema, fake (meta) impls, autograd registration and AOT dispatch of the custom ops."""
-    q, k, v = random_qkv(1, 2, 5, 16, torch.float32)
-    torch.library.opcheck(torch.ops.gptk.triton_attention_fwd.default, (q, k, v, 0.25, version))
-    o, lse = attention_forward(*(x.detach() for x in (q, k, v)), 0.25)
+@pytest.mark.parametrize("t_k, dropout_p", [(5, 0.0), (9, 0.0), (5, 0.3), (9, 0.3)])
+def test_opcheck_fwd_and_bwd_ops(version, t_k, dropout_p):
+    """Schema, fake (meta) impls, autograd registration and AOT dispatch of the custom ops,
+    with and without a KV cache and dropout."""
+    q, = random_qkv(1, 2, 5, 16, torch.float32)[:1]
+    k, v = random_qkv(1, 2, t_k, 16, torch.float32)[:2]
+    rng = philox.seed_tensor((11, 3)) if dropout_p else None
+    torch.library.opcheck(torch.ops.gptk.triton_attention_fwd.default,
+                          (q, k, v, 0.25, version, dropout_p, rng))
+    o, lse = attention.attention_forward(*(x.detach() for x in (q, k, v)), 0.25, dropout_p,
+                                         (11, 3) if dropout_p else None)
     grads = (torch.randn_like(o), torch.randn_like(lse))
     torch.library.opcheck(torch.ops.gptk.triton_attention_bwd.default,
                           (grads[0], q.detach(), k.detach(), v.detach(), o, lse, grads[1], 0.25,
-                           version))
+                           version, dropout_p, rng))
 
 
 def test_torch_compile_traces_the_custom_ops():
@@ -187,6 +196,25 @@ def test_torch_compile_traces_the_custom_ops():
     reference_attention(*ref, 16 ** -0.5)[0].square().sum().backward()
     for x, r in zip((q, k, v), ref):
         assert_close(x.grad, r.grad)
+
+
+def test_torch_compile_traces_dropout_and_the_kv_cache():
+    """A fresh dropout seed is drawn inside the graph (no graph break on it): a compiled
+    call is the eager call with the same torch seed, bit for bit, and draws a new mask
+    each time."""
+    q = random_qkv(1, 2, 7, 16, torch.float32)[0]
+    k, v = random_qkv(1, 2, 20, 16, torch.float32)[:2]
+
+    def step(q, k, v):
+        return attention.causal_attention(q, k, v, None, 0.3)
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    torch.manual_seed(5)
+    eager_out = step(q, k, v)
+    torch.manual_seed(5)
+    compiled_out, again = compiled(q, k, v), compiled(q, k, v)
+    assert torch.equal(compiled_out, eager_out)
+    assert not torch.equal(again, compiled_out)
 
 
 # ----------------------------------------------------------------------------- memory
@@ -347,6 +375,33 @@ def test_backward_runs_the_version_of_its_forward(monkeypatch):
     finally:
         versions.select("triton_attention", before)
     assert launched == ["fwd", "dkdv", "dq"]
+
+
+def test_dropout_launches_its_own_kernels_never_tma(monkeypatch):
+    """Dropout calls run the DROPOUT instances with their own (spill-free) tile lists, at
+    every version, and never the TMA kernels (a TMA box cannot read keys in the mask's
+    order)."""
+    launched = []
+    real_launch = attention._launch
+
+    def launch(kernel, *args, **kwargs):
+        launched.append(kernel)
+        real_launch(kernel, *args, **kwargs)
+    monkeypatch.setattr(attention, "_launch", launch)
+    q, k, v = random_qkv(1, 1, 9, 16, torch.bfloat16)
+    for version, expected in ((1, ["fwd_dropout", "dkdv_dropout", "dq_dropout"]),
+                              (2, ["fwd_dropout", "dkdv_dq_dropout"]),
+                              (3, ["fwd_dropout", "dkdv_dq_dropout"])):
+        before = attention.VERSIONS.current()
+        versions.select("triton_attention", version)
+        try:
+            launched.clear()
+            attention.causal_attention(q, k, v, None, 0.2).sum().backward()
+        finally:
+            versions.select("triton_attention", before)
+        assert launched == expected, version
+    assert all(attention._FLAGS[kernel]["DROPOUT"] == kernel.endswith("_dropout")
+               for kernel in attention._KERNELS)
 
 
 def test_autotuning_is_keyed_on_the_length_bucket():

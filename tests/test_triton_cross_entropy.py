@@ -110,9 +110,9 @@ def test_rows_at_every_alignment(version, dtype, vocab, shift):
     assert_close(loss, F.cross_entropy(logits.double(), targets, reduction="sum"))
     assert_close(leaf.grad, expected.grad)
     in_place = logits.clone()
-    losses = torch.empty(5, device=DEVICE)
+    losses, stats = torch.empty(5, device=DEVICE), torch.empty(5, 2, device=DEVICE)
     tce.launch_cross_entropy(in_place, targets, -100, losses, in_place,
-                             torch.ones(1, device=DEVICE).expand(5))
+                             torch.ones(1, device=DEVICE).expand(5), stats)
     assert_close(in_place, expected.grad)
 
 
@@ -160,24 +160,25 @@ def test_conformance_of_the_other_versions(version, op, case_name, dtype_name):
 
 def test_version_1_stores_no_gradient_without_grad():
     logits, targets = make(4, 100, torch.float32)
-    losses, grad = tce.cross_entropy_fwd(logits, targets, -100, False)
+    losses, grad, _stats = tce.cross_entropy_fwd(logits, targets, -100, False, 0.0, 0.0, 0.0)
     assert grad.shape == (0, 100)
     with torch.no_grad():
         loss = tce.cross_entropy(logits.requires_grad_(), targets, -100, "none")
     assert_close(loss, reference.cross_entropy(logits.double(), targets, -100, "none"))
 
 
-def test_opcheck():
+@pytest.mark.parametrize("variant", [(0.0, 0.0, 0.0), (0.1, 1e-3, 5.0)])
+def test_opcheck(variant):
     logits, targets = make(5, 70, torch.float32)
     for version in (2, 3):
         torch.library.opcheck(torch.ops.gptk.triton_cross_entropy_stats_fwd,
-                              (logits.clone().requires_grad_(), targets, -100, version))
-        _, stats = tce.cross_entropy_stats_fwd(logits, targets, -100, version)
+                              (logits.clone().requires_grad_(), targets, -100, version, *variant))
+        _, stats = tce.cross_entropy_stats_fwd(logits, targets, -100, version, *variant)
         torch.library.opcheck(torch.ops.gptk.triton_cross_entropy_stats_bwd,
                               (torch.rand(5, device=DEVICE), logits, targets, stats, -100,
-                               version))
+                               version, *variant))
     torch.library.opcheck(torch.ops.gptk.triton_cross_entropy_fwd,
-                          (logits.requires_grad_(), targets, -100, True))
+                          (logits.requires_grad_(), targets, -100, True, *variant))
     torch.library.opcheck(torch.ops.gptk.triton_cross_entropy_bwd,
                           (torch.randn(5, 70, device=DEVICE), torch.rand(5, device=DEVICE),
                            targets, -100))

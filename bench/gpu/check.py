@@ -113,6 +113,8 @@ def stages(python: str, folder: Path, repo: Path = REPO_ROOT,
                   "T=1k..8k"),
         Stage("memory", [python, "-m", "bench", "headline", "memory", "--out-dir", out], 60,
               "LayerNorm and cross-entropy: GB/s and % of HBM peak"),
+        Stage("variants", [python, "-m", "bench", "variants", "--out-dir", out], 60,
+              "attention dropout and the loss variants against their plain calls"),
     ]
     if (repo / CONFORMANCE_TESTS).exists():
         plan.append(Stage("conformance", gpu_pytest + [f"--junitxml={folder / 'conformance.xml'}",

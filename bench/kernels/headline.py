@@ -66,10 +66,13 @@ def memory_cases() -> list[tuple[str, Shape]]:
 
 
 def sdpa_impl(backend: str) -> Callable:
-    """Causal attention pinned to one SDPA backend, with the op's signature."""
+    """Causal attention pinned to one SDPA backend, with the op's signature (the headline
+    times it without dropout: SDPA cannot apply a dropout_seed's mask)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    def attention(q, k, v, scale=None, dropout_p=0.0):
+    def attention(q, k, v, scale=None, dropout_p=0.0, dropout_seed=None):
+        if dropout_seed is not None:
+            raise ValueError("SDPA draws its own dropout mask; it cannot take a dropout_seed")
         with sdpa_kernel(getattr(SDPBackend, backend)):
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True,
                                                   scale=scale)

@@ -13,10 +13,10 @@ builds it just in time) and says why the backend cannot run when it cannot.
   (version 2 of `mlp.VERSIONS`);
 - cross_entropy: per-row losses in one pass, gradient in one more (csrc/cross_entropy.cu);
 - linear_cross_entropy: the shared chunk loop with the fused in-place cross-entropy pass;
-- causal_attention: FlashAttention-2 forward and backward (csrc/attention*.cu): version 2
-  (the default) ldmatrix, a cp.async pipeline and a 5-GEMM backward, version 1 mma.sync
-  with synchronous loads and a 7-GEMM backward (`attention.VERSIONS`,
-  GPTK_CUDA_ATTENTION_VERSION).
+- causal_attention: FlashAttention-2 forward and backward (csrc/attention*.cu), KV cache and
+  dropout included: version 2 (the default) ldmatrix, a cp.async pipeline and a 5-GEMM
+  backward, version 1 mma.sync with synchronous loads and a 7-GEMM backward
+  (`attention.VERSIONS`, GPTK_CUDA_ATTENTION_VERSION).
 
 The package imports without the extension and without a GPU; calling an op then raises
 `BackendUnavailableError` with the reason.
@@ -58,7 +58,7 @@ def unsupported(call) -> str | None:
             return (f"the CUDA layer_norm backward keeps 2 fp32 values per channel in shared "
                     f"memory: at most {limit} channels on this GPU, got {channels}")
     if call.op == "causal_attention":
-        _, _, seq_len, head_dim = call["q"].shape
+        head_dim, seq_len = call["q"].shape[-1], call["k"].shape[2]
         if head_dim % attention.HEAD_DIM_MULTIPLE or head_dim > attention.MAX_HEAD_DIM:
             return (f"the CUDA attention needs a head dim that is a multiple of "
                     f"{attention.HEAD_DIM_MULTIPLE} and at most {attention.MAX_HEAD_DIM}, "

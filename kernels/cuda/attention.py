@@ -1,8 +1,11 @@
 """Causal attention on the CUDA extension (csrc/attention*.cu): FlashAttention-2 forward
-and backward, on the tensor cores (mma.sync) for bf16 and on the CUDA cores for fp32.
-Wrapped as `gptk::cuda_attention_*` custom ops with autograd. The kernels read q, k, v in
-place through their strides and return the output stored as (B, T, H, D) behind a
-(B, H, T, D) view, so the model's merge of heads is free.
+and backward, on the tensor cores (mma.sync) for bf16 and on the CUDA cores for fp32, with
+keys that may outnumber queries (a KV cache) and attention dropout by `kernels.philox`'s
+mask (csrc/philox.cuh), regenerated in the backward. Wrapped as `gptk::cuda_attention_*`
+custom ops with autograd; the dropout's (seed, offset) travels as a CPU int64 tensor, read
+on the host. The kernels read q, k, v in place through their strides and return the
+output stored as (B, T, H, D) behind a (B, H, T, D) view, so the model's merge of heads is
+free.
 
 The bf16 kernels have two versions (`VERSIONS`; GPTK_CUDA_ATTENTION_VERSION=1|2, or
 `kernels.versions.select("cuda_attention", n)`), passed to the extension as an int.
@@ -21,10 +24,12 @@ kernel instead. fp32 has one version, deterministic, which every version number
 selects."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
-from kernels import versions
+from kernels import philox, versions
 from kernels.cuda.extension import ext
 from kernels.custom_ops import custom_op, differentiable
 
@@ -57,29 +62,39 @@ def _check(q, k, v, version):
                                            f"got shape {tuple(t.shape)}")
     torch._check(q.dtype == k.dtype == v.dtype,
                  lambda: f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    torch._check(k.shape == q.shape and v.shape == q.shape,
-                 lambda: f"the cuda attention kernel needs q, k, v of one shape (B, H, T, D), "
-                         f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    torch._check(k.shape == v.shape and k.shape[:2] == q.shape[:2] and k.shape[3] == q.shape[3]
+                 and k.shape[2] >= q.shape[2],
+                 lambda: f"the cuda attention kernel needs q of shape (B, H, T, D) and k, v of "
+                         f"one shape (B, H, T_K, D) with T_K >= T, got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
     head_dim = q.shape[3]
     torch._check(0 < head_dim <= MAX_HEAD_DIM and head_dim % HEAD_DIM_MULTIPLE == 0,
                  lambda: f"the cuda attention kernel needs a head_dim that is a multiple of "
                          f"{HEAD_DIM_MULTIPLE} and at most {MAX_HEAD_DIM}, got {head_dim}")
     torch._check(q.shape[0] * q.shape[1] < 2 ** 31,
                  lambda: f"batch * heads must be below 2^31, got {q.shape[0] * q.shape[1]}")
-    torch._check(q.shape[2] <= MAX_SEQ_LEN,
+    torch._check(k.shape[2] <= MAX_SEQ_LEN,
                  lambda: f"the cuda attention kernel supports sequences up to {MAX_SEQ_LEN}, "
-                         f"got {q.shape[2]}")
+                         f"got {k.shape[2]}")
+
+
+def _dropout_args(dropout_p: float, rng: Optional[Tensor]) -> tuple[float, int, int]:
+    """(p, seed, offset) as the extension takes them (seed: its 64 bits as an int64)."""
+    if dropout_p == 0.0:
+        return 0.0, 0, 0
+    seed, offset = rng.tolist()  # a CPU tensor: no device sync
+    return dropout_p, seed, offset
 
 
 @custom_op("gptk::cuda_attention_fwd", mutates_args=(), device_types="cuda")
-def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float,
-                   version: int) -> tuple[Tensor, Tensor]:
-    out, lse = ext().attention_forward(q, k, v, scale, version)
+def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, version: int, dropout_p: float,
+                   rng: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    out, lse = ext().attention_forward(q, k, v, scale, version, *_dropout_args(dropout_p, rng))
     return out, lse
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, scale, version):
+def _(q, k, v, scale, version, dropout_p, rng):
     _check(q, k, v, version)
     b, h, t, d = q.shape
     # Stored (B, T, H, D), returned as a (B, H, T, D) view: see csrc/attention.cu.
@@ -88,14 +103,15 @@ def _(q, k, v, scale, version):
 
 @torch.library.custom_op("gptk::cuda_attention_bwd", mutates_args=(), device_types="cuda")
 def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                   scale: float, version: int,
-                   deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
-    dq, dk, dv = ext().attention_backward(dout, q, k, v, out, lse, scale, version, deterministic)
+                   scale: float, version: int, deterministic: bool, dropout_p: float,
+                   rng: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    dq, dk, dv = ext().attention_backward(dout, q, k, v, out, lse, scale, version, deterministic,
+                                          *_dropout_args(dropout_p, rng))
     return dq, dk, dv
 
 
 @_attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, scale, version, deterministic):
+def _(dout, q, k, v, out, lse, scale, version, deterministic, dropout_p, rng):
     _check(q, k, v, version)
     for name, t in (("dout", dout), ("out", out)):
         torch._check(t.shape == q.shape and t.dtype == q.dtype,
@@ -111,27 +127,28 @@ def _(dout, q, k, v, out, lse, scale, version, deterministic):
 
 
 def _attention_setup(ctx, inputs, output):
-    q, k, v, scale, version = inputs
+    q, k, v, scale, version, dropout_p, rng = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.scale = scale
-    ctx.version = version
+    ctx.save_for_backward(q, k, v, out, lse)  # no mask: the backward regenerates it
+    ctx.scale, ctx.version, ctx.dropout_p, ctx.rng = scale, version, dropout_p, rng
     ctx.mark_non_differentiable(lse)
 
 
 def _attention_backward(ctx, dout, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
     dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, ctx.scale, ctx.version,
-                                torch.are_deterministic_algorithms_enabled())
-    return dq, dk, dv, None, None
+                                torch.are_deterministic_algorithms_enabled(), ctx.dropout_p,
+                                ctx.rng)
+    return dq, dk, dv, None, None, None, None
 
 
 _attention = differentiable(_attention_fwd, _attention_backward, _attention_setup)
 
 
-def causal_attention(q, k, v, scale, dropout_p):
-    """The backend's entry point: calls with dropout or a KV cache never reach it (their
-    Call is torch-only), so dropout_p is always 0 here. The kernel version is read per call
-    (a traced graph keeps the one in use when it was traced)."""
-    out, _ = _attention(q, k, v, scale, VERSIONS.current())
+def causal_attention(q, k, v, scale, dropout_p, dropout_seed=None):
+    """The backend's entry point: T_K >= T keys (a KV cache), dropout by dropout_seed's mask
+    or a fresh (seed, offset). The kernel version is read per call (a traced graph keeps
+    the one in use when it was traced)."""
+    rng = philox.seed_tensor(dropout_seed) if dropout_p > 0.0 else None
+    out, _ = _attention(q, k, v, scale, VERSIONS.current(), dropout_p, rng)
     return out

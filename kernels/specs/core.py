@@ -1,7 +1,8 @@
 """What an op declaration holds (`OpSpec`) and what a backend is asked to run (`Call`)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -12,21 +13,17 @@ from kernels.specs.inputs import Case, Inputs
 class Call:
     """One validated call of an op: its canonical positional arguments, by parameter name.
 
-    Backends decide from a Call whether they can run it (`unsupported(call)`); `torch_only`
-    names a feature of this call that only the `torch` backend implements (attention
-    dropout, queries shorter than keys), for which every other backend hands over.
+    Backends decide from a Call whether they can run it (`unsupported(call)`).
 
     A plain class with slots, not a dataclass: one is built for every op call, and a
     frozen dataclass's constructor costs about a microsecond more."""
-    __slots__ = ("op", "params", "args", "device", "torch_only")
+    __slots__ = ("op", "params", "args", "device")
 
-    def __init__(self, op: str, params: tuple[str, ...], args: tuple, device: torch.device,
-                 torch_only: str | None = None):
-        self.op, self.params, self.args = op, params, args
-        self.device, self.torch_only = device, torch_only
+    def __init__(self, op: str, params: tuple[str, ...], args: tuple, device: torch.device):
+        self.op, self.params, self.args, self.device = op, params, args, device
 
     def __repr__(self) -> str:
-        return (f"Call(op={self.op!r}, device={self.device}, torch_only={self.torch_only!r}, "
+        return (f"Call(op={self.op!r}, device={self.device}, "
                 f"args={dict(zip(self.params, self.args))!r})")
 
     def __getitem__(self, name: str):
@@ -61,6 +58,9 @@ class OpSpec:
                        its results can be judged: by default the call's coarsest floating
                        tensor (a matmul in bf16 rounds its products to bf16 however wide
                        its output); cross-entropy promises fp32 math on its logits.
+    bench_variants     (name, ((public argument, value), ...)) pairs: the op's variants a
+                       benchmark times against the plain call (attention dropout, the loss
+                       variants), at bench_inputs' shapes (`variant_inputs`).
     """
     name: str
     params: tuple[str, ...]
@@ -71,6 +71,7 @@ class OpSpec:
     cases: tuple[Case, ...]
     result_dtypes: Callable[[Call], tuple[torch.dtype, ...]]
     precision: Callable[[Call], torch.dtype] | None = None
+    bench_variants: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = ()
 
     def working_dtype(self, call: Call) -> torch.dtype:
         """`precision(call)`, or the call's coarsest floating dtype."""
@@ -78,8 +79,22 @@ class OpSpec:
             return self.precision(call)
         return max(call.dtypes(), key=lambda dtype: torch.finfo(dtype).eps)
 
-    def call(self, args: tuple, device: torch.device, torch_only: str | None = None) -> Call:
-        return Call(self.name, self.params, args, device, torch_only)
+    def call(self, args: tuple, device: torch.device) -> Call:
+        return Call(self.name, self.params, args, device)
+
+    def variant_inputs(self, variant: str, dims: dict, dtype: torch.dtype,
+                       device: torch.device, generator: torch.Generator) -> Inputs:
+        """bench_inputs at `dims` with variant's public arguments set (the rest at their
+        defaults)."""
+        settings = dict(self.bench_variants)
+        if variant not in settings:
+            raise KeyError(f"{self.name} has no benchmark variant {variant!r}; variants: "
+                           f"{[name for name, _ in self.bench_variants]}")
+        inputs = self.bench_inputs(dims, dtype, device, generator)
+        bound = inspect.signature(self.canonicalize).bind(*inputs.args)
+        bound.apply_defaults()
+        arguments = {**bound.arguments, **dict(settings[variant])}
+        return replace(inputs, args=tuple(arguments.values()))
 
     def case(self, name: str) -> Case:
         for case in self.cases:

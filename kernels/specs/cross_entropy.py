@@ -6,16 +6,22 @@ the loss is fp32 whatever the logits' dtype. linear_cross_entropy(x[..., C], wei
 targets, bias[V] | None, ...) is cross_entropy(x @ weight.T + bias, targets) without the
 whole logits at once where the backend can (the lm_head fused with the loss).
 
+Both take the loss variants (`kernels.losses`): label_smoothing (F.cross_entropy's),
+z_loss (the coefficient of PaLM's z_loss * lse^2 per row), softcap (Gemma 2's
+softcap * tanh(logits / softcap) before everything else) and return_z_loss (return
+(loss, the z-loss term, detached) to log it). All are off by default.
+
 Targets are int64 or int32 and must be ignore_index or in [0, V): a target out of range
 is an error on every backend (see `check_target_range`). Canonical form: targets and the
-bias are made contiguous (they are small), the matmul inputs follow autocast.
+bias are made contiguous (they are small), the matmul inputs follow autocast, softcap None
+becomes 0.0 (off).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from kernels import reference
+from kernels import losses, reference
 from kernels.specs import inputs as make
 from kernels.specs.checks import (check_float, check_shape, check_target_range, check_targets,
                                   same_device)
@@ -23,22 +29,27 @@ from kernels.specs.core import OpSpec
 from kernels.specs.inputs import Case, Inputs
 from kernels.specs.mlp import autocast
 
-PARAMS = ("logits", "targets", "ignore_index", "reduction")
-LINEAR_PARAMS = ("x", "weight", "targets", "bias", "ignore_index", "reduction")
+VARIANT_PARAMS = ("label_smoothing", "z_loss", "softcap", "return_z_loss")
+PARAMS = ("logits", "targets", "ignore_index", "reduction") + VARIANT_PARAMS
+LINEAR_PARAMS = ("x", "weight", "targets", "bias", "ignore_index", "reduction") + VARIANT_PARAMS
 GRADSCALER_SCALE = 65536.0  # torch.amp.GradScaler's initial loss scale
 
 
-def canonicalize(logits, targets, ignore_index=-100, reduction="mean"):
+def canonicalize(logits, targets, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+                 z_loss=0.0, softcap=None, return_z_loss=False):
     check_float("logits", logits)
     if logits.dim() == 0:
         raise ValueError("logits must have at least one dim (the classes), got a scalar")
     check_targets(targets, tuple(logits.shape[:-1]), logits.shape[-1], ignore_index, reduction)
+    variant = losses.check(label_smoothing, z_loss, softcap, return_z_loss)
     device = same_device(logits=logits, targets=targets)
     check_target_range(targets, logits.shape[-1], ignore_index)
-    return SPEC.call((logits, targets.contiguous(), ignore_index, reduction), device)
+    return SPEC.call((logits, targets.contiguous(), ignore_index, reduction, *variant,
+                      return_z_loss), device)
 
 
-def canonicalize_linear(x, weight, targets, bias=None, ignore_index=-100, reduction="mean"):
+def canonicalize_linear(x, weight, targets, bias=None, ignore_index=-100, reduction="mean",
+                        label_smoothing=0.0, z_loss=0.0, softcap=None, return_z_loss=False):
     check_float("x", x)
     check_float("weight", weight)
     if weight.dim() != 2 or x.dim() == 0 or weight.shape[1] != x.shape[-1]:
@@ -46,6 +57,7 @@ def canonicalize_linear(x, weight, targets, bias=None, ignore_index=-100, reduct
                          f"got {tuple(weight.shape)}")
     check_shape("bias", bias, (weight.shape[0],))
     check_targets(targets, tuple(x.shape[:-1]), weight.shape[0], ignore_index, reduction)
+    variant = losses.check(label_smoothing, z_loss, softcap, return_z_loss)
     device = same_device(x=x, weight=weight, targets=targets, bias=bias)
     check_target_range(targets, weight.shape[0], ignore_index)
     x, weight, bias = autocast(device, x, weight, bias)
@@ -54,8 +66,8 @@ def canonicalize_linear(x, weight, targets, bias=None, ignore_index=-100, reduct
         raise TypeError(f"linear_cross_entropy needs x, weight and bias in one dtype (or a "
                         f"torch.autocast region), got {sorted(map(str, dtypes))}")
     bias = None if bias is None else bias.contiguous()
-    return LINEAR_SPEC.call((x, weight, targets.contiguous(), bias, ignore_index, reduction),
-                            device)
+    return LINEAR_SPEC.call((x, weight, targets.contiguous(), bias, ignore_index, reduction,
+                             *variant, return_z_loss), device)
 
 
 def without_classes(logits, targets, ignore_index, reduction):
@@ -70,16 +82,33 @@ def without_classes(logits, targets, ignore_index, reduction):
     return total if reduction == "sum" else total / (targets != ignore_index).sum()
 
 
-def eager(logits, targets, ignore_index=-100, reduction="mean"):
-    """F.cross_entropy on the logits upcast to fp32, as under torch.autocast."""
-    losses = F.cross_entropy(logits.reshape(targets.numel(), logits.shape[-1]).float(),
-                             targets.reshape(-1).long(), ignore_index=ignore_index,
-                             reduction=reduction)
-    return losses.view(targets.shape) if reduction == "none" else losses
+def eager(logits, targets, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+          z_loss=0.0, softcap=None, return_z_loss=False):
+    """F.cross_entropy on the logits upcast to fp32, as under torch.autocast, soft-capped
+    there as a user writes it (Gemma 2's `cap * tanh(logits / cap)`), with the z-loss
+    from torch.logsumexp."""
+    rows = logits.reshape(targets.numel(), logits.shape[-1]).float()
+    flat_targets = targets.reshape(-1).long()
+    if softcap:
+        rows = softcap * torch.tanh(rows / softcap)
+    loss = F.cross_entropy(rows, flat_targets, ignore_index=ignore_index, reduction=reduction,
+                           label_smoothing=label_smoothing)
+    if reduction == "none":
+        loss = loss.view(targets.shape)
+    if not (z_loss or return_z_loss):
+        return loss
+    kept = (flat_targets != ignore_index).float()
+    terms = z_loss * torch.logsumexp(rows, dim=-1).square() * kept
+    z_value = (terms.view(targets.shape) if reduction == "none" else terms.sum()
+               if reduction == "sum" else terms.sum() / kept.sum())
+    loss = loss + z_value
+    return (loss, z_value.detach()) if return_z_loss else loss
 
 
-def eager_linear(x, weight, targets, bias=None, ignore_index=-100, reduction="mean"):
-    return eager(F.linear(x, weight, bias), targets, ignore_index, reduction)
+def eager_linear(x, weight, targets, bias=None, ignore_index=-100, reduction="mean",
+                 label_smoothing=0.0, z_loss=0.0, softcap=None, return_z_loss=False):
+    return eager(F.linear(x, weight, bias), targets, ignore_index, reduction, label_smoothing,
+                 z_loss, softcap, return_z_loss)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -87,7 +116,7 @@ def eager_linear(x, weight, targets, bias=None, ignore_index=-100, reduction="me
 def _case(name, rows, vocab, reduction="mean", lead=None, logits_layout="contiguous",
           targets_layout="contiguous", ignore_index=-100, ignored=(1,), index_dtype=torch.int64,
           scale=3.0, neg_inf_columns=0, offset=0.0, loss_scale=1.0, out_of_range=False,
-          ignored_fill=None, dtypes=None):
+          ignored_fill=None, dtypes=None, **variant):
     def build(dtype, device, gen):
         values = make.draw((rows, vocab), gen, scale, offset)
         values[:, :neg_inf_columns] = float("-inf")
@@ -106,11 +135,23 @@ def _case(name, rows, vocab, reduction="mean", lead=None, logits_layout="contigu
             t[0] = vocab
         if lead:
             t = t.view(lead)
-        return Inputs((logits, t, ignore_index, reduction), (0,), loss_scale)
+        return Inputs((logits, t, ignore_index, reduction, *_variant_args(**variant)), (0,),
+                      loss_scale)
     raises = ValueError if out_of_range else None
     return Case(name, build, raises=raises, match="out of range" if out_of_range else "",
                 dtypes=dtypes)
 
+
+def _variant_args(label_smoothing=0.0, z_loss=0.0, softcap=None, return_z_loss=False):
+    """The loss-variant arguments of a case, in the op's positional order."""
+    return label_smoothing, z_loss, softcap, return_z_loss
+
+
+# The loss variants, strong enough that each visibly moves the loss and its gradient.
+SMOOTHING = dict(label_smoothing=0.1)
+Z_LOSS = dict(z_loss=0.05, return_z_loss=True)
+SOFTCAP = dict(softcap=4.0)
+ALL_VARIANTS = dict(label_smoothing=0.2, z_loss=0.01, softcap=6.0, return_z_loss=True)
 
 CASES = (
     _case("basic", 8, 300),
@@ -146,6 +187,30 @@ CASES = (
     _case("no_classes_sum", 3, 0, ignored=(0, 1, 2), reduction="sum"),
     _case("no_classes_none", 3, 0, ignored=(0, 1, 2), reduction="none"),
     _case("target_out_of_range", 4, 30, out_of_range=True),
+    # The loss variants, with every reduction and ignored rows.
+    _case("smoothing", 8, 300, **SMOOTHING),
+    _case("smoothing_sum", 8, 300, reduction="sum", **SMOOTHING),
+    _case("smoothing_none", 8, 300, reduction="none", **SMOOTHING),
+    _case("smoothing_full", 5, 65, label_smoothing=1.0),  # the uniform target
+    _case("smoothing_all_ignored", 3, 40, ignored=(0, 1, 2), **SMOOTHING),
+    # -inf logits: the smoothing term (and the loss) is +inf, as in F.cross_entropy; the
+    # gradient stays finite.
+    _case("smoothing_neg_inf", 3, 5000, neg_inf_columns=4500, ignored=(), **SMOOTHING),
+    _case("z_loss", 8, 300, **Z_LOSS),
+    _case("z_loss_none", 6, 100, reduction="none", **Z_LOSS),
+    _case("z_loss_large_logits", 6, 200, scale=50.0, offset=1000.0, z_loss=1e-4,
+          return_z_loss=True),
+    _case("softcap", 8, 300, **SOFTCAP),
+    _case("softcap_saturated", 6, 200, scale=40.0, softcap=10.0),  # tanh' ~ 0 for most logits
+    _case("softcap_neg_inf", 3, 5000, neg_inf_columns=4500, ignored=(), **SOFTCAP),
+    _case("all_variants", 6, 70, lead=(2, 3), ignore_index=-1, ignored=(1, 4), **ALL_VARIANTS),
+    _case("all_variants_sum", 5, 130, logits_layout="row_padded", reduction="sum",
+          **ALL_VARIANTS),
+    _case("all_variants_none", 6, 90, targets_layout="strided", reduction="none",
+          index_dtype=torch.int32, **ALL_VARIANTS),
+    _case("all_variants_gpt2_vocab", 2, 50257, ignored=(), **ALL_VARIANTS),
+    _case("all_variants_gradscaler", 64, 512, loss_scale=GRADSCALER_SCALE, scale=4.0,
+          ignored=(), dtypes=(torch.float16,), **ALL_VARIANTS),
 )
 
 
@@ -153,7 +218,7 @@ def _linear_case(name, rows, channels, vocab, reduction="mean", bias=True,
                  x_layout="contiguous", weight_layout="contiguous", bias_layout="contiguous",
                  targets_layout="contiguous", ignored=(1,), index_dtype=torch.int64,
                  neg_inf_bias=0, loss_scale=1.0, autocast_inputs=False, out_of_range=False,
-                 dtypes=None):
+                 dtypes=None, **variant):
     def build(dtype, device, gen):
         stored = torch.float32 if autocast_inputs else dtype
         x = make.tensor((rows, channels), stored, device, gen, x_layout)
@@ -171,8 +236,8 @@ def _linear_case(name, rows, channels, vocab, reduction="mean", bias=True,
         if out_of_range:
             t = t.clone()
             t[-1] = -5
-        return Inputs((x, weight, t, b, -100, reduction), (0, 1, 3) if bias else (0, 1),
-                      loss_scale, autocast_inputs)
+        return Inputs((x, weight, t, b, -100, reduction, *_variant_args(**variant)),
+                      (0, 1, 3) if bias else (0, 1), loss_scale, autocast_inputs)
     raises = ValueError if out_of_range else None
     return Case(name, build, raises=raises, match="out of range" if out_of_range else "",
                 dtypes=dtypes)
@@ -201,6 +266,14 @@ LINEAR_CASES = (
     _linear_case("many_rows", 256, 32, 256),  # a 0.2 % bias resolves
     _linear_case("no_classes", 4, 16, 0, ignored=(0, 1, 2, 3)),
     _linear_case("target_out_of_range", 5, 16, 40, out_of_range=True),
+    _linear_case("smoothing", 12, 32, 100, **SMOOTHING),
+    _linear_case("z_loss_none", 12, 32, 100, reduction="none", **Z_LOSS),
+    _linear_case("softcap", 12, 32, 100, softcap=2.0),  # logits ~ N(0, 4): capped hard
+    _linear_case("all_variants", 12, 32, 100, **ALL_VARIANTS),
+    _linear_case("all_variants_sum", 9, 24, 77, bias=False, reduction="sum", **ALL_VARIANTS),
+    _linear_case("all_variants_ignored", 4, 16, 64, ignored=(0, 2), **ALL_VARIANTS),
+    _linear_case("all_variants_autocast", 16, 32, 100, bias=False, autocast_inputs=True,
+                 dtypes=(torch.bfloat16, torch.float16), **ALL_VARIANTS),
 )
 
 
@@ -222,10 +295,22 @@ def loss_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _loss_dtypes(tensor: str):
+    """The result dtypes of a call: its loss's, and the z-loss term's with return_z_loss."""
+    return lambda call: (loss_dtype(call[tensor].dtype),) * (2 if call["return_z_loss"] else 1)
+
+
+# Each loss variant at the setting its users train with: label smoothing 0.1, PaLM's z-loss
+# 1e-4 (its value returned), Gemma 2's final-logit cap of 30.
+BENCH_VARIANTS = (("label_smoothing 0.1", (("label_smoothing", 0.1),)),
+                  ("z_loss 1e-4", (("z_loss", 1e-4), ("return_z_loss", True))),
+                  ("softcap 30", (("softcap", 30.0),)))
+
 SPEC = OpSpec("cross_entropy", PARAMS, canonicalize, reference.cross_entropy, eager,
-              _bench_inputs, CASES,
-              result_dtypes=lambda call: (loss_dtype(call["logits"].dtype),),
-              precision=lambda call: loss_dtype(call["logits"].dtype))
+              _bench_inputs, CASES, result_dtypes=_loss_dtypes("logits"),
+              precision=lambda call: loss_dtype(call["logits"].dtype),
+              bench_variants=BENCH_VARIANTS)
 LINEAR_SPEC = OpSpec("linear_cross_entropy", LINEAR_PARAMS, canonicalize_linear,
                      reference.linear_cross_entropy, eager_linear, _bench_linear_inputs,
-                     LINEAR_CASES, result_dtypes=lambda call: (loss_dtype(call["x"].dtype),))
+                     LINEAR_CASES, result_dtypes=_loss_dtypes("x"),
+                     bench_variants=BENCH_VARIANTS)

@@ -42,10 +42,11 @@ def unsupported(call) -> str | None:
             return (f"the Triton layer_norm keeps a row in registers and supports up to "
                     f"{layer_norm.MAX_CHANNELS} channels, got {channels}")
     if call.op == "causal_attention":
-        _, _, seq_len, head_dim = call["q"].shape
+        head_dim = call["q"].shape[-1]
         if head_dim > attention.MAX_HEAD_DIM:
             return (f"the Triton attention supports head dims up to {attention.MAX_HEAD_DIM}, "
                     f"got {head_dim}")
+        seq_len = call["k"].shape[2]  # at least the queries' length
         if seq_len > attention.MAX_SEQ_LEN:
             return (f"the Triton attention supports sequences up to {attention.MAX_SEQ_LEN}, "
                     f"got {seq_len}")

@@ -1,8 +1,20 @@
 """Fused causal attention in Triton: the FlashAttention-2 forward and backward.
 
-Shapes: q, k, v, o are (B, H, T, D) with any strides on B, H, T and a unit stride on D
-(the model passes strided views of its (B, T, 3, H, D) qkv projection, read in place).
-The T x T attention matrix is never stored, in either direction.
+Shapes: q and o are (B, H, T, D), k and v (B, H, T_K, D) with T_K >= T, with any strides
+on B, H, T and a unit stride on D (the model passes strided views of its (B, T, 3, H, D)
+qkv projection, read in place). T_K > T is decoding with a KV cache: query i sits at
+position i + T_K - T and sees keys j <= i + kv_offset, so every causal split below is
+shifted by kv_offset = T_K - T (0 in training). The attention matrix is never stored, in
+either direction.
+
+Dropout (FlashAttention-2's): the softmax statistics (m, l, lse) see every probability,
+the products only the kept ones, P Z with Z = keep / (1 - p):
+    o = (P Z) V;   dV = (P Z)^T dO;   dS = P * (Z dP - Delta)
+(Delta = rowsum(dO * O) still equals sum_j P_ij (Z dP)_ij). The mask is not stored: each
+kernel regenerates its tile from the call's (seed, offset) (`kernels.triton.dropout`,
+`kernels.philox`), reading its query rows and keys in the mask tile's order. Dropout
+calls run their own instances of the kernels (DROPOUT=True), with tile lists that fit the
+mask's registers, and never the TMA loads of version 3.
 
 Forward (one program per block of BLOCK_M queries of one (batch, head)):
     for each block of BLOCK_N keys at or below the diagonal, with s = q k^T * scale:
@@ -62,9 +74,9 @@ KV cache grows T by one at every step). The candidates depend on the arch
 of its products run on wgmma (`HOPPER_TILES`); sm_80 keeps the register-bound
 `AUTOTUNE_TILES`.
 
-Masking: `_visible` (which key a query sees) and `_probabilities` (P recomputed from the
-scores and lse, masked) are the only places the causal rule lives, in either tile
-orientation.
+Masking: `_visible` (which key a query sees, the KV offset included) and `_probabilities`
+(P recomputed from the scores and lse, masked) are the only places the causal rule lives,
+in either tile orientation.
 
 All matmuls accumulate in fp32 and the softmax statistics are fp32. 16-bit inputs feed
 the tensor cores; fp32 inputs use exact IEEE fp32 products (not TF32), so the fp32 path
@@ -74,16 +86,18 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels import versions
+from kernels import philox, versions
 from kernels.availability import triton_interpreter_enabled
 from kernels.custom_ops import custom_op, differentiable
 from kernels.triton.aot import TARGET_ARCHS, AotSpec
 from kernels.triton.device import on_device_of
+from kernels.triton.dropout import keep_tile, key_order, row_order
 from kernels.triton.grid import cdiv, next_power_of_2
 
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) == exp2(x * LOG2E)
@@ -188,26 +202,27 @@ def _head_offset(stride_b, stride_h, batch, head):
 
 # ----------------------------------------------------------------------------- the mask
 # Every kernel asks these two helpers which scores exist and what their probabilities are,
-# in either orientation of a tile; a mask other than the causal one (a KV cache's offset,
-# say) changes them and nothing else.
+# in either orientation of a tile; a mask other than the causal one changes them and
+# nothing else.
 
 @triton.jit
-def _visible(query, key):
-    """Whether query position `query` attends to key position `key`, elementwise over
-    broadcast tiles: causal, key <= query (which also keeps keys below T for queries
+def _visible(query, key, kv_offset):
+    """Whether query `query` attends to key `key`, elementwise over broadcast tiles:
+    causal with the queries kv_offset = T_K - T positions along (a KV cache; 0 in
+    training), key <= query + kv_offset (which also keeps keys below T_K for queries
     below T)."""
-    return key <= query
+    return key <= query + kv_offset
 
 
 @triton.jit
-def _probabilities(scores_log2, lse_log2, query, key, DIAGONAL: tl.constexpr):
+def _probabilities(scores_log2, lse_log2, query, key, kv_offset, DIAGONAL: tl.constexpr):
     """P = exp(S - lse) from the log2-domain scores of a tile, 0 where the key is hidden;
     lse_log2, query and key broadcast against the tile in whatever orientation it has
     (queries x keys, or keys x queries for the transposed tiles of dK/dV). Off the
     diagonal every key is visible: no mask."""
     p = tl.math.exp2(scores_log2 - lse_log2)
     if DIAGONAL:
-        p = tl.where(_visible(query, key), p, 0.0)
+        p = tl.where(_visible(query, key, kv_offset), p, 0.0)
     return p
 
 
@@ -215,70 +230,99 @@ def _probabilities(scores_log2, lse_log2, query, key, DIAGONAL: tl.constexpr):
 
 @triton.jit
 def _attn_fwd_inner(acc, m_i, l_i, q, k_src, v_src, stride_kt, stride_vt, rows, offs_n, offs_d,
-                    key_lo, key_hi, T, qk_scale_log2, HEAD_DIM: tl.constexpr,
-                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, DIAGONAL: tl.constexpr,
-                    USE_TMA: tl.constexpr):
+                    key_lo, key_hi, T_K, kv_offset, qk_scale_log2, bh, row_start, seed_lo,
+                    seed_hi, drop_offset, drop_threshold, HEAD_DIM: tl.constexpr,
+                    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    DIAGONAL: tl.constexpr, USE_TMA: tl.constexpr, DROPOUT: tl.constexpr):
     """Fold keys [key_lo, key_hi) into the running (acc, m_i, l_i) of the online softmax.
-    Off the diagonal every key precedes every query row and lies below T: no masks."""
+    Off the diagonal every key precedes every query row and lies below T_K: no masks.
+    With DROPOUT the softmax statistics see every probability and acc only the kept ones
+    (the 1 / (1 - p) scale is applied to the output once); query rows (`rows`) and K, V
+    rows are in the mask tile's orders (kernels.triton.dropout)."""
     for start_n in range(key_lo, key_hi, BLOCK_N):
-        cols = start_n + offs_n
-        k = _load_rows(k_src, start_n, cols, stride_kt, offs_d, T, HEAD_DIM, BLOCK_D, DIAGONAL,
+        if DROPOUT:
+            cols = key_order(offs_n, start_n)
+        else:
+            cols = start_n + offs_n
+        k = _load_rows(k_src, start_n, cols, stride_kt, offs_d, T_K, HEAD_DIM, BLOCK_D, DIAGONAL,
                        USE_TMA)
-        v = _load_rows(v_src, start_n, cols, stride_vt, offs_d, T, HEAD_DIM, BLOCK_D, DIAGONAL,
+        v = _load_rows(v_src, start_n, cols, stride_vt, offs_d, T_K, HEAD_DIM, BLOCK_D, DIAGONAL,
                        USE_TMA)
         s = _dot(q, tl.trans(k)) * qk_scale_log2          # log2-domain scores, fp32
         if DIAGONAL:
-            s = tl.where(_visible(rows[:, None], cols[None, :]), s, float("-inf"))
+            s = tl.where(_visible(rows[:, None], cols[None, :], kv_offset), s, float("-inf"))
         # Every row sees key 0 of its first block, so m_new is finite and no -inf - -inf.
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)                 # rescales the old partial sums
         l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            keep = keep_tile(seed_lo, seed_hi, drop_offset, drop_threshold, bh, row_start,
+                             start_n, BLOCK_M, BLOCK_N)
+            p = tl.where(keep, p, 0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v)
         m_i = m_new
     return acc, m_i, l_i
 
 
-@triton.jit(do_not_specialize=["T_BUCKET"])
+@triton.jit(do_not_specialize=["T_BUCKET", "seed_lo", "seed_hi", "drop_offset",
+                                "drop_threshold"])
 def _attn_fwd_kernel(Q, K, V, O, LSE,
                      stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                      stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
-                     H, T, T_BUCKET, qk_scale_log2,
+                     H, T, T_K, T_BUCKET, qk_scale_log2,
+                     seed_lo, seed_hi, drop_offset, drop_threshold, drop_scale,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
+                     DROPOUT: tl.constexpr):
     # Grid (B * H, query blocks): B * H on axis 0, whose limit is 2^31 - 1 (axis 1 allows
     # only 65535). Programs start in order of axis 0 first, so every head's last query
     # block, the one that visits the most keys, goes first and the short ones fill the
-    # tail of the wave.
+    # tail of the wave. T queries, T_K >= T keys: query i is at position i + T_K - T.
     bh = tl.program_id(0)
     start_m = tl.num_programs(1) - 1 - tl.program_id(1)
     batch, head = bh // H, bh % H
+    kv_offset = T_K - T
     q_src = _row_source(Q + _head_offset(stride_qb, stride_qh, batch, head), stride_qt, T,
                         HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
-    k_src = _row_source(K + _head_offset(stride_kb, stride_kh, batch, head), stride_kt, T,
+    k_src = _row_source(K + _head_offset(stride_kb, stride_kh, batch, head), stride_kt, T_K,
                         HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
-    v_src = _row_source(V + _head_offset(stride_vb, stride_vh, batch, head), stride_vt, T,
+    v_src = _row_source(V + _head_offset(stride_vb, stride_vh, batch, head), stride_vt, T_K,
                         HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
 
-    rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_start = start_m * BLOCK_M
+    if DROPOUT:  # the mask tile's row order (kernels.triton.dropout)
+        rows = row_order(tl.arange(0, BLOCK_M), row_start)
+    else:
+        rows = row_start + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(q_src, start_m * BLOCK_M, rows, stride_qt, offs_d, T, HEAD_DIM, BLOCK_D, True,
+    q = _load_rows(q_src, row_start, rows, stride_qt, offs_d, T, HEAD_DIM, BLOCK_D, True,
                    USE_TMA)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    diag_lo = start_m * BLOCK_M  # BLOCK_N divides BLOCK_M, so key blocks align with it
+    # Keys below diag_lo are visible to every row of the block (for T_K == T, BLOCK_N
+    # divides BLOCK_M and diag_lo is the block's first row); the rest up to the last row's
+    # position are masked.
+    diag_lo = (start_m * BLOCK_M + kv_offset) // BLOCK_N * BLOCK_N
+    diag_hi = tl.minimum(start_m * BLOCK_M + BLOCK_M + kv_offset, T_K)
     acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_src, v_src, stride_kt, stride_vt, rows,
-                                    offs_n, offs_d, 0, diag_lo, T, qk_scale_log2,
-                                    HEAD_DIM, BLOCK_D, BLOCK_N, False, USE_TMA)
+                                    offs_n, offs_d, 0, diag_lo, T_K, kv_offset, qk_scale_log2,
+                                    bh, row_start, seed_lo, seed_hi, drop_offset, drop_threshold,
+                                    HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, USE_TMA, DROPOUT)
     acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_src, v_src, stride_kt, stride_vt, rows,
-                                    offs_n, offs_d, diag_lo, tl.minimum(diag_lo + BLOCK_M, T), T,
-                                    qk_scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, True, USE_TMA)
+                                    offs_n, offs_d, diag_lo, diag_hi, T_K, kv_offset,
+                                    qk_scale_log2, bh, row_start, seed_lo, seed_hi, drop_offset,
+                                    drop_threshold, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True,
+                                    USE_TMA, DROPOUT)
 
     o_base = O + _head_offset(stride_ob, stride_oh, batch, head)
-    _store_tile(o_base, acc / l_i[:, None], rows, stride_ot, offs_d, T, HEAD_DIM, BLOCK_D)
+    o = acc / l_i[:, None]
+    if DROPOUT:
+        o = o * drop_scale
+    _store_tile(o_base, o, rows, stride_ot, offs_d, T, HEAD_DIM, BLOCK_D)
     lse = (m_i + tl.math.log2(l_i)) * LN2  # natural log, as torch.logsumexp
     tl.store(LSE + bh.to(tl.int64) * T + rows, lse, mask=rows < T)
 
@@ -309,16 +353,23 @@ def _attn_bwd_preprocess_kernel(O, DO, DLSE, DELTA,
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, dq_base, lse_base, delta_base,
                          stride_qt, stride_dot, stride_dqt, cols, offs_m, offs_d, query_lo,
-                         query_hi, T, qk_scale_log2, scale,
+                         query_hi, T, kv_offset, qk_scale_log2, scale, bh, key_start, seed_lo,
+                         seed_hi, drop_offset, drop_threshold, drop_scale,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                         DIAGONAL: tl.constexpr, ACCUMULATE_DQ: tl.constexpr,
-                         USE_TMA: tl.constexpr):
+                         BLOCK_N: tl.constexpr, DIAGONAL: tl.constexpr,
+                         ACCUMULATE_DQ: tl.constexpr, USE_TMA: tl.constexpr,
+                         DROPOUT: tl.constexpr):
     """Accumulate into one key block's dK, dV the query rows [query_lo, query_hi), working
     on transposed tiles (keys x queries) so P^T and dS^T come out ready for the dots; with
     ACCUMULATE_DQ, also add each query tile's share of dQ, scale * dS K, to the fp32 dQ
-    buffer (the 5th GEMM of version 2)."""
+    buffer (the 5th GEMM of version 2). With DROPOUT, Z = keep / (1 - p) regenerated from
+    the forward's mask: dV += (P Z)^T dO (Z's scale applied at the store), dS = P (Z dP -
+    Delta)."""
     for start_m in range(query_lo, query_hi, BLOCK_M):
-        rows = start_m + offs_m
+        if DROPOUT:  # the mask tile's row order (kernels.triton.dropout)
+            rows = row_order(offs_m, start_m)
+        else:
+            rows = start_m + offs_m
         # Rows past T load q = dO = 0 and lse = +inf, so their p = 0: they add nothing.
         q = _load_rows(q_src, start_m, rows, stride_qt, offs_d, T, HEAD_DIM, BLOCK_D, True,
                        USE_TMA)
@@ -327,9 +378,15 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, dq_base, lse_base, delta_b
         lse_log2 = tl.load(lse_base + rows, mask=rows < T, other=float("inf")) * LOG2E
         delta = tl.load(delta_base + rows, mask=rows < T, other=0.0)
         p_t = _probabilities(_dot(k, tl.trans(q)) * qk_scale_log2, lse_log2[None, :],
-                             rows[None, :], cols[:, None], DIAGONAL)
-        dv += _dot(p_t.to(do.dtype), do)
+                             rows[None, :], cols[:, None], kv_offset, DIAGONAL)
         dp_t = _dot(v, tl.trans(do))
+        if DROPOUT:
+            keep_t = tl.trans(keep_tile(seed_lo, seed_hi, drop_offset, drop_threshold, bh,
+                                        start_m, key_start, BLOCK_M, BLOCK_N))
+            dv += _dot(tl.where(keep_t, p_t, 0.0).to(do.dtype), do)
+            dp_t = tl.where(keep_t, dp_t * drop_scale, 0.0)
+        else:
+            dv += _dot(p_t.to(do.dtype), do)
         ds_t = p_t * (dp_t - delta[None, :])
         dk += _dot(ds_t.to(q.dtype), q)
         if ACCUMULATE_DQ:
@@ -342,21 +399,25 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, dq_base, lse_base, delta_b
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["T_BUCKET"])
+@triton.jit(do_not_specialize=["T_BUCKET", "seed_lo", "seed_hi", "drop_offset",
+                                "drop_threshold"])
 def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQ_ACCUM, LSE, DELTA,
                           stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                           stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
                           stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
                           stride_dqb, stride_dqh, stride_dqt,
-                          H, T, T_BUCKET, qk_scale_log2, scale,
+                          H, T, T_K, T_BUCKET, qk_scale_log2, scale,
+                          seed_lo, seed_hi, drop_offset, drop_threshold, drop_scale,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          ACCUMULATE_DQ: tl.constexpr, USE_TMA: tl.constexpr):
+                          ACCUMULATE_DQ: tl.constexpr, USE_TMA: tl.constexpr,
+                          DROPOUT: tl.constexpr):
     # Grid (B * H, key blocks); key block 0 is seen by every query: the heaviest go first.
     # DQ_ACCUM (fp32, zeroed) is read only with ACCUMULATE_DQ (version 2).
     bh = tl.program_id(0)
     start_n = tl.program_id(1)
     batch, head = bh // H, bh % H
+    kv_offset = T_K - T
     q_src = _row_source(Q + _head_offset(stride_qb, stride_qh, batch, head), stride_qt, T,
                         HEAD_DIM, BLOCK_M, BLOCK_D, USE_TMA)
     do_src = _row_source(DO + _head_offset(stride_dob, stride_doh, batch, head), stride_dot, T,
@@ -365,72 +426,100 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQ_ACCUM, LSE, DELTA,
     lse_base = LSE + bh.to(tl.int64) * T
     delta_base = DELTA + bh.to(tl.int64) * T
 
-    cols = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_start = start_n * BLOCK_N
+    if DROPOUT:  # the mask tile's key order (kernels.triton.dropout)
+        cols = key_order(tl.arange(0, BLOCK_N), key_start)
+    else:
+        cols = key_start + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    k_src = _row_source(K + _head_offset(stride_kb, stride_kh, batch, head), stride_kt, T,
+    k_src = _row_source(K + _head_offset(stride_kb, stride_kh, batch, head), stride_kt, T_K,
                         HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
-    v_src = _row_source(V + _head_offset(stride_vb, stride_vh, batch, head), stride_vt, T,
+    v_src = _row_source(V + _head_offset(stride_vb, stride_vh, batch, head), stride_vt, T_K,
                         HEAD_DIM, BLOCK_N, BLOCK_D, USE_TMA)
-    k = _load_rows(k_src, start_n * BLOCK_N, cols, stride_kt, offs_d, T, HEAD_DIM, BLOCK_D, True,
+    k = _load_rows(k_src, key_start, cols, stride_kt, offs_d, T_K, HEAD_DIM, BLOCK_D, True,
                    USE_TMA)
-    v = _load_rows(v_src, start_n * BLOCK_N, cols, stride_vt, offs_d, T, HEAD_DIM, BLOCK_D, True,
+    v = _load_rows(v_src, key_start, cols, stride_vt, offs_d, T_K, HEAD_DIM, BLOCK_D, True,
                    USE_TMA)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
-    # The queries of this key block's own rows see part of it (BLOCK_M divides BLOCK_N);
-    # every later query sees all of it.
-    diag_lo = start_n * BLOCK_N
-    diag_hi = tl.minimum(diag_lo + BLOCK_N, T)
+    # Queries from query_lo (aligned down to BLOCK_M) see part of this key block, those
+    # from diag_hi on (query_lo plus whole query blocks) all of it. For T_K == T these are
+    # the block's own rows (BLOCK_M divides BLOCK_N) and every later query.
+    query_lo = tl.maximum(key_start - kv_offset, 0) // BLOCK_M * BLOCK_M
+    diagonal_queries = tl.maximum(key_start + BLOCK_N - kv_offset - query_lo, 0)
+    diag_hi = tl.minimum(query_lo + tl.cdiv(diagonal_queries, BLOCK_M) * BLOCK_M, T)
     dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, dq_base, lse_base, delta_base,
                                   stride_qt, stride_dot, stride_dqt, cols, offs_m, offs_d,
-                                  diag_lo, diag_hi, T, qk_scale_log2, scale,
-                                  HEAD_DIM, BLOCK_D, BLOCK_M, True, ACCUMULATE_DQ, USE_TMA)
+                                  query_lo, diag_hi, T, kv_offset, qk_scale_log2, scale, bh,
+                                  key_start, seed_lo, seed_hi, drop_offset, drop_threshold,
+                                  drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True,
+                                  ACCUMULATE_DQ, USE_TMA, DROPOUT)
     dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_src, do_src, dq_base, lse_base, delta_base,
                                   stride_qt, stride_dot, stride_dqt, cols, offs_m, offs_d,
-                                  diag_hi, T, T, qk_scale_log2, scale,
-                                  HEAD_DIM, BLOCK_D, BLOCK_M, False, ACCUMULATE_DQ, USE_TMA)
+                                  diag_hi, T, T, kv_offset, qk_scale_log2, scale, bh, key_start,
+                                  seed_lo, seed_hi, drop_offset, drop_threshold, drop_scale,
+                                  HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, ACCUMULATE_DQ,
+                                  USE_TMA, DROPOUT)
 
+    if DROPOUT:
+        dv = dv * drop_scale
     _store_tile(DK + _head_offset(stride_dkb, stride_dkh, batch, head), dk * scale, cols,
-                stride_dkt, offs_d, T, HEAD_DIM, BLOCK_D)
+                stride_dkt, offs_d, T_K, HEAD_DIM, BLOCK_D)
     _store_tile(DV + _head_offset(stride_dvb, stride_dvh, batch, head), dv, cols, stride_dvt,
-                offs_d, T, HEAD_DIM, BLOCK_D)
+                offs_d, T_K, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse_log2, delta, k_base, v_base, stride_kt, stride_vt, rows,
-                       offs_n, offs_d, key_lo, key_hi, T, qk_scale_log2,
-                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                       DIAGONAL: tl.constexpr):
+                       offs_n, offs_d, key_lo, key_hi, T_K, kv_offset, qk_scale_log2, bh,
+                       row_start, seed_lo, seed_hi, drop_offset, drop_threshold, drop_scale,
+                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, DIAGONAL: tl.constexpr, DROPOUT: tl.constexpr):
     """Accumulate into one query block's dQ the keys [key_lo, key_hi)."""
     for start_n in range(key_lo, key_hi, BLOCK_N):
-        cols = start_n + offs_n
-        k = _load_tile(k_base, cols, stride_kt, offs_d, T, HEAD_DIM, BLOCK_D, DIAGONAL)
-        v = _load_tile(v_base, cols, stride_vt, offs_d, T, HEAD_DIM, BLOCK_D, DIAGONAL)
+        if DROPOUT:
+            cols = key_order(offs_n, start_n)
+        else:
+            cols = start_n + offs_n
+        k = _load_tile(k_base, cols, stride_kt, offs_d, T_K, HEAD_DIM, BLOCK_D, DIAGONAL)
+        v = _load_tile(v_base, cols, stride_vt, offs_d, T_K, HEAD_DIM, BLOCK_D, DIAGONAL)
         p = _probabilities(_dot(q, tl.trans(k)) * qk_scale_log2, lse_log2[:, None],
-                           rows[:, None], cols[None, :], DIAGONAL)
-        ds = p * (_dot(do, tl.trans(v)) - delta[:, None])
+                           rows[:, None], cols[None, :], kv_offset, DIAGONAL)
+        dp = _dot(do, tl.trans(v))
+        if DROPOUT:
+            keep = keep_tile(seed_lo, seed_hi, drop_offset, drop_threshold, bh, row_start,
+                             start_n, BLOCK_M, BLOCK_N)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
+        ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k)
     return dq
 
 
-@triton.jit(do_not_specialize=["T_BUCKET"])
+@triton.jit(do_not_specialize=["T_BUCKET", "seed_lo", "seed_hi", "drop_offset",
+                                "drop_threshold"])
 def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
                         stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                         stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
                         stride_dqb, stride_dqh, stride_dqt,
-                        H, T, T_BUCKET, qk_scale_log2, scale,
+                        H, T, T_K, T_BUCKET, qk_scale_log2, scale,
+                        seed_lo, seed_hi, drop_offset, drop_threshold, drop_scale,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr):
     # Version 1 only (see the module docstring).
     bh = tl.program_id(0)
     start_m = tl.num_programs(1) - 1 - tl.program_id(1)  # heaviest query blocks first
     batch, head = bh // H, bh % H
+    kv_offset = T_K - T
     k_base = K + _head_offset(stride_kb, stride_kh, batch, head)
     v_base = V + _head_offset(stride_vb, stride_vh, batch, head)
 
-    rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_start = start_m * BLOCK_M
+    if DROPOUT:  # the mask tile's row order (kernels.triton.dropout)
+        rows = row_order(tl.arange(0, BLOCK_M), row_start)
+    else:
+        rows = row_start + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_tile(Q + _head_offset(stride_qb, stride_qh, batch, head), rows, stride_qt, offs_d,
@@ -443,13 +532,17 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
     delta = tl.load(DELTA + row_offset, mask=rows < T, other=0.0)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    diag_lo = start_m * BLOCK_M  # BLOCK_N divides BLOCK_M
+    diag_lo = (start_m * BLOCK_M + kv_offset) // BLOCK_N * BLOCK_N  # as in the forward
+    diag_hi = tl.minimum(start_m * BLOCK_M + BLOCK_M + kv_offset, T_K)
     dq = _attn_bwd_dq_inner(dq, q, do, lse_log2, delta, k_base, v_base, stride_kt, stride_vt,
-                            rows, offs_n, offs_d, 0, diag_lo, T, qk_scale_log2,
-                            HEAD_DIM, BLOCK_D, BLOCK_N, False)
+                            rows, offs_n, offs_d, 0, diag_lo, T_K, kv_offset, qk_scale_log2, bh,
+                            row_start, seed_lo, seed_hi, drop_offset, drop_threshold, drop_scale,
+                            HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, DROPOUT)
     dq = _attn_bwd_dq_inner(dq, q, do, lse_log2, delta, k_base, v_base, stride_kt, stride_vt,
-                            rows, offs_n, offs_d, diag_lo, tl.minimum(diag_lo + BLOCK_M, T), T,
-                            qk_scale_log2, HEAD_DIM, BLOCK_D, BLOCK_N, True)
+                            rows, offs_n, offs_d, diag_lo, diag_hi, T_K, kv_offset,
+                            qk_scale_log2, bh, row_start, seed_lo, seed_hi, drop_offset,
+                            drop_threshold, drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True,
+                            DROPOUT)
     _store_tile(DQ + _head_offset(stride_dqb, stride_dqh, batch, head), dq * scale, rows,
                 stride_dqt, offs_d, T, HEAD_DIM, BLOCK_D)
 
@@ -476,7 +569,9 @@ AUTOTUNE_TILES = {
         ("16bit", 128): [(128, 32, 8, 3), (64, 64, 4, 3)],
         ("fp32", 32): [(64, 32, 8, 1)],
         ("fp32", 64): [(64, 32, 8, 1)],
-        ("fp32", 128): [(32, 32, 8, 1)],
+        # (32, 32, 8, 1) spills 64 B/thread on sm_90 since the KV offset entered the
+        # causal split.
+        ("fp32", 128): [(32, 16, 8, 1)],
     },
     "dkdv": {
         ("16bit", 32): [(32, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3)],
@@ -498,7 +593,8 @@ AUTOTUNE_TILES = {
         ("fp32", 128): [(16, 16, 4, 1)],
     },
     "dq": {
-        ("16bit", 32): [(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3)],
+        # (128, 64, 8, 3) spills 8 B/thread on sm_80 since the KV offset entered the split.
+        ("16bit", 32): [(128, 32, 8, 3), (64, 32, 4, 3)],
         ("16bit", 64): [(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3)],
         ("16bit", 128): [(128, 32, 8, 3), (64, 64, 8, 3)],
         ("fp32", 32): [(32, 32, 4, 1)],  # (64, 32, 8, 1) spills on sm_90 with triton 3.6
@@ -532,23 +628,62 @@ HOPPER_TILES["fwd_tma"] = {group: tiles for group, tiles in AUTOTUNE_TILES["fwd"
                            if group[0] == "16bit"}
 HOPPER_TILES["dkdv_dq_tma"] = dict(HOPPER_TILES["dkdv_dq"])
 HOPPER_ARCH = 90
+# With dropout each kernel also holds its keep tile and the Philox rounds that make it:
+# each list keeps the tiles that still compile without spills for sm_80 and sm_90 (the AOT
+# check), and where none does, a narrower one replaces them ((128, 128, 8, 3) spills
+# 312 B/thread in the D = 64 forward on sm_80, the D = 64 dK/dV tiles 16-20 B).
+AUTOTUNE_TILES["fwd_dropout"] = {
+    **AUTOTUNE_TILES["fwd"],
+    ("16bit", 64): [(128, 64, 8, 4)],
+    ("16bit", 128): [(64, 32, 8, 3), (64, 16, 4, 3)],
+}
+AUTOTUNE_TILES["dkdv_dropout"] = {
+    **AUTOTUNE_TILES["dkdv"],
+    ("16bit", 64): [(16, 128, 8, 3), (16, 64, 4, 3)],
+    ("16bit", 128): [(32, 64, 8, 3)],
+}
+AUTOTUNE_TILES["dkdv_dq_dropout"] = {
+    **AUTOTUNE_TILES["dkdv_dq"],
+    ("16bit", 32): [(32, 128, 8, 3), (32, 64, 4, 3)],
+    ("16bit", 64): [(32, 128, 8, 3), (16, 64, 4, 3)],
+    ("16bit", 128): [(32, 64, 8, 3)],
+    ("fp32", 64): [(32, 32, 4, 1)],
+}
+AUTOTUNE_TILES["dq_dropout"] = {
+    **AUTOTUNE_TILES["dq"],
+    ("16bit", 32): [(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3)],
+    ("16bit", 64): [(128, 32, 8, 3), (64, 32, 4, 3)],
+    ("16bit", 128): [(64, 64, 8, 3)],
+    ("fp32", 32): [(32, 32, 8, 1)],
+    ("fp32", 128): [(32, 16, 8, 1)],
+}
 # Delta is a memory-bound row reduction: one fixed tile.
 PREPROCESS_BLOCK_M, PREPROCESS_WARPS = 64, 4
 # Under the Triton interpreter (CPU tests): one small tile per kernel, BLOCK_M != BLOCK_N
 # so the diagonal split over several sub-blocks is exercised too.
-INTERPRETER_TILES = {"fwd": (32, 16), "fwd_tma": (32, 16), "dkdv": (16, 32),
-                     "dkdv_dq": (16, 32), "dkdv_dq_tma": (16, 32), "dq": (32, 16)}
+INTERPRETER_TILES = {"fwd": (32, 16), "fwd_tma": (32, 16), "fwd_dropout": (32, 16),
+                     "dkdv": (16, 32), "dkdv_dq": (16, 32), "dkdv_dq_tma": (16, 32),
+                     "dkdv_dropout": (16, 32), "dkdv_dq_dropout": (16, 32), "dq": (32, 16),
+                     "dq_dropout": (32, 16)}
 # Each tile list's kernel, the constexpr flags it is launched with, and the arguments its
 # autotuner must zero before each trial (atomics add into them; the final run gets a
 # zeroed buffer too).
 _KERNELS = {"fwd": _attn_fwd_kernel, "fwd_tma": _attn_fwd_kernel,
+            "fwd_dropout": _attn_fwd_kernel,
             "dkdv": _attn_bwd_dkdv_kernel, "dkdv_dq": _attn_bwd_dkdv_kernel,
-            "dkdv_dq_tma": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
-_FLAGS = {"fwd": {"USE_TMA": False}, "fwd_tma": {"USE_TMA": True},
-          "dkdv": {"ACCUMULATE_DQ": False, "USE_TMA": False},
-          "dkdv_dq": {"ACCUMULATE_DQ": True, "USE_TMA": False},
-          "dkdv_dq_tma": {"ACCUMULATE_DQ": True, "USE_TMA": True}, "dq": {}}
-_ZEROED = {"dkdv_dq": ["DQ_ACCUM"], "dkdv_dq_tma": ["DQ_ACCUM"]}
+            "dkdv_dq_tma": _attn_bwd_dkdv_kernel, "dkdv_dropout": _attn_bwd_dkdv_kernel,
+            "dkdv_dq_dropout": _attn_bwd_dkdv_kernel,
+            "dq": _attn_bwd_dq_kernel, "dq_dropout": _attn_bwd_dq_kernel}
+_FLAGS = {"fwd": {"USE_TMA": False, "DROPOUT": False},
+          "fwd_tma": {"USE_TMA": True, "DROPOUT": False},
+          "fwd_dropout": {"USE_TMA": False, "DROPOUT": True},
+          "dkdv": {"ACCUMULATE_DQ": False, "USE_TMA": False, "DROPOUT": False},
+          "dkdv_dq": {"ACCUMULATE_DQ": True, "USE_TMA": False, "DROPOUT": False},
+          "dkdv_dq_tma": {"ACCUMULATE_DQ": True, "USE_TMA": True, "DROPOUT": False},
+          "dkdv_dropout": {"ACCUMULATE_DQ": False, "USE_TMA": False, "DROPOUT": True},
+          "dkdv_dq_dropout": {"ACCUMULATE_DQ": True, "USE_TMA": False, "DROPOUT": True},
+          "dq": {"DROPOUT": False}, "dq_dropout": {"DROPOUT": True}}
+_ZEROED = {"dkdv_dq": ["DQ_ACCUM"], "dkdv_dq_tma": ["DQ_ACCUM"], "dkdv_dq_dropout": ["DQ_ACCUM"]}
 
 
 def tiles_for(kernel: str, group: tuple[str, int], arch: int) -> list[tuple[int, int, int, int]]:
@@ -671,28 +806,55 @@ def _bht_strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _forward(q, k, v, scale: float, version: int):
+class _Dropout(NamedTuple):
+    """A call's dropout as its kernels take it: the (seed, offset) words, the 32-bit
+    threshold (`kernels.philox`), the 1 / (1 - p) scale, and the DROPOUT flag."""
+    seed_lo: int = 0
+    seed_hi: int = 0
+    offset: int = 0
+    threshold: int = 0
+    scale: float = 1.0
+
+    @classmethod
+    def of(cls, dropout_p: float, rng: torch.Tensor | None) -> "_Dropout":
+        if dropout_p == 0.0:
+            return cls()
+        return cls(*philox.kernel_words(rng, dropout_p), 1.0 / (1.0 - dropout_p))
+
+    @property
+    def enabled(self) -> bool:
+        return self.scale != 1.0
+
+
+def _forward(q, k, v, scale: float, version: int, dropout_p: float = 0.0,
+             rng: torch.Tensor | None = None):
     q, k, v = (_unit_stride_d(t) for t in (q, k, v))
     b, h, t, d = q.shape
+    t_k = k.shape[2]
     o = _empty_bhtd(q)
     lse = q.new_empty((b, h, t), dtype=torch.float32)
     if not o.numel():
         return o, lse  # no program to launch (an empty grid is not a valid launch)
     block_d = _block_d(d)
-    use_tma = _use_tma(version, q, k, v)
+    dropout = _Dropout.of(dropout_p, rng)
+    # A dropout tile reads its keys in the mask's order, which a TMA box cannot.
+    use_tma = not dropout.enabled and _use_tma(version, q, k, v)
     with on_device_of(q):
         if use_tma:
             _ensure_scratch_allocator()
-        _launch("fwd_tma" if use_tma else "fwd", "BLOCK_M", t, b * h, q.dtype, block_d, q.device,
+        kernel = "fwd_tma" if use_tma else "fwd_dropout" if dropout.enabled else "fwd"
+        _launch(kernel, "BLOCK_M", t, b * h, q.dtype, block_d, q.device,
                 q, k, v, o, lse, *_bht_strides(q), *_bht_strides(k), *_bht_strides(v),
-                *_bht_strides(o), h, t, next_power_of_2(t), scale * LOG2E.value,
-                HEAD_DIM=d, BLOCK_D=block_d)
+                *_bht_strides(o), h, t, t_k, next_power_of_2(t_k), scale * LOG2E.value,
+                *dropout, HEAD_DIM=d, BLOCK_D=block_d)
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, dlse, scale: float, version: int):
+def _backward(do, q, k, v, o, lse, dlse, scale: float, version: int, dropout_p: float = 0.0,
+              rng: torch.Tensor | None = None):
     do, q, k, v, o = (_unit_stride_d(t) for t in (do, q, k, v, o))
     b, h, t, d = q.shape
+    t_k = k.shape[2]
     # Atomics make dQ's last bits vary between runs: deterministic mode takes version 1's
     # single-owner dQ kernel, whatever the version (as the cuda backend does).
     single_pass = version >= 2 and not torch.are_deterministic_algorithms_enabled()
@@ -703,13 +865,16 @@ def _backward(do, q, k, v, o, lse, dlse, scale: float, version: int):
     else:
         dq = _empty_bhtd(q)
     if not q.numel():
-        return (dq_accum.to(q.dtype) if single_pass else dq), dk, dv
+        return (dq_accum.to(q.dtype) if single_pass else dq), dk.zero_(), dv.zero_()
     block_d = _block_d(d)
-    t_bucket = next_power_of_2(t)
+    t_bucket = next_power_of_2(t_k)
     delta = torch.empty_like(lse)
     dlse = dlse.to(torch.float32).contiguous()  # often an expanded zero: make it addressable
-    use_tma = single_pass and _use_tma(version, q, k, v, do)
+    dropout = _Dropout.of(dropout_p, rng)
+    use_tma = single_pass and not dropout.enabled and _use_tma(version, q, k, v, do)
     dkdv_kernel = "dkdv_dq_tma" if use_tma else "dkdv_dq" if single_pass else "dkdv"
+    if dropout.enabled:
+        dkdv_kernel += "_dropout"
     with on_device_of(q):
         if use_tma:
             _ensure_scratch_allocator()
@@ -721,16 +886,17 @@ def _backward(do, q, k, v, o, lse, dlse, scale: float, version: int):
         # Version 1 passes lse as DQ_ACCUM: an fp32 pointer the kernel never touches.
         dq_target = dq_accum if single_pass else lse
         dq_strides = _bht_strides(dq_accum) if single_pass else (0, 0, 0)
-        _launch(dkdv_kernel, "BLOCK_N", t, b * h, q.dtype, block_d, q.device,
+        _launch(dkdv_kernel, "BLOCK_N", t_k, b * h, q.dtype, block_d, q.device,
                 q, k, v, do, dk, dv, dq_target, lse, delta, *_bht_strides(q), *_bht_strides(k),
                 *_bht_strides(v), *_bht_strides(do), *_bht_strides(dk), *_bht_strides(dv),
-                *dq_strides, h, t, t_bucket, scale * LOG2E.value, scale,
+                *dq_strides, h, t, t_k, t_bucket, scale * LOG2E.value, scale, *dropout,
                 HEAD_DIM=d, BLOCK_D=block_d)
         if not single_pass:
-            _launch("dq", "BLOCK_M", t, b * h, q.dtype, block_d, q.device,
-                    q, k, v, do, dq, lse, delta, *_bht_strides(q), *_bht_strides(k),
-                    *_bht_strides(v), *_bht_strides(do), *_bht_strides(dq), h, t, t_bucket,
-                    scale * LOG2E.value, scale, HEAD_DIM=d, BLOCK_D=block_d)
+            _launch("dq_dropout" if dropout.enabled else "dq", "BLOCK_M", t, b * h, q.dtype,
+                    block_d, q.device, q, k, v, do, dq, lse, delta, *_bht_strides(q),
+                    *_bht_strides(k), *_bht_strides(v), *_bht_strides(do), *_bht_strides(dq),
+                    h, t, t_k, t_bucket,
+                    scale * LOG2E.value, scale, *dropout, HEAD_DIM=d, BLOCK_D=block_d)
     if dq is None:
         dq = dq_accum.to(q.dtype)  # keeps the (B, T, H, D) layout
     return dq, dk, dv
@@ -741,16 +907,18 @@ def _backward(do, q, k, v, o, lse, dlse, scale: float, version: int):
 # giving it output shapes and strides) instead of tracing into Triton's Python launcher.
 # The kernel version is an argument, read once per forward call: its backward runs the
 # same version whatever is selected by then, and a traced graph keeps the version in use
-# when it was traced (as the cuda backend does).
+# when it was traced (as the cuda backend does). rng: the dropout's (seed, offset), a CPU
+# int64 tensor (`kernels.philox`), None without.
 
 @custom_op("gptk::triton_attention_fwd", mutates_args=())
 def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                      version: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(q, k, v, scale, version)
+                      version: int, dropout_p: float,
+                      rng: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, scale, version, dropout_p, rng)
 
 
 @_attention_fwd_op.register_fake
-def _(q, k, v, scale, version):
+def _(q, k, v, scale, version, dropout_p, rng):
     b, h, t, _ = q.shape
     return _empty_bhtd(q), q.new_empty((b, h, t), dtype=torch.float32)
 
@@ -758,27 +926,28 @@ def _(q, k, v, scale, version):
 @torch.library.custom_op("gptk::triton_attention_bwd", mutates_args=())
 def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       o: torch.Tensor, lse: torch.Tensor, dlse: torch.Tensor, scale: float,
-                      version: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(do, q, k, v, o, lse, dlse, scale, version)
+                      version: int, dropout_p: float, rng: Optional[torch.Tensor]
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(do, q, k, v, o, lse, dlse, scale, version, dropout_p, rng)
 
 
 @_attention_bwd_op.register_fake
-def _(do, q, k, v, o, lse, dlse, scale, version):
+def _(do, q, k, v, o, lse, dlse, scale, version, dropout_p, rng):
     return _empty_bhtd(q), _empty_bhtd(k), _empty_bhtd(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, scale, version = inputs
+    q, k, v, scale, version, dropout_p, rng = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse)  # O(T) memory: no probabilities are kept
-    ctx.scale = scale
-    ctx.version = version
+    ctx.save_for_backward(q, k, v, o, lse)  # O(T) memory: no probabilities, no mask
+    ctx.scale, ctx.version, ctx.dropout_p, ctx.rng = scale, version, dropout_p, rng
 
 
 def _attention_fwd_backward(ctx, do, dlse):
     q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd_op(do, q, k, v, o, lse, dlse, ctx.scale, ctx.version)
-    return dq, dk, dv, None, None
+    dq, dk, dv = _attention_bwd_op(do, q, k, v, o, lse, dlse, ctx.scale, ctx.version,
+                                   ctx.dropout_p, ctx.rng)
+    return dq, dk, dv, None, None, None, None
 
 
 _attention = differentiable(_attention_fwd_op, _attention_fwd_backward, _setup_context)
@@ -791,34 +960,36 @@ def _check_inputs(q, k, v) -> None:
         raise TypeError(f"triton causal_attention supports {SUPPORTED_DTYPES}, got {q.dtype}")
     if not q.dtype == k.dtype == v.dtype:
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
-        raise ValueError(f"q, k, v must all have one (B, H, T, D) shape, got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4 or q.shape[:2] != k.shape[:2] \
+            or q.shape[3] != k.shape[3] or k.shape[2] < q.shape[2]:
+        raise ValueError(f"q must have shape (B, H, T, D) and k, v one shape (B, H, T_K, D) "
+                         f"with T_K >= T, got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
     if q.shape[-1] > MAX_HEAD_DIM:
         raise ValueError(f"triton causal_attention supports head dims up to {MAX_HEAD_DIM}, "
                          f"got {q.shape[-1]}")
 
 
-def attention_forward(q, k, v, scale=None):
-    """Causal attention on (B, H, T, D) returning (o, lse): o as `causal_attention`, lse the
-    fp32 (B, H, T) natural log-sum-exp of each query's scaled scores (differentiable)."""
+def attention_forward(q, k, v, scale=None, dropout_p=0.0, dropout_seed=None):
+    """Causal attention on (B, H, T, D) queries and (B, H, T_K, D) keys and values (T_K >= T:
+    the mask aligned to the bottom-right) returning (o, lse): o as `causal_attention`, lse
+    the fp32 (B, H, T) natural log-sum-exp of each query's scaled scores before dropout
+    (differentiable)."""
     _check_inputs(q, k, v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
-    return _attention(q, k, v, scale, VERSIONS.current())
+    dropout_p = float(dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    rng = philox.seed_tensor(philox.check_seed(dropout_seed)) if dropout_p > 0.0 else None
+    return _attention(q, k, v, scale, VERSIONS.current(), dropout_p, rng)
 
 
-def causal_attention(q, k, v, scale=None, dropout_p=0.0):
-    """The backend's entry point (`kernels.ops.causal_attention` routes dropout and KV-cache
-    calls elsewhere; these checks guard direct callers)."""
-    if dropout_p != 0.0:
-        raise ValueError(f"triton causal_attention has no attention dropout, got "
-                         f"dropout_p={dropout_p}; use the 'torch' backend")
-    if k.shape[-2] != q.shape[-2]:
-        raise ValueError(f"triton causal_attention needs as many keys as queries, got "
-                         f"{k.shape[-2]} keys for {q.shape[-2]} queries; use the 'torch' backend")
-    return attention_forward(q, k, v, scale)[0]
+def causal_attention(q, k, v, scale=None, dropout_p=0.0, dropout_seed=None):
+    """The backend's entry point: queries at most as many as keys (KV cache), attention
+    dropout with the mask of dropout_seed = (seed, offset), or a fresh one."""
+    return attention_forward(q, k, v, scale, dropout_p, dropout_seed)[0]
 
 
 # ----------------------------------------------------------------------------- AOT specs
@@ -826,7 +997,9 @@ def causal_attention(q, k, v, scale=None, dropout_p=0.0):
 AOT_HEAD_DIMS = (32, 64, 128)
 _AOT_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 _FP32_POINTERS = ("LSE", "DELTA", "DLSE", "DQ_ACCUM")  # fp32 whatever the operands' dtype
-_SCALARS = {"H": "i32", "T": "i32", "T_BUCKET": "i32", "qk_scale_log2": "fp32", "scale": "fp32"}
+_SCALARS = {"H": "i32", "T": "i32", "T_K": "i32", "T_BUCKET": "i32", "qk_scale_log2": "fp32",
+            "scale": "fp32", "seed_lo": "i32", "seed_hi": "i32", "drop_offset": "i32",
+            "drop_threshold": "i32", "drop_scale": "fp32"}
 
 
 def _aot_signature(fn, data_type: str, constexprs: dict) -> dict[str, str]:

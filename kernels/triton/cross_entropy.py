@@ -25,6 +25,18 @@ again, so an op cannot know they are dead, and a silent in-place write would cor
 them. The place where that is safe is the fused linear + cross-entropy, whose logits
 chunks are temporaries it owns: `launch_cross_entropy` with grad=logits does it there.
 
+The loss variants (`kernels.losses`) ride along the same passes: with SOFTCAP every logit
+is replaced by z = softcap * tanh(x / softcap) where it is loaded (in both passes; tanh as
+1 - 2 / (exp(2y) + 1), which saturates to +-1 without overflow); with SMOOTHING the sweep
+also sums z for the label-smoothing term; the z-loss needs only each row's lse. The
+gradient generalises to
+    g * ((exp(z - m) / d) (1 + 2 c lse) - (1 - e) [j == t] - e / V) * (1 - (z / softcap)^2)
+written by the same gradient passes (version 3's loop-free blocks included). Both flags
+are constexpr, so without them the passes over the logits are the plain loss's but for
+one subtraction per gradient element (the smoothing's uniform term, 0 without it); the
+z-loss and the smoothing's per-row terms are a few scalar operations per row, paid by
+every call.
+
 Vectorised for any V. A row's 16-byte vectors start wherever the row does: with V =
 50257 (GPT-2's vocabulary unpadded) row i of bf16 logits starts 2 * 50257 * i bytes in,
 8-byte aligned at best, so a plain `x[cols]` load cannot be proven aligned and compiles to
@@ -65,8 +77,8 @@ import triton.language as tl
 
 from kernels import versions
 from kernels.availability import triton_interpreter_enabled
-from kernels.chunked_linear_cross_entropy import reduce_losses
 from kernels.custom_ops import custom_op, differentiable
+from kernels.losses import PLAIN, LossVariant, finish, reduce_losses
 from kernels.triton.aot import AotSpec
 from kernels.triton.device import on_device_of
 from kernels.triton.grid import cdiv, next_power_of_2
@@ -139,6 +151,23 @@ def _edge_columns(head, body, n_cols, VEC: tl.constexpr):
 # ----------------------------------------------------------------------------- sweeps
 
 @triton.jit
+def _soft_cap(x, cap):
+    """cap * tanh(x / cap) as cap - 2 cap / (exp(2 x / cap) + 1): +-inf give +-cap, and a
+    large x saturates (exp overflows to inf) instead of producing inf / inf."""
+    return cap - 2.0 * cap / (tl.exp(2.0 * x / cap) + 1.0)
+
+
+@triton.jit
+def _z(x, mask, softcap, SOFTCAP: tl.constexpr):
+    """Loaded logits x (-inf where masked) as fp32 z, soft-capped with SOFTCAP (the masked
+    lanes stay -inf)."""
+    z = x.to(tl.float32)
+    if SOFTCAP:
+        z = tl.where(mask, _soft_cap(z, softcap), -float("inf"))
+    return z
+
+
+@triton.jit
 def _online_softmax_step(m, d, x):
     """Fold a block of logits x (fp32, -inf where masked) into the running max m and the
     running sum d = sum exp(x - m)."""
@@ -151,47 +180,83 @@ def _online_softmax_step(m, d, x):
 
 
 @triton.jit
-def _row_max_and_sum(logits, n_cols, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
-                     PREFETCH: tl.constexpr):
-    """(m, d) of one row: the head and tail block, then the aligned body block by block.
-    With PREFETCH (version 3) the loads of block k + 1 are issued before block k is
-    reduced, so they are in flight while it is (the loop is not software-pipelined
-    otherwise: each block's loads would wait for the previous block's reductions)."""
+def _row_stats(logits, n_cols, softcap, SOFTCAP: tl.constexpr, SMOOTHING: tl.constexpr,
+               BLOCK_V: tl.constexpr, VEC: tl.constexpr, PREFETCH: tl.constexpr):
+    """(m, d, sum of z) of one row (the sum only with SMOOTHING, else 0): the head and tail
+    block, then the aligned body block by block. With PREFETCH (version 3) the loads of
+    block k + 1 are issued before block k is reduced, so they are in flight while it is
+    (the loop is not software-pipelined otherwise: each block's loads would wait for the
+    previous block's reductions)."""
     head, body = _row_partition(logits, n_cols, VEC)
     edge_cols, edge_mask = _edge_columns(head, body, n_cols, VEC)
-    edges = tl.load(logits + edge_cols, mask=edge_mask, other=-float("inf")).to(tl.float32)
+    edges = _z(tl.load(logits + edge_cols, mask=edge_mask, other=-float("inf")), edge_mask,
+               softcap, SOFTCAP)
     m, d = _online_softmax_step(-float("inf"), 0.0, edges)
+    z_sum = 0.0
+    if SMOOTHING:
+        z_sum = tl.sum(tl.where(edge_mask, edges, 0.0), axis=0)
     body_ptr = tl.multiple_of(logits + head, 16)
     if PREFETCH:
         cols = tl.arange(0, BLOCK_V)
         x = tl.load(body_ptr + cols, mask=cols < body, other=-float("inf"))
         # cdiv(body, BLOCK_V) iterations; the last one's prefetch is wholly masked (no load).
         for start in range(BLOCK_V, body + BLOCK_V, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
-            x_next = tl.load(body_ptr + cols, mask=cols < body, other=-float("inf"))
-            m, d = _online_softmax_step(m, d, x.to(tl.float32))
+            next_cols = start + tl.arange(0, BLOCK_V)
+            x_next = tl.load(body_ptr + next_cols, mask=next_cols < body, other=-float("inf"))
+            cols = start - BLOCK_V + tl.arange(0, BLOCK_V)  # x's columns
+            z = _z(x, cols < body, softcap, SOFTCAP)
+            m, d = _online_softmax_step(m, d, z)
+            if SMOOTHING:
+                z_sum += tl.sum(tl.where(cols < body, z, 0.0), axis=0)
             x = x_next
     else:
         for start in range(0, body, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
-            x = tl.load(body_ptr + cols, mask=cols < body, other=-float("inf")).to(tl.float32)
-            m, d = _online_softmax_step(m, d, x)
-    return m, d
+            z = _z(tl.load(body_ptr + cols, mask=cols < body, other=-float("inf")),
+                   cols < body, softcap, SOFTCAP)
+            m, d = _online_softmax_step(m, d, z)
+            if SMOOTHING:
+                z_sum += tl.sum(tl.where(cols < body, z, 0.0), axis=0)
+    return m, d, z_sum
 
 
 @triton.jit
-def _store_gradient(grad, x, cols, mask, shift, scale, weight, target):
-    """Store exp(x - shift) * scale - weight * [cols == target] at the pointers `grad`, for
-    loaded logits x; cols are the elements' columns in the row."""
-    g = tl.exp(x.to(tl.float32) - shift) * scale - tl.where(cols == target, weight, 0.0)
+def _row_loss(m, d, z_sum, target_z, n_cols, smoothing, z_loss, SMOOTHING: tl.constexpr):
+    """(loss, lse) of a row from its stats and its target's z (see `kernels.losses`). The
+    nll is log(d) + (m - z_t), not lse - z_t: at logits ~1000 lse rounded to fp32 is off
+    by up to 6e-5, while m - z_t is exact there."""
+    log_d = tl.log(d)
+    loss = log_d + (m - target_z)
+    if SMOOTHING:
+        loss = (1.0 - smoothing) * loss + smoothing * (log_d + (m - z_sum / n_cols))
+    lse = m + log_d
+    return loss + z_loss * lse * lse, lse
+
+
+@triton.jit
+def _store_gradient(grad, x, cols, mask, shift, scale, target_weight, uniform, target,
+                    softcap, SOFTCAP: tl.constexpr):
+    """Store (exp(z - shift) * scale - target_weight * [cols == target] - uniform) * tanh'
+    at the pointers `grad`, for loaded logits x (z: x soft-capped with SOFTCAP, whose
+    derivative tanh' = 1 - (z / softcap)^2 multiplies the rest); cols are the elements'
+    columns in the row."""
+    z = x.to(tl.float32)
+    if SOFTCAP:
+        z = _soft_cap(z, softcap)
+    g = tl.exp(z - shift) * scale - tl.where(cols == target, target_weight, 0.0) - uniform
+    if SOFTCAP:
+        capped = z / softcap
+        g = g * (1.0 - capped * capped)
     tl.store(grad, g.to(grad.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _gradient_block(logits, grad, cols, mask, shift, scale, weight, target):
+def _gradient_block(logits, grad, cols, mask, shift, scale, target_weight, uniform, target,
+                    softcap, SOFTCAP: tl.constexpr):
     """_store_gradient of the logits at the pointers `logits`."""
     x = tl.load(logits, mask=mask, other=0.0)
-    _store_gradient(grad, x, cols, mask, shift, scale, weight, target)
+    _store_gradient(grad, x, cols, mask, shift, scale, target_weight, uniform, target, softcap,
+                    SOFTCAP)
 
 
 @triton.jit
@@ -208,32 +273,35 @@ def _body_pointers(logits, grad, n_cols, GRAD_ALIGNED: tl.constexpr, VEC: tl.con
 
 
 @triton.jit
-def _gradient_sweep(logits, grad, n_cols, shift, scale, weight, target,
-                    GRAD_ALIGNED: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
-                    PREFETCH: tl.constexpr):
-    """One pass over a row writing grad_j = exp(x_j - shift) * scale - weight * [j == target]
-    (the softmax minus the one-hot, times the row's weight: scale = weight / d with shift
-    = m). grad may be logits itself (block k + 1 is loaded before block k is stored, at
-    other addresses). PREFETCH as in _row_max_and_sum."""
+def _gradient_sweep(logits, grad, n_cols, shift, scale, weight, target, smoothing, softcap,
+                    SOFTCAP: tl.constexpr, GRAD_ALIGNED: tl.constexpr, BLOCK_V: tl.constexpr,
+                    VEC: tl.constexpr, PREFETCH: tl.constexpr):
+    """One pass over a row writing its gradient times the row's weight: grad_j = (exp(z_j -
+    shift) * scale - weight (1 - smoothing) [j == target] - weight smoothing / V) * tanh'_j
+    (for the plain loss the softmax minus the one-hot: scale = weight / d with shift = m).
+    grad may be logits itself (block k + 1 is loaded before block k is stored, at other
+    addresses). PREFETCH as in _row_stats."""
     head, body, body_ptr, grad_ptr = _body_pointers(logits, grad, n_cols, GRAD_ALIGNED, VEC)
+    target_weight = weight * (1.0 - smoothing)
+    uniform = weight * smoothing / n_cols
     edge_cols, edge_mask = _edge_columns(head, body, n_cols, VEC)
     _gradient_block(logits + edge_cols, grad + edge_cols, edge_cols, edge_mask, shift, scale,
-                    weight, target)
+                    target_weight, uniform, target, softcap, SOFTCAP)
     if PREFETCH:
         cols = tl.arange(0, BLOCK_V)
         x = tl.load(body_ptr + cols, mask=cols < body, other=0.0)
         for start in range(BLOCK_V, body + BLOCK_V, BLOCK_V):
             next_cols = start + tl.arange(0, BLOCK_V)
             x_next = tl.load(body_ptr + next_cols, mask=next_cols < body, other=0.0)
-            _store_gradient(grad_ptr + cols, x, head + cols, cols < body, shift, scale, weight,
-                            target)
+            _store_gradient(grad_ptr + cols, x, head + cols, cols < body, shift, scale,
+                            target_weight, uniform, target, softcap, SOFTCAP)
             x = x_next
             cols = next_cols
     else:
         for start in range(0, body, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             _gradient_block(body_ptr + cols, grad_ptr + cols, head + cols, cols < body, shift,
-                            scale, weight, target)
+                            scale, target_weight, uniform, target, softcap, SOFTCAP)
 
 
 @triton.jit
@@ -248,27 +316,27 @@ def _target(Targets, row, n_cols, ignore_index):
 
 
 @triton.jit
-def _sweep_coefficients(keep, weight, m, d):
-    """(shift, scale) of a row's gradient sweep, grad_j = exp(x_j - shift) * scale -
-    weight * [j == target], for a row of max m and sum d and its weight (0 if ignored).
-    Ignored rows get exactly 0: scale 0 (their weight may come from inf or NaN, a mean over
-    no kept target; d may be 0) and a finite shift, so exp(x - shift) stays finite (a row
-    of -inf logits has m = -inf)."""
-    scale = tl.where(keep, weight / d, 0.0)
+def _sweep_coefficients(keep, weight, m, d, lse, z_loss):
+    """(shift, scale) of a row's gradient sweep (see _gradient_sweep), for a row of max m,
+    sum d and log-sum-exp lse and its weight (0 if ignored): the z-loss's 2 z_loss lse
+    scales the softmax. Ignored rows get exactly 0: scale 0 (their weight may come from inf
+    or NaN, a mean over no kept target; d may be 0) and a finite shift, so exp(x - shift)
+    stays finite (a row of -inf logits has m = -inf)."""
+    scale = tl.where(keep, weight * (1.0 + 2.0 * z_loss * lse) / d, 0.0)
     shift = tl.where(m == -float("inf"), 0.0, m)
     return shift, scale
 
 
 @triton.jit
 def _gradient_coefficients(Stats, Targets, GradLosses, stride_grad_losses, row, n_cols,
-                           ignore_index):
+                           ignore_index, z_loss):
     """(shift, scale, weight, target) of a row's gradient from the forward's saved (m, d)
-    and the upstream gradient g = GradLosses[row]: g * (softmax - onehot)."""
+    and the upstream gradient g = GradLosses[row]: g * d loss / d logits."""
     keep, _in_range, target = _target(Targets, row, n_cols, ignore_index)
     m = tl.load(Stats + 2 * row)
     d = tl.load(Stats + 2 * row + 1)
     weight = tl.where(keep, tl.load(GradLosses + row * stride_grad_losses), 0.0)
-    shift, scale = _sweep_coefficients(keep, weight, m, d)
+    shift, scale = _sweep_coefficients(keep, weight, m, d, m + tl.log(d), z_loss)
     return shift, scale, weight, target
 
 
@@ -278,57 +346,63 @@ def _gradient_coefficients(Stats, Targets, GradLosses, stride_grad_losses, row, 
 def _cross_entropy_fwd_kernel(
     Logits, Grad, Targets, RowWeight, Losses, Stats,
     stride_logits, stride_grad, stride_row_weight,
-    n_cols, ignore_index,
-    COMPUTE_GRAD: tl.constexpr, GRAD_ALIGNED: tl.constexpr, BLOCK_V: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    n_cols, ignore_index, smoothing, z_loss, softcap,
+    COMPUTE_GRAD: tl.constexpr, GRAD_ALIGNED: tl.constexpr, SOFTCAP: tl.constexpr,
+    SMOOTHING: tl.constexpr, BLOCK_V: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """One program per row: the loss, and (m, d) into Stats[row]; with COMPUTE_GRAD also
     RowWeight[row] times the row's gradient, into Grad (which may be Logits: the fused
-    linear + cross-entropy)."""
+    linear + cross-entropy writes it in place)."""
     VEC: tl.constexpr = 128 // Logits.dtype.element_ty.primitive_bitwidth
-    row = tl.program_id(0).to(tl.int64)  # row * stride can pass 2**31 at GPT-2 size
+    row = tl.program_id(0).to(tl.int64)
     logits = Logits + row * stride_logits
     keep, in_range, target = _target(Targets, row, n_cols, ignore_index)
 
-    m, d = _row_max_and_sum(logits, n_cols, BLOCK_V, VEC, PREFETCH)
+    m, d, z_sum = _row_stats(logits, n_cols, softcap, SOFTCAP, SMOOTHING, BLOCK_V, VEC,
+                             PREFETCH)
     # Read before the gradient sweep, which may overwrite the row when Grad is Logits.
-    target_logit = tl.load(logits + target).to(tl.float32)
-    loss = tl.where(in_range, tl.log(d) + (m - target_logit), float("nan"))
+    target_z = tl.load(logits + target).to(tl.float32)
+    if SOFTCAP:
+        target_z = _soft_cap(target_z, softcap)
+    loss, lse = _row_loss(m, d, z_sum, target_z, n_cols, smoothing, z_loss, SMOOTHING)
+    loss = tl.where(in_range, loss, float("nan"))
     tl.store(Losses + row, tl.where(keep, loss, 0.0))
     tl.store(Stats + 2 * row, m)
     tl.store(Stats + 2 * row + 1, d)
 
     if COMPUTE_GRAD:
         weight = tl.where(keep, tl.load(RowWeight + row * stride_row_weight), 0.0)
-        shift, scale = _sweep_coefficients(keep, weight, m, d)
+        shift, scale = _sweep_coefficients(keep, weight, m, d, lse, z_loss)
         _gradient_sweep(logits, Grad + row * stride_grad, n_cols, shift, scale, weight,
-                        target, GRAD_ALIGNED, BLOCK_V, VEC, PREFETCH)
+                        target, smoothing, softcap, SOFTCAP, GRAD_ALIGNED, BLOCK_V, VEC,
+                        PREFETCH)
 
 
 @triton.jit
 def _cross_entropy_bwd_kernel(
     Logits, Stats, Targets, GradLosses, DLogits,
     stride_logits, stride_dlogits, stride_grad_losses,
-    n_cols, ignore_index,
-    GRAD_ALIGNED: tl.constexpr, BLOCK_V: tl.constexpr,
+    n_cols, ignore_index, smoothing, z_loss, softcap,
+    GRAD_ALIGNED: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """Version 2's backward, one program per row: dlogits = g * (exp(x - m) / d - onehot)
-    with g = GradLosses[row] and the saved (m, d): one read of the row, one write."""
+    """Version 2's backward, one program per row: dlogits = g * d loss / d logits with
+    g = GradLosses[row], recomputed from the saved (m, d): one read of the row, one write."""
     VEC: tl.constexpr = 128 // Logits.dtype.element_ty.primitive_bitwidth
     row = tl.program_id(0).to(tl.int64)
     shift, scale, weight, target = _gradient_coefficients(Stats, Targets, GradLosses,
-                                                           stride_grad_losses, row, n_cols,
-                                                           ignore_index)
+                                                          stride_grad_losses, row, n_cols,
+                                                          ignore_index, z_loss)
     _gradient_sweep(Logits + row * stride_logits, DLogits + row * stride_dlogits, n_cols,
-                    shift, scale, weight, target, GRAD_ALIGNED, BLOCK_V, VEC, False)
+                    shift, scale, weight, target, smoothing, softcap, SOFTCAP, GRAD_ALIGNED,
+                    BLOCK_V, VEC, False)
 
 
 @triton.jit
 def _cross_entropy_bwd_block_kernel(
     Logits, Stats, Targets, GradLosses, DLogits,
     stride_logits, stride_dlogits, stride_grad_losses,
-    n_cols, ignore_index,
-    GRAD_ALIGNED: tl.constexpr, BLOCK_V: tl.constexpr,
+    n_cols, ignore_index, smoothing, z_loss, softcap,
+    GRAD_ALIGNED: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """Version 3's backward, loop-free: program (row, j) writes block j of the row's aligned
     body (program (row, 0) the head and tail too), the same values as version 2's sweep.
@@ -339,17 +413,19 @@ def _cross_entropy_bwd_block_kernel(
     block = tl.program_id(1)
     shift, scale, weight, target = _gradient_coefficients(Stats, Targets, GradLosses,
                                                           stride_grad_losses, row, n_cols,
-                                                          ignore_index)
+                                                          ignore_index, z_loss)
+    target_weight = weight * (1.0 - smoothing)
+    uniform = weight * smoothing / n_cols
     logits = Logits + row * stride_logits
     grad = DLogits + row * stride_dlogits
     head, body, body_ptr, grad_ptr = _body_pointers(logits, grad, n_cols, GRAD_ALIGNED, VEC)
     if block == 0:
         edge_cols, edge_mask = _edge_columns(head, body, n_cols, VEC)
         _gradient_block(logits + edge_cols, grad + edge_cols, edge_cols, edge_mask, shift,
-                        scale, weight, target)
+                        scale, target_weight, uniform, target, softcap, SOFTCAP)
     cols = block * BLOCK_V + tl.arange(0, BLOCK_V)
     _gradient_block(body_ptr + cols, grad_ptr + cols, head + cols, cols < body, shift, scale,
-                    weight, target)
+                    target_weight, uniform, target, softcap, SOFTCAP)
 
 
 @triton.jit
@@ -383,10 +459,10 @@ def shares_alignment(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def launch_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                          losses: torch.Tensor, grad: torch.Tensor | None,
-                         row_weight: torch.Tensor | None,
-                         stats: torch.Tensor | None = None, version: int | None = None) -> None:
-    """Per-row losses of logits (n, V) into losses (n,) fp32 (and each row's max and sum
-    of exponentials into stats (n, 2) fp32, when given) and, when grad is given,
+                         row_weight: torch.Tensor | None, stats: torch.Tensor,
+                         variant: LossVariant = PLAIN, version: int | None = None) -> None:
+    """Per-row losses of logits (n, V) into losses (n,) fp32, each row's max and sum of
+    exponentials into stats (n, 2) fp32 and, when grad is given,
     row_weight[i] * d loss_i / d logits into grad (n, V), which may be logits itself.
     targets: (n,) int64. row_weight: (n,) fp32, any stride (0 for one shared weight).
     version: the kernel version whose sweeps run (default: the one selected)."""
@@ -394,17 +470,22 @@ def launch_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_ind
     if not n_rows:
         return
     version = VERSIONS.current() if version is None else version
-    stats = losses.new_empty((n_rows, 2)) if stats is None else stats
     with on_device_of(logits):
         _cross_entropy_fwd_kernel[(n_rows,)](
             logits, grad, targets, row_weight, losses, stats,
             logits.stride(0), 0 if grad is None else grad.stride(0),
             0 if row_weight is None else row_weight.stride(0),
-            n_cols, ignore_index,
+            n_cols, ignore_index, *variant,
             COMPUTE_GRAD=grad is not None,
             GRAD_ALIGNED=grad is not None and shares_alignment(logits, grad),
+            SOFTCAP=bool(variant.softcap), SMOOTHING=bool(variant.label_smoothing),
             BLOCK_V=block_v(n_cols, logits.element_size()), PREFETCH=version >= 3,
             num_warps=NUM_WARPS, num_stages=1)
+
+
+def row_lse(stats: torch.Tensor) -> torch.Tensor:
+    """Each row's log-sum-exp from its saved (max, sum of exponentials)."""
+    return stats[:, 0] + stats[:, 1].log()
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -414,20 +495,23 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- version 2, 3 ops
 # The version is an argument, read once per forward call: the backward runs the forward's.
+# label_smoothing, z_loss, softcap: the loss variant (`kernels.losses`; 0 for none).
 
 @custom_op("gptk::triton_cross_entropy_stats_fwd", mutates_args=())
 def cross_entropy_stats_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                            version: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-row losses (n,) fp32, per-row (max, sum of exp(x - max)) (n, 2) fp32) of
-    logits (n, V)."""
+                            version: int, label_smoothing: float, z_loss: float,
+                            softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-row losses (n,) fp32, per-row (max, sum of exp(z - max)) (n, 2) fp32) of
+    logits (n, V) (z: the logits, soft-capped with softcap > 0)."""
     losses = logits.new_empty(logits.shape[0], dtype=torch.float32)
     stats = logits.new_empty((logits.shape[0], 2), dtype=torch.float32)
-    launch_cross_entropy(logits, targets, ignore_index, losses, None, None, stats, version)
+    launch_cross_entropy(logits, targets, ignore_index, losses, None, None, stats,
+                         LossVariant(label_smoothing, z_loss, softcap), version)
     return losses, stats
 
 
 @cross_entropy_stats_fwd.register_fake
-def _(logits, targets, ignore_index, version):
+def _(logits, targets, ignore_index, version, label_smoothing, z_loss, softcap):
     n_rows = logits.shape[0]
     return (logits.new_empty(n_rows, dtype=torch.float32),
             logits.new_empty((n_rows, 2), dtype=torch.float32))
@@ -436,7 +520,8 @@ def _(logits, targets, ignore_index, version):
 @torch.library.custom_op("gptk::triton_cross_entropy_stats_bwd", mutates_args=())
 def cross_entropy_stats_bwd(grad_losses: torch.Tensor, logits: torch.Tensor,
                             targets: torch.Tensor, stats: torch.Tensor, ignore_index: int,
-                            version: int) -> torch.Tensor:
+                            version: int, label_smoothing: float, z_loss: float,
+                            softcap: float) -> torch.Tensor:
     """d (sum_i grad_losses[i] * loss_i) / d logits, a new (n, V) tensor in the logits'
     dtype (ignored rows zero), from the forward's stats."""
     n_rows, n_cols = logits.shape
@@ -444,40 +529,41 @@ def cross_entropy_stats_bwd(grad_losses: torch.Tensor, logits: torch.Tensor,
     if not n_rows:
         return dlogits
     args = (logits, stats, targets, grad_losses, dlogits,
-            logits.stride(0), dlogits.stride(0), grad_losses.stride(0), n_cols, ignore_index)
-    grad_aligned = shares_alignment(logits, dlogits)
+            logits.stride(0), dlogits.stride(0), grad_losses.stride(0), n_cols, ignore_index,
+            label_smoothing, z_loss, softcap)
+    flags = {"GRAD_ALIGNED": shares_alignment(logits, dlogits), "SOFTCAP": bool(softcap)}
     with on_device_of(logits):
         if version >= 3:
             block = bwd_block_v(n_cols, logits.element_size())
             _cross_entropy_bwd_block_kernel[(n_rows, cdiv(n_cols, block))](
-                *args, GRAD_ALIGNED=grad_aligned, BLOCK_V=block,
-                num_warps=BWD_NUM_WARPS, num_stages=1)
+                *args, **flags, BLOCK_V=block, num_warps=BWD_NUM_WARPS, num_stages=1)
         else:
             _cross_entropy_bwd_kernel[(n_rows,)](
-                *args, GRAD_ALIGNED=grad_aligned, BLOCK_V=block_v(n_cols, logits.element_size()),
+                *args, **flags, BLOCK_V=block_v(n_cols, logits.element_size()),
                 num_warps=NUM_WARPS, num_stages=1)
     return dlogits
 
 
 @cross_entropy_stats_bwd.register_fake
-def _(grad_losses, logits, targets, stats, ignore_index, version):
+def _(grad_losses, logits, targets, stats, ignore_index, version, label_smoothing, z_loss,
+      softcap):
     return logits.new_empty(logits.shape)
 
 
 def _stats_setup(ctx, inputs, output):
-    logits, targets, ignore_index, version = inputs
+    logits, targets, ignore_index, version, *variant = inputs
     _losses, stats = output
     ctx.mark_non_differentiable(stats)
     ctx.save_for_backward(logits, targets, stats)  # no (N, V) tensor of its own
-    ctx.ignore_index = ignore_index
-    ctx.version = version
+    ctx.ignore_index, ctx.version, ctx.variant = ignore_index, version, variant
 
 
 def _stats_backward(ctx, grad_losses, _grad_stats):
     logits, targets, stats = ctx.saved_tensors
     grad_losses = grad_losses.to(torch.float32)  # any stride: 0 for a mean's expanded scalar
     return (cross_entropy_stats_bwd(grad_losses, logits, targets, stats, ctx.ignore_index,
-                                    ctx.version), None, None, None)
+                                    ctx.version, *ctx.variant),
+            None, None, None, None, None, None)
 
 
 _cross_entropy_stats = differentiable(cross_entropy_stats_fwd, _stats_backward, _stats_setup)
@@ -489,23 +575,28 @@ _cross_entropy_stats = differentiable(cross_entropy_stats_fwd, _stats_backward, 
 
 @custom_op("gptk::triton_cross_entropy_fwd", mutates_args=())
 def cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                      compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                      compute_grad: bool, label_smoothing: float, z_loss: float,
+                      softcap: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(per-row losses (n,) fp32, d losses_i / d logits (n, V) in the logits' dtype, or an
-    empty (0, V) tensor without compute_grad) for logits (n, V) and int64 targets (n,)."""
+    empty (0, V) tensor without compute_grad, per-row stats (n, 2)) for logits (n, V) and
+    int64 targets (n,)."""
     n_rows, n_cols = logits.shape
     losses = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    stats = torch.empty((n_rows, 2), dtype=torch.float32, device=logits.device)
     grad = logits.new_empty((n_rows if compute_grad else 0, n_cols))
     ones = torch.ones(1, dtype=torch.float32, device=logits.device).expand(n_rows)
     launch_cross_entropy(logits, targets, ignore_index, losses,
-                         grad if compute_grad else None, ones, version=1)
-    return losses, grad
+                         grad if compute_grad else None, ones, stats,
+                         LossVariant(label_smoothing, z_loss, softcap), version=1)
+    return losses, grad, stats
 
 
 @cross_entropy_fwd.register_fake
-def _(logits, targets, ignore_index, compute_grad):
+def _(logits, targets, ignore_index, compute_grad, label_smoothing, z_loss, softcap):
     n_rows, n_cols = logits.shape
     return (logits.new_empty(n_rows, dtype=torch.float32),
-            logits.new_empty((n_rows if compute_grad else 0, n_cols)))
+            logits.new_empty((n_rows if compute_grad else 0, n_cols)),
+            logits.new_empty((n_rows, 2), dtype=torch.float32))
 
 
 @torch.library.custom_op("gptk::triton_cross_entropy_bwd", mutates_args=())
@@ -530,20 +621,21 @@ def _(grad, grad_losses, targets, ignore_index):
 
 
 def _setup(ctx, inputs, output):
-    _logits, targets, ignore_index, _compute_grad = inputs
-    _losses, grad = output
-    ctx.mark_non_differentiable(grad)
+    _logits, targets, ignore_index, *_ = inputs
+    _losses, grad, stats = output
+    ctx.mark_non_differentiable(grad, stats)
     ctx.save_for_backward(grad, targets)
     ctx.ignore_index = ignore_index
 
 
-def _backward(ctx, grad_losses, _grad_of_grad):
+def _backward(ctx, grad_losses, _grad_of_grad, _grad_stats):
     grad, targets = ctx.saved_tensors
     if grad.shape[0] != grad_losses.shape[0]:
         raise RuntimeError("triton cross_entropy: the forward ran without compute_grad, so it "
                            "stored no gradient; call it with grad enabled and logits that "
                            "require grad")
-    return cross_entropy_bwd(grad, grad_losses, targets, ctx.ignore_index), None, None, None
+    return (cross_entropy_bwd(grad, grad_losses, targets, ctx.ignore_index),
+            None, None, None, None, None, None)
 
 
 _cross_entropy_v1 = differentiable(cross_entropy_fwd, _backward, _setup)
@@ -551,24 +643,31 @@ _cross_entropy_v1 = differentiable(cross_entropy_fwd, _backward, _setup)
 
 # ----------------------------------------------------------------------------- public op
 
-def cross_entropy(logits, targets, ignore_index, reduction):
+def cross_entropy(logits, targets, ignore_index, reduction, label_smoothing=0.0, z_loss=0.0,
+                  softcap=0.0, return_z_loss=False):
+    variant = LossVariant(label_smoothing, z_loss, softcap)
     flat_targets = targets.reshape(-1).to(torch.int64)
     rows = _rows(logits)
     version = VERSIONS.current()
     if version == 1:
         compute_grad = torch.is_grad_enabled() and logits.requires_grad
-        losses, _grad = _cross_entropy_v1(rows, flat_targets, ignore_index, compute_grad)
+        losses, _grad, stats = _cross_entropy_v1(rows, flat_targets, ignore_index,
+                                                 compute_grad, *variant)
     else:
-        losses, _stats = _cross_entropy_stats(rows, flat_targets, ignore_index, version)
+        losses, stats = _cross_entropy_stats(rows, flat_targets, ignore_index, version,
+                                             *variant)
     loss = reduce_losses(losses, flat_targets, ignore_index, reduction)
-    return loss.view(targets.shape) if reduction == "none" else loss
+    return finish(loss, row_lse(stats) if return_z_loss else None, targets, ignore_index,
+                  reduction, variant, return_z_loss)
 
 
 # ----------------------------------------------------------------------------- AOT specs
 # One BLOCK_V per dtype (block_v), so the configs are the kernels' flag combinations, each
 # for a padded vocabulary (every row 16-byte aligned, as the JIT sees V = 50304) and for
 # GPT-2's unpadded 50257 (strides and V without the divisibility hint: the row partition
-# is what keeps those loads vectorised).
+# is what keeps those loads vectorised); each plain and with every loss variant on (the
+# soft cap and the smoothing sum, the flags that add code; the variants' intermediate
+# combinations compile a subset of it).
 
 _ROW_SIZES = ("stride_logits", "stride_grad", "stride_dlogits", "n_cols")
 
@@ -588,13 +687,17 @@ def _aot_specs() -> list[AotSpec]:
         forward = {"Logits": f"*{dtype}", "Grad": f"*{dtype}", "Targets": "*i64",
                    "RowWeight": "*fp32", "Losses": "*fp32", "Stats": "*fp32",
                    "stride_logits": "i32", "stride_grad": "i32", "stride_row_weight": "i32",
-                   "n_cols": "i32", "ignore_index": "i32", "COMPUTE_GRAD": "constexpr",
-                   "GRAD_ALIGNED": "constexpr", "BLOCK_V": "constexpr", "PREFETCH": "constexpr"}
+                   "n_cols": "i32", "ignore_index": "i32", "smoothing": "fp32",
+                   "z_loss": "fp32", "softcap": "fp32", "COMPUTE_GRAD": "constexpr",
+                   "GRAD_ALIGNED": "constexpr", "SOFTCAP": "constexpr",
+                   "SMOOTHING": "constexpr", "BLOCK_V": "constexpr", "PREFETCH": "constexpr"}
         backward = {"Logits": f"*{dtype}", "Stats": "*fp32", "Targets": "*i64",
                     "GradLosses": "*fp32", "DLogits": f"*{dtype}", "stride_logits": "i32",
                     "stride_dlogits": "i32", "stride_grad_losses": "i32", "n_cols": "i32",
-                    "ignore_index": "i32", "GRAD_ALIGNED": "constexpr", "BLOCK_V": "constexpr"}
-        for padded in (True, False):
+                    "ignore_index": "i32", "smoothing": "fp32", "z_loss": "fp32",
+                    "softcap": "fp32", "GRAD_ALIGNED": "constexpr", "SOFTCAP": "constexpr",
+                    "BLOCK_V": "constexpr"}
+        for padded, variants in ((True, False), (False, False), (True, True), (False, True)):
             # Losses only (versions 2 and 3's forward, and any forward without grad); with
             # the gradient in place or into a buffer laid out like the logits (the fused
             # linear + cross-entropy, version 1), or into one laid out otherwise; each with
@@ -604,16 +707,17 @@ def _aot_specs() -> list[AotSpec]:
                     specs.append(_spec("cross_entropy_fwd", _cross_entropy_fwd_kernel, dtype,
                                        forward,
                                        {"COMPUTE_GRAD": compute_grad, "GRAD_ALIGNED": grad_aligned,
+                                        "SOFTCAP": variants, "SMOOTHING": variants,
                                         "BLOCK_V": block, "PREFETCH": prefetch}, padded,
                                        NUM_WARPS))
             for grad_aligned in (True, False):
                 specs.append(_spec("cross_entropy_bwd", _cross_entropy_bwd_kernel, dtype,
                                    backward,
-                                   {"GRAD_ALIGNED": grad_aligned, "BLOCK_V": block}, padded,
-                                   NUM_WARPS))
+                                   {"GRAD_ALIGNED": grad_aligned, "SOFTCAP": variants,
+                                    "BLOCK_V": block}, padded, NUM_WARPS))
                 specs.append(_spec("cross_entropy_bwd_block", _cross_entropy_bwd_block_kernel,
                                    dtype, backward,
-                                   {"GRAD_ALIGNED": grad_aligned,
+                                   {"GRAD_ALIGNED": grad_aligned, "SOFTCAP": variants,
                                     "BLOCK_V": BWD_BLOCK_BYTES // size}, padded, BWD_NUM_WARPS))
         signature = {"Grad": f"*{dtype}", "RowScale": "*fp32", "Targets": "*i64",
                      "Out": f"*{dtype}", "stride_grad": "i32", "stride_row_scale": "i32",

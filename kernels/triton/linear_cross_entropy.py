@@ -15,16 +15,18 @@ from __future__ import annotations
 import torch
 
 from kernels.chunked_linear_cross_entropy import chunk_loop_op, make_linear_cross_entropy
-from kernels.triton.cross_entropy import launch_cross_entropy
+from kernels.triton.cross_entropy import launch_cross_entropy, row_lse
 
 
-def triton_chunk_cross_entropy(logits, targets, ignore_index, row_weight, compute_grad):
-    """Per-row losses of a chunk of logits; with compute_grad, row_weight * dloss/dlogits
-    written over the logits."""
+def triton_chunk_cross_entropy(logits, targets, ignore_index, row_weight, compute_grad,
+                               variant):
+    """(losses, lse) per row of a chunk of logits; with compute_grad, row_weight * dloss /
+    dlogits written over the logits."""
     losses = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    stats = torch.empty((logits.shape[0], 2), dtype=torch.float32, device=logits.device)
     launch_cross_entropy(logits, targets, ignore_index, losses,
-                         logits if compute_grad else None, row_weight)
-    return losses
+                         logits if compute_grad else None, row_weight, stats, variant)
+    return losses, row_lse(stats)
 
 
 chunk_loop = chunk_loop_op("gptk::triton_linear_cross_entropy", triton_chunk_cross_entropy)

@@ -54,16 +54,18 @@ def test_the_launch_free_extension_returns_what_the_ops_fakes_say(op):
     w, b = torch.randn(16, dtype=bf16), torch.randn(16, dtype=bf16)
     q = torch.randn(1, 2, 8, 16, dtype=bf16)
     logits, targets = torch.randn(4, 32, dtype=bf16), torch.randint(0, 32, (4,))
-    calls = {"layer_norm": ("layer_norm_forward", "cuda_layer_norm_fwd", (x, w, b, 1e-5)),
+    # (entry point, op, their shared arguments, the entry point's own, the op's own): the
+    # attention's and cross-entropy's dropout and loss-variant arguments differ in form.
+    calls = {"layer_norm": ("layer_norm_forward", "cuda_layer_norm_fwd", (x, w, b, 1e-5), (), ()),
              "add_layer_norm": ("add_layer_norm_forward", "cuda_add_layer_norm_fwd",
-                                (x, r, w, b, 1e-5)),
+                                (x, r, w, b, 1e-5), (), ()),
              "causal_attention": ("attention_forward", "cuda_attention_fwd",
-                                  (q, q, q, 0.25, 1)),
+                                  (q, q, q, 0.25, 1), (0.0, 0, 0), (0.0, None)),
              "cross_entropy": ("cross_entropy_forward", "cuda_cross_entropy_fwd",
-                               (logits, targets, -100))}
-    entry, op_name, args = calls[op]
-    stand_in = getattr(dispatch.LaunchFreeExtension, entry)(*args)
-    meta = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
+                               (logits, targets, -100), (0.0, 0.0, 0.0), (0.0, 0.0, 0.0))}
+    entry, op_name, args, entry_args, op_args = calls[op]
+    stand_in = getattr(dispatch.LaunchFreeExtension, entry)(*args, *entry_args)
+    meta = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args + op_args]
     fake = getattr(torch.ops.gptk, op_name)(*meta)
     assert [(t.shape, t.dtype) for t in stand_in] == [(t.shape, t.dtype) for t in fake]
 

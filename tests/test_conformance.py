@@ -169,7 +169,7 @@ def _other_gelu(x, w_fc, b_fc, w_proj, b_proj, approximate):
                               "none" if approximate == "tanh" else "tanh")
 
 
-def _mask_off_by_one(q, k, v, scale, dropout_p):
+def _mask_off_by_one(q, k, v, scale, dropout_p, dropout_seed=None):
     """Causal attention whose mask lets each query see one key of its future."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     t_q, t_k = q.shape[-2], k.shape[-2]

@@ -101,7 +101,7 @@ def gpu_of_arch(monkeypatch):
 
 def _call(op="causal_attention"):
     q = torch.randn(1, 2, 8, 16)
-    return SPECS[op].call((q, q, q, None, 0.0), CUDA) if op == "causal_attention" else \
+    return SPECS[op].call((q, q, q, None, 0.0, None), CUDA) if op == "causal_attention" else \
         SPECS[op].call((q.view(-1, 16), torch.ones(16), None, 1e-5), CUDA)
 
 
@@ -133,14 +133,16 @@ def test_a_named_backend_is_still_forced(gpu_of_arch):
         backends._module("triton").OPS["causal_attention"]
 
 
-def test_torch_only_calls_take_torch_implementations_of_the_route(gpu_of_arch, monkeypatch):
+def test_dropout_and_kv_cache_calls_follow_the_route(gpu_of_arch, monkeypatch):
+    """Attention dropout and a KV cache are every backend's: such calls take the route's
+    first implementation, as any other call does."""
     monkeypatch.setattr(routing, "_ROUTES", {("causal_attention", "sm_90"):
                                              ("triton", "torch:sdpa-flash", "torch")})
     gpu_of_arch("sm_90")
-    q = torch.randn(1, 2, 8, 16)
-    dropout = SPECS["causal_attention"].call((q, q, q, None, 0.1), CUDA, torch_only="dropout")
-    assert backends.resolve(dropout, "auto") is \
-        torch_backend.VARIANTS["causal_attention"]["sdpa-flash"]
+    q, kv = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 12, 16)
+    for args in ((q, q, q, None, 0.1, None), (q, kv, kv, None, 0.0, None)):
+        assert backends.resolve(SPECS["causal_attention"].call(args, CUDA), "auto") is \
+            backends._module("triton").OPS["causal_attention"]
 
 
 def test_the_preferred_sdpa_kernel_computes_attention():

@@ -165,13 +165,13 @@ class LaunchFreeExtension:
                 x.new_empty(rows, dtype=torch.float32))
 
     @staticmethod
-    def attention_forward(q, k, v, scale, version):
+    def attention_forward(q, k, v, scale, version, dropout_p, seed, offset):
         b, h, t, d = q.shape
         return (q.new_empty(b, t, h, d).permute(0, 2, 1, 3),
                 q.new_empty(b, h, t, dtype=torch.float32))
 
     @staticmethod
-    def cross_entropy_forward(logits, targets, ignore_index):
+    def cross_entropy_forward(logits, targets, ignore_index, smoothing, z_loss, softcap):
         rows = logits.shape[0]
         return (logits.new_empty(rows, dtype=torch.float32),
                 logits.new_empty(rows, dtype=torch.float32))
@@ -209,8 +209,10 @@ def launch_free_pairs(backend: str) -> dict[str, tuple[Callable, Callable]]:
     bare = {"layer_norm": lambda: ext.layer_norm_forward(d["x"], d["w"], d["b"], 1e-5),
             "add_layer_norm": lambda: ext.add_layer_norm_forward(d["x"], d["r"], d["w"], d["b"],
                                                                  1e-5),
-            "causal_attention": lambda: ext.attention_forward(d["q"], d["k"], d["v"], 0.25, 1),
-            "cross_entropy": lambda: ext.cross_entropy_forward(d["logits"], targets, -100)}
+            "causal_attention": lambda: ext.attention_forward(d["q"], d["k"], d["v"], 0.25, 1,
+                                                              0.0, 0, 0),
+            "cross_entropy": lambda: ext.cross_entropy_forward(d["logits"], targets, -100, 0.0,
+                                                               0.0, 0.0)}
     if backend == "triton":
         def ours(op):
             return lambda: getattr(kernels, op)(*public[op], backend="triton")

@@ -79,7 +79,7 @@ def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def torch_chunk_cross_entropy(logits, targets, ignore_index, row_weight, compute_grad,
-                              variant=LossVariant()):
+                              variant: LossVariant):
     """(losses, lse) per row of a chunk of logits; with compute_grad, overwrites logits with
     row_weight * d loss / d logits. Math in fp32 for 16-bit logits (fp64 for fp64)."""
     smoothing, z_coef, cap = variant

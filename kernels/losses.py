@@ -29,12 +29,8 @@ class LossVariant(NamedTuple):
     z_loss: float = 0.0
     softcap: float = 0.0
 
-    @property
-    def plain(self) -> bool:
-        return not (self.label_smoothing or self.z_loss or self.softcap)
 
-
-PLAIN = LossVariant()
+PLAIN = LossVariant()  # plain cross-entropy
 
 
 def check(label_smoothing, z_loss, softcap, return_z_loss) -> LossVariant:

@@ -331,7 +331,8 @@ def test_loss_variants_are_keys_and_the_z_loss_is_logged(tmp_path, text_file, ca
     assert all(e["z_loss"] > 0 for e in logged)
     assert re.search(r"iter 1: loss \d+\.\d+, time .*, z_loss \d+\.\d+", capsys.readouterr().out)
     ckpt = load_checkpoint_file(tmp_path / "out")
-    assert (ckpt["model_args"]["label_smoothing"], ckpt["model_args"]["logit_softcap"]) == (0.1, 30.0)
+    args = ckpt["model_args"]
+    assert (args["label_smoothing"], args["z_loss"], args["logit_softcap"]) == (0.1, 1e-3, 30.0)
 
 
 def test_eval_only_evaluates_once(tmp_path, text_file):

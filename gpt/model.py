@@ -446,18 +446,25 @@ class GPT(nn.Module):
 
         With targets: loss is the mean cross-entropy (targets of -1 ignored; the config's
         loss variants applied) and logits is None, since the lm_head is fused with the loss
-        and the logits never exist whole. With a z-loss, its term (detached) is kept in
+        and the logits never exist whole (unless the lm_head is hooked or replaced: then it
+        runs as a module, and the loss is the cross-entropy of its logits). With a z-loss, its term (detached) is kept in
         `last_z_loss`. Without targets: logits of the last position only (B, 1, V), as
         generation needs.
         """
         x = self.hidden_states(idx, kv_cache)
         if targets is not None:
             cfg = self.config
-            loss = kernels.linear_cross_entropy(
-                x, self.lm_head.weight, targets, ignore_index=-1,
-                label_smoothing=cfg.label_smoothing, z_loss=cfg.z_loss,
-                softcap=cfg.logit_softcap or None, return_z_loss=cfg.z_loss > 0,
-                backend=cfg.backend)
+            variants = dict(ignore_index=-1, label_smoothing=cfg.label_smoothing,
+                            z_loss=cfg.z_loss, return_z_loss=cfg.z_loss > 0,
+                            backend=cfg.backend)
+            if as_written(self.lm_head, nn.Linear):  # the fused lm_head + loss reads it
+                loss = kernels.linear_cross_entropy(x, self.lm_head.weight, targets,
+                                                    self.lm_head.bias,
+                                                    softcap=cfg.logit_softcap or None,
+                                                    **variants)
+            else:  # a hooked, subclassed or replaced lm_head runs as a module (its logits
+                # soft-capped by `head`, so the loss caps nothing more)
+                loss = kernels.cross_entropy(self.head(x), targets, **variants)
             if cfg.z_loss > 0:
                 loss, self.last_z_loss = loss
             return None, loss

@@ -261,6 +261,46 @@ def test_a_subclassed_mlp_linear_runs_its_own_forward(backend):
     assert_close(edited, model.logits(idx))
 
 
+LM_HEAD_EDITS = {
+    "forward hook": lambda model: model.lm_head.register_forward_hook(
+        lambda module, args, out: 2.0 * out),
+    "subclass": lambda model: setattr(model, "lm_head", _doubled(model.lm_head)),
+    "with a bias": lambda model: setattr(model, "lm_head", _with_bias(model.lm_head)),
+}
+
+
+def _doubled(linear):
+    doubled = DoubledLinear(linear.in_features, linear.out_features, bias=False)
+    doubled.load_state_dict(linear.state_dict())
+    return doubled
+
+
+def _with_bias(linear):
+    biased = torch.nn.Linear(linear.in_features, linear.out_features)
+    biased.weight.data.copy_(linear.weight.data)
+    biased.bias.data.uniform_(-1.0, 1.0)
+    return biased
+
+
+@pytest.mark.parametrize("edit", LM_HEAD_EDITS)
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_the_training_loss_counts_a_hooked_or_replaced_lm_head(backend, edit):
+    """The training loss fuses the lm_head with cross-entropy, reading its weight: a hook
+    on the lm_head, a subclass with its own forward or a bias must still count, giving the
+    cross-entropy of the logits the module computes (the loss variants included)."""
+    model = tiny_model(backend=backend, label_smoothing=0.1, logit_softcap=4.0)
+    idx, targets = torch.randint(0, 50, (2, 8)), torch.randint(0, 50, (2, 8))
+    targets[1, :3] = -1
+    _, plain = model(idx, targets)
+    LM_HEAD_EDITS[edit](model)
+    _, loss = model(idx, targets)
+    expected = torch.nn.functional.cross_entropy(model.logits(idx).view(-1, 50),
+                                                 targets.view(-1), ignore_index=-1,
+                                                 label_smoothing=0.1)
+    assert_close(loss, expected)
+    assert (loss - plain).abs() > 1e-3
+
+
 def test_a_layer_norm_subclass_in_ln_2_runs_its_own_forward():
     """ln_2 is fused with the residual add; a subclass with its own forward (an RMSNorm,
     say) must run instead of the fused LayerNorm."""

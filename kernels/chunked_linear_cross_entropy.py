@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.losses import LossVariant, finish
+from kernels.once import once_differentiable
 
 SINGLE_CHUNK_LOGITS = 1 << 22  # up to 16 MB of fp32 logits: one chunk does everything
 MIN_CHUNKS = 8                 # beyond that, at least 8 chunks...
@@ -226,6 +227,9 @@ def make_linear_cross_entropy(loop: ChunkLoop):
             return (total if reduction == "sum" else total / n_kept), lse
 
         @staticmethod
+        @once_differentiable("linear_cross_entropy's chunk loop (the gradients come from the "
+                             "forward's kernels, not from differentiable ops): for a second "
+                             "derivative use cross_entropy on the logits")
         def backward(ctx, grad_loss, _grad_lse):
             x_dtype, w_dtype, b_dtype = ctx.dtypes
             if ctx.reduction == "none":

@@ -23,6 +23,8 @@ from typing import Callable
 
 import torch
 
+from kernels.once import once_differentiable
+
 # A custom op -> the function it was made from (what its eager path calls directly).
 _FUNCTIONS: dict[object, Callable] = {}
 
@@ -53,9 +55,16 @@ def differentiable(op, backward: Callable, setup_context: Callable) -> Callable:
         setup_context(ctx, args, output)
         return output
 
+    # The backward runs kernels, not differentiable ops: a second derivative raises,
+    # naming the op, instead of reaching the backward's own custom ops.
+    @once_differentiable(f"the fused kernel {function.__name__} (a triton or cuda op; the "
+                         f"torch backend differentiates twice where PyTorch does)")
+    def first_derivatives_only(ctx, *grads):
+        return backward(ctx, *grads)
+
     eager = type(f"{function.__name__}_eager", (torch.autograd.Function,),
                  {"forward": staticmethod(forward),
-                  "backward": staticmethod(lambda ctx, *grads: backward(ctx, *grads))})
+                  "backward": staticmethod(first_derivatives_only)})
 
     def call(*args):
         first = args[0]

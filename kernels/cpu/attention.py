@@ -31,7 +31,7 @@ import functools
 import torch
 
 from kernels.cpu.dropout import keep_mask
-from kernels.cpu.once import once_differentiable
+from kernels.once import once_differentiable
 
 # Longest sequence this path takes. Its (B*H, T, T) probabilities stay alive for the
 # backward, as in eager attention: 128 KiB per head in bf16 at T = 256, where it runs

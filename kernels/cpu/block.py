@@ -30,7 +30,7 @@ branches, each with its own module's probability), so a seeded run draws the sam
 whichever path it takes. The backward computes only what autograd asks for
 (`ctx.needs_input_grad`: a frozen layer costs no weight gradients, a block with nothing
 trainable below a stage stops there), and it is not itself differentiable: a second
-derivative through it raises (`kernels.cpu.once`).
+derivative through it raises (`kernels.once`).
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from kernels.backends import resolve_name
 from kernels.cpu import attention
 from kernels.cpu.dropout import keep_mask
-from kernels.cpu.once import once_differentiable
+from kernels.once import once_differentiable
 
 aten = torch.ops.aten
 DTYPE = torch.bfloat16

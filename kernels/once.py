@@ -27,13 +27,16 @@ def once_differentiable(what: str):
             if not torch.is_grad_enabled() or not any(
                     isinstance(g, torch.Tensor) and g.requires_grad for g in grads):
                 return outputs
-            # As torch.autograd.function.once_differentiable: the gradients are routed
-            # through a node that raises when a second backward reaches it.
+            # As torch.autograd.function.once_differentiable, the gradients are routed
+            # through a node that raises when a second backward reaches it; unlike it, the
+            # node also takes the incoming gradients, so it sits on every path from the
+            # gradients back to the inputs: `autograd.grad(..., inputs)` reaches it and
+            # raises too, instead of finding no path and answering None (allow_unused).
             outputs = outputs if isinstance(outputs, tuple) else (outputs,)
             tensors = [o for o in outputs if isinstance(o, torch.Tensor)]
-            delayed = _functions.DelayedError(message, len(tensors))(
-                *[t.detach().requires_grad_() if t.is_floating_point() else t
-                  for t in tensors])
+            upstream = [g for g in grads if isinstance(g, torch.Tensor) and g.requires_grad]
+            delayed = _functions.DelayedError(message, len(tensors) + len(upstream))(
+                *[t.detach() for t in tensors], *upstream)
             delayed = iter(delayed if isinstance(delayed, tuple) else (delayed,))
             return tuple(next(delayed) if isinstance(o, torch.Tensor) else o for o in outputs)
         return wrapper

@@ -94,14 +94,19 @@ def test_cuda_extension_kernels_do_not_spill_or_overflow_shared_memory():
 def test_committed_report_shows_the_attention_on_wgmma_on_sm90():
     """bench/results/static.json as committed (regenerate it with `python -m bench static`):
     on sm_90 every 16-bit Triton attention kernel issues its products on wgmma alone, the
-    single-pass backward at D = 64 (issue 19) among them."""
+    single-pass backward at D = 64 (issue 19) among them, and the dropout instances too
+    but for the one known exception below."""
     doc = json.loads(STATIC_JSON.read_text())
     rows = [row for row in doc["kernels"] if row["backend"] == "triton"
             and row["arch"] == "sm_90" and row["kernel"].startswith("attention_")
             and row["config"].startswith("bf16,") and row["sass"]
             and row["sass"]["tensor_core"]]
     kinds = {f"{row['kernel']}[{row['config']}]": row["sass"]["tensor_core_kind"] for row in rows}
-    assert set(kinds.values()) == {"HGMMA"}, {k: v for k, v in kinds.items() if v != "HGMMA"}
+    # The one known exception: the dropout single pass at D = 128, for which no
+    # wgmma-shaped tile compiles without spills (kernels/triton/attention.py).
+    off_wgmma = {k: v for k, v in kinds.items() if v != "HGMMA"}
+    assert all(k.startswith("attention_dkdv_dq_dropout[") and ",D=128," in k
+               for k in off_wgmma), off_wgmma
     single_pass = [name for name in kinds if name.startswith(("attention_dkdv_dq[bf16,D=64,",
                                                               "attention_dkdv_dq_tma[bf16,D=64,"))]
     assert len(single_pass) >= 2, sorted(kinds)

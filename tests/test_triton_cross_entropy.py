@@ -205,3 +205,17 @@ def test_aot_specs_describe_every_kernel_parameter():
                        and f"V={vocab}" in n for n in names)
     unaligned = [spec for spec in tce.AOT_SPECS if "V=50257" in spec.name]
     assert all("n_cols" in spec.unaligned for spec in unaligned)
+    # The forward's instances the launcher picks, and only those (the AOT spill check
+    # covers what runs): the forward that writes the gradient under a loss variant never
+    # prefetches (its fp32 prefetching instance spilled on sm_80).
+    for version in tce.VERSIONS.versions:
+        for compute_grad in (False, True):
+            for variant in (False, True):
+                prefetch = tce.prefetches(version, compute_grad, variant)
+                assert any(n.startswith(f"cross_entropy_fwd[fp32,COMPUTE_GRAD={compute_grad},")
+                           and f"SOFTCAP={variant},SMOOTHING={variant}," in n
+                           and f"PREFETCH={prefetch}" in n for n in names)
+    assert tce.prefetches(3, False, True) and tce.prefetches(3, True, False)
+    assert not tce.prefetches(3, True, True) and not tce.prefetches(2, False, False)
+    assert not any("COMPUTE_GRAD=True" in n and "SOFTCAP=True" in n and "PREFETCH=True" in n
+                   for n in names)

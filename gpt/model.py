@@ -447,9 +447,9 @@ class GPT(nn.Module):
         With targets: loss is the mean cross-entropy (targets of -1 ignored; the config's
         loss variants applied) and logits is None, since the lm_head is fused with the loss
         and the logits never exist whole (unless the lm_head is hooked or replaced: then it
-        runs as a module, and the loss is the cross-entropy of its logits). With a z-loss, its term (detached) is kept in
-        `last_z_loss`. Without targets: logits of the last position only (B, 1, V), as
-        generation needs.
+        runs as a module, and the loss is the cross-entropy of its logits). With a z-loss,
+        its term (detached) is kept in `last_z_loss`. Without targets: logits of the last
+        position only (B, 1, V), as generation needs.
         """
         x = self.hidden_states(idx, kv_cache)
         if targets is not None:

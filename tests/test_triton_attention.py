@@ -322,6 +322,19 @@ def test_hopper_single_pass_is_all_wgmma_in_the_sass():
     assert kinds["control: sm_80 tile on sm_90"] == "HGMMA+HMMA"
 
 
+def record_launches(monkeypatch) -> list[str]:
+    """The tile-list names of the kernels attention launches from now on, in order (each
+    launch still runs)."""
+    launched = []
+    real_launch = attention._launch
+
+    def launch(kernel, *args, **kwargs):
+        launched.append(kernel)
+        real_launch(kernel, *args, **kwargs)
+    monkeypatch.setattr(attention, "_launch", launch)
+    return launched
+
+
 @pytest.mark.parametrize("d, dtype, tma", [(16, torch.bfloat16, True),
                                           (20, torch.bfloat16, False),
                                           (16, torch.float32, False)])
@@ -330,13 +343,7 @@ def test_each_version_launches_its_kernels(monkeypatch, d, dtype, tma):
     version 1's is Delta + dK/dV + dQ; version 3 is version 2 with TMA loads for 16-bit
     operands where TMA's 16-byte rules hold (rows of 20 bf16 are 40 bytes apart). In
     deterministic mode every version's backward is version 1's."""
-    launched = []
-    real_launch = attention._launch
-
-    def launch(kernel, *args, **kwargs):
-        launched.append(kernel)
-        real_launch(kernel, *args, **kwargs)
-    monkeypatch.setattr(attention, "_launch", launch)
+    launched = record_launches(monkeypatch)
     q, k, v = random_qkv(1, 1, 9, d, dtype)
     tma = ["fwd_tma", "dkdv_dq_tma"] if tma else ["fwd", "dkdv_dq"]
     for version, expected in ((1, ["fwd", "dkdv", "dq"]), (2, ["fwd", "dkdv_dq"]), (3, tma)):
@@ -361,10 +368,7 @@ def test_each_version_launches_its_kernels(monkeypatch, d, dtype, tma):
 def test_backward_runs_the_version_of_its_forward(monkeypatch):
     """The version is read once, by the forward: selecting another before the backward
     (a benchmark pinning versions, say) does not mix two versions in one step."""
-    launched = []
-    real_launch = attention._launch
-    monkeypatch.setattr(attention, "_launch", lambda kernel, *a, **kw: (
-        launched.append(kernel), real_launch(kernel, *a, **kw)))
+    launched = record_launches(monkeypatch)
     q, k, v = random_qkv(1, 1, 9, 16, torch.float32)
     before = attention.VERSIONS.current()
     try:
@@ -381,13 +385,7 @@ def test_dropout_launches_its_own_kernels_never_tma(monkeypatch):
     """Dropout calls run the DROPOUT instances with their own (spill-free) tile lists, at
     every version, and never the TMA kernels (a TMA box cannot read keys in the mask's
     order)."""
-    launched = []
-    real_launch = attention._launch
-
-    def launch(kernel, *args, **kwargs):
-        launched.append(kernel)
-        real_launch(kernel, *args, **kwargs)
-    monkeypatch.setattr(attention, "_launch", launch)
+    launched = record_launches(monkeypatch)
     q, k, v = random_qkv(1, 1, 9, 16, torch.bfloat16)
     for version, expected in ((1, ["fwd_dropout", "dkdv_dropout", "dq_dropout"]),
                               (2, ["fwd_dropout", "dkdv_dq_dropout"]),

@@ -19,7 +19,7 @@ GPU records, PyTorch's own included; on the CPU, ``torch``) that is available, r
 inputs' device (never the interpreter) and supports the call, so it never picks a backend
 that would then refuse. An explicitly named backend that cannot run a call raises
 `BackendUnavailableError` naming the limit. The process-wide default is
-``"auto"``; change it with `set_default_backend` or the ``KERNELS_BACKEND`` variable.
+``"torch"``; change it with `set_default_backend` or the ``KERNELS_BACKEND`` variable.
 """
 from __future__ import annotations
 
@@ -165,11 +165,27 @@ def _can_take(name: str, op: str, device: torch.device) -> bool:
             and op in _module(name).OPS)
 
 
+# (backend, op, device) triples found to pass `_can_take`, so that a call asks it once per
+# op and device rather than on every call (~1-2 us of probes and lookups each time). Only
+# the yes answers are kept: a backend that becomes available later (a JIT build of the
+# extension) is seen at once, and an available backend stays available.
+_ABLE: set[tuple[str, str, torch.device]] = set()
+
+
+def _able(name: str, op: str, device: torch.device) -> bool:
+    if (name, op, device) in _ABLE:
+        return True
+    if not _can_take(name, op, device):
+        return False
+    _ABLE.add((name, op, device))
+    return True
+
+
 def _implementation(candidate: str, call: Call) -> Callable | None:
     """The function of one of a route's implementations (`kernels.routing`) for `call`, or
     None when it cannot take this call here."""
     backend, variant = routing.split(candidate)
-    if not _can_take(backend, call.op, call.device) or _module(backend).unsupported(call):
+    if not _able(backend, call.op, call.device) or _module(backend).unsupported(call):
         return None
     if variant is None:
         return _module(backend).OPS[call.op]
@@ -224,13 +240,16 @@ def why_unsupported(backend: str, call: Call) -> str | None:
 def resolve(call: Call, backend: str | None) -> Callable:
     """The function that runs `call` when `backend` (None: the default) is asked for."""
     name = _check_name(backend or get_default_backend())
+    if name == "torch":  # every op, every call, on every device: nothing to ask
+        return _module(name).OPS[call.op]
     if name == AUTO:
         for candidate in routing.candidates(call.op, call.device):
             function = _implementation(candidate, call)
             if function is not None:
                 return function
         return _module("torch").OPS[call.op]
-    _explain_if_unable(name, call.op, call.device)
+    if not _able(name, call.op, call.device):
+        _explain_if_unable(name, call.op, call.device)
     reason = _module(name).unsupported(call)
     if reason is not None:
         raise BackendUnavailableError(f"backend {name!r} cannot run this {call.op} call: "

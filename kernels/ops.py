@@ -84,7 +84,7 @@ def cross_entropy(logits, targets, ignore_index=-100, reduction="mean", label_sm
     and detached, to log it."""
     call = _CROSS_ENTROPY.canonicalize(logits, targets, ignore_index, reduction,
                                        label_smoothing, z_loss, softcap, return_z_loss)
-    if call["logits"].shape[-1] == 0:  # no classes: nothing for a kernel to compute
+    if logits.shape[-1] == 0:  # no classes (checked above): nothing for a kernel to compute
         return _without_classes(call["logits"], call)
     return _run(call, backend)
 
@@ -97,6 +97,6 @@ def linear_cross_entropy(x, weight, targets, bias=None, ignore_index=-100, reduc
     cross_entropy's."""
     call = _LINEAR_CROSS_ENTROPY.canonicalize(x, weight, targets, bias, ignore_index, reduction,
                                               label_smoothing, z_loss, softcap, return_z_loss)
-    if call["weight"].shape[0] == 0:  # no classes: nothing for a kernel to compute
+    if weight.shape[0] == 0:  # no classes (checked above): nothing for a kernel to compute
         return _without_classes(F.linear(call["x"], call["weight"], call["bias"]), call)
     return _run(call, backend)

@@ -25,8 +25,11 @@ from kernels.reference import causal_mask
 from kernels.specs import OPS as SPEC_OPS
 
 
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
 def layer_norm(x, weight, bias, eps):
-    if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+    if x.dtype in _LOW_PRECISION and x.is_cpu:
         # PyTorch's CPU kernel reduces a 16-bit LayerNorm's weight and bias gradients in
         # 16 bits (~1e-2 relative error over a few thousand rows): compute in fp32, as
         # every other backend does, and round the output once.
@@ -97,7 +100,7 @@ def _sdpa_in_fp32(q, k, v) -> bool:
     the fp32 one too (torch 2.14, 2-core EPYC, (12, 4, 64, 32) forward and backward: fp16
     6.3 vs 1.6 ms, bf16 4.3 vs 1.3 ms); from ~512 positions the two cost the same, plus
     the casts. Short bf16 training calls take `cpu_attention` first."""
-    return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
+    return q.dtype in _LOW_PRECISION and q.is_cpu
 
 
 # SDPA's fused CUDA kernels load 16-byte vectors: each tensor must start on a 16-byte
@@ -136,10 +139,11 @@ def cross_entropy(logits, targets, ignore_index, reduction, label_smoothing=0.0,
         flat_targets = flat_targets.long()
     rows = logits if logits.dim() == 2 else \
         logits.reshape(flat_targets.numel(), logits.shape[-1])
-    kept = flat_targets != ignore_index
-    # An ignored row is ignored whatever its logits: F.cross_entropy would give a row of
-    # -inf a NaN gradient (softmax 0/0) even though it does not count.
-    rows = torch.where(kept.unsqueeze(1), _at_least_fp32(rows), 0.0)
+    rows = _at_least_fp32(rows)
+    if _may_ignore_rows(flat_targets, ignore_index):
+        # An ignored row is ignored whatever its logits: F.cross_entropy would give a row
+        # of -inf a NaN gradient (softmax 0/0) even though it does not count.
+        rows = torch.where((flat_targets != ignore_index).unsqueeze(1), rows, 0.0)
     if softcap:
         rows = softcap * torch.tanh(rows / softcap)
     plain = not (z_loss or return_z_loss)
@@ -151,10 +155,20 @@ def cross_entropy(logits, targets, ignore_index, reduction, label_smoothing=0.0,
     # The z-loss needs each row's log-sum-exp: F.cross_entropy keeps its own to itself.
     lse = torch.logsumexp(rows, dim=-1)
     if z_loss:
-        loss = loss + torch.where(kept, z_loss * lse.square(), 0.0)
+        loss = loss + torch.where(flat_targets != ignore_index, z_loss * lse.square(), 0.0)
     loss = losses.reduce_losses(loss, flat_targets, ignore_index, reduction)
     return losses.finish(loss, lse, targets, ignore_index, reduction,
                          losses.LossVariant(label_smoothing, z_loss, softcap), return_z_loss)
+
+
+def _may_ignore_rows(targets, ignore_index: int) -> bool:
+    """Whether some target may be ignore_index. On the CPU, reading the answer costs no
+    device sync, and the usual call (ignore_index < 0, every target a class) is told in one
+    reduction, ~1 us, where masking the logits costs ~5 us and a copy of them; on a GPU
+    the masking is queued instead of waiting for an answer."""
+    if not targets.is_cpu or torch.compiler.is_compiling() or not targets.numel():
+        return True
+    return ignore_index >= 0 or targets.min().item() < 0
 
 
 def linear_cross_entropy(x, weight, targets, bias, ignore_index, reduction, label_smoothing=0.0,

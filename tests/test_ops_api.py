@@ -174,3 +174,19 @@ def test_a_call_the_backend_cannot_run_is_refused_with_the_limit():
     assert "head dims up to 128" in backends.why_unsupported("triton", call)
     with pytest.raises(kernels.BackendUnavailableError, match="head dims up to 128, got 256"):
         kernels.causal_attention(q, q, q, backend="triton")
+
+
+@pytest.mark.skipif(not kernels.available_backends()["triton"].available,
+                    reason="triton backend unavailable")
+def test_the_launchers_interpreter_flag_is_how_triton_decorated_the_kernels():
+    """The launchers branch on `INTERPRETED`, read once (triton.jit decides at decoration
+    whether a kernel is interpreted), not on the environment at every call: the flag must
+    say what every kernel is."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from kernels.triton import attention, cross_entropy, interpreter, layer_norm, matmul
+
+    kernels_ = (layer_norm._layer_norm_fwd_kernel, cross_entropy._cross_entropy_fwd_kernel,
+                *attention._KERNELS.values(), matmul._matmul_bias_gelu_kernel)
+    assert all(isinstance(k, InterpretedFunction) == interpreter.INTERPRETED
+               for k in kernels_)

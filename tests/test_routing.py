@@ -93,6 +93,7 @@ def gpu_of_arch(monkeypatch):
         monkeypatch.setattr(routing, "arch_of", lambda device: arch)
         monkeypatch.setattr(backends, "_can_take",
                             lambda name, op, device: name in usable)
+        monkeypatch.setattr(backends, "_ABLE", set())  # what earlier answers found able
         for name in usable:
             monkeypatch.setattr(backends._module(name), "unsupported",
                                 lambda call, name=name: "refused" if name in refused else None)
@@ -125,6 +126,25 @@ def test_an_unrecorded_arch_follows_the_default_order(gpu_of_arch):
     gpu_of_arch("sm_80")
     expected = backends._module(routing.DEFAULT_ORDER[0]).OPS["causal_attention"]
     assert backends.resolve(_call(), "auto") is expected
+
+
+def test_auto_asks_whether_a_backend_can_take_an_op_once_per_device(gpu_of_arch, monkeypatch):
+    """What does not depend on a call's arguments (available, implements the op, runs on
+    the device) is asked once; a no is asked again (a JIT build can make a backend
+    available), a yes is not."""
+    monkeypatch.setattr(routing, "_ROUTES", {("layer_norm", "sm_90"): ("cuda", "triton")})
+    gpu_of_arch("sm_90")
+    cuda_builds = iter([False, True, True])
+    asked = []
+
+    def can_take(name, op, device):
+        asked.append(name)
+        return name == "triton" or next(cuda_builds)
+    monkeypatch.setattr(backends, "_can_take", can_take)
+    chosen = [backends.resolve(_call("layer_norm"), "auto") for _ in range(3)]
+    assert chosen == [backends._module("triton").OPS["layer_norm"]] + \
+        [backends._module("cuda").OPS["layer_norm"]] * 2
+    assert asked == ["cuda", "triton", "cuda"]
 
 
 def test_a_named_backend_is_still_forced(gpu_of_arch):

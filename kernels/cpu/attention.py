@@ -44,7 +44,7 @@ def applies(q, k) -> bool:
     """Whether a causal_attention call takes this path: bf16 on the CPU, a square causal
     mask (no KV cache), and a sequence no longer than MAX_SEQ; not under torch.compile,
     which cannot trace the numpy-drawn dropout masks and lowers SDPA itself."""
-    return (q.device.type == "cpu" and q.dtype == torch.bfloat16
+    return (q.dtype == torch.bfloat16 and q.is_cpu
             and q.shape[-2] == k.shape[-2] <= MAX_SEQ and not torch.compiler.is_compiling())
 
 

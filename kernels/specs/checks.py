@@ -53,7 +53,7 @@ def check_targets(targets, leading: tuple[int, ...], vocab: int, ignore_index: i
     if not isinstance(targets, torch.Tensor) or targets.dtype not in (torch.int64, torch.int32):
         got = targets.dtype if isinstance(targets, torch.Tensor) else type(targets).__name__
         raise TypeError(f"targets must be an int64 or int32 tensor of class indices, got {got}")
-    if tuple(targets.shape) != tuple(leading):
+    if targets.shape != leading:  # torch.Size is a tuple: compared as one, without a copy
         raise ValueError(f"targets must have shape {tuple(leading)} (the logits' leading dims), "
                          f"got {tuple(targets.shape)}")
     if not isinstance(ignore_index, int):
@@ -72,7 +72,7 @@ def check_target_range(targets: torch.Tensor, vocab: int, ignore_index: int) -> 
     A compiled graph cannot raise on data, so there only the device-side form is used."""
     if not targets.numel():
         return
-    on_host = targets.device.type == "cpu" and not torch.compiler.is_compiling()
+    on_host = targets.is_cpu and not torch.compiler.is_compiling()
     if on_host:  # one pass for the common case, every target in range (~6x cheaper)
         low, high = torch.aminmax(targets)
         if low.item() >= 0 and high.item() < vocab:  # Python numbers: no tensor ops

@@ -40,7 +40,7 @@ def canonicalize(logits, targets, ignore_index=-100, reduction="mean", label_smo
     check_float("logits", logits)
     if logits.dim() == 0:
         raise ValueError("logits must have at least one dim (the classes), got a scalar")
-    check_targets(targets, tuple(logits.shape[:-1]), logits.shape[-1], ignore_index, reduction)
+    check_targets(targets, logits.shape[:-1], logits.shape[-1], ignore_index, reduction)
     variant = losses.check(label_smoothing, z_loss, softcap, return_z_loss)
     device = same_device(logits=logits, targets=targets)
     check_target_range(targets, logits.shape[-1], ignore_index)
@@ -56,13 +56,13 @@ def canonicalize_linear(x, weight, targets, bias=None, ignore_index=-100, reduct
         raise ValueError(f"weight must have shape (vocab, {x.shape[-1] if x.dim() else 'C'}), "
                          f"got {tuple(weight.shape)}")
     check_shape("bias", bias, (weight.shape[0],))
-    check_targets(targets, tuple(x.shape[:-1]), weight.shape[0], ignore_index, reduction)
+    check_targets(targets, x.shape[:-1], weight.shape[0], ignore_index, reduction)
     variant = losses.check(label_smoothing, z_loss, softcap, return_z_loss)
     device = same_device(x=x, weight=weight, targets=targets, bias=bias)
     check_target_range(targets, weight.shape[0], ignore_index)
     x, weight, bias = autocast(device, x, weight, bias)
-    dtypes = {t.dtype for t in (x, weight, bias) if t is not None}
-    if len(dtypes) > 1:
+    if x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype):
+        dtypes = {t.dtype for t in (x, weight, bias) if t is not None}
         raise TypeError(f"linear_cross_entropy needs x, weight and bias in one dtype (or a "
                         f"torch.autocast region), got {sorted(map(str, dtypes))}")
     bias = None if bias is None else bias.contiguous()
@@ -182,6 +182,9 @@ CASES = (
     # An ignored row counts 0 and gets a zero gradient whatever its logits, -inf included
     # (its softmax would be 0/0).
     _case("ignored_neg_inf_row", 5, 40, ignored=(1, 3), ignored_fill=float("-inf")),
+    # ignore_index may name a class: the rows targeting it are ignored, -inf logits and all.
+    _case("ignore_index_a_class", 5, 40, ignore_index=2, ignored=(1, 3),
+          ignored_fill=float("-inf")),
     # No classes at all: every target must be ignored; F.cross_entropy's results.
     _case("no_classes", 3, 0, ignored=(0, 1, 2)),
     _case("no_classes_sum", 3, 0, ignored=(0, 1, 2), reduction="sum"),

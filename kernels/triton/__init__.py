@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from kernels.availability import triton_interpreter_enabled
 from kernels.triton import (attention, cross_entropy, interpreter, layer_norm,
                             linear_cross_entropy, mlp)
 
-if triton_interpreter_enabled():
+if interpreter.INTERPRETED:
     interpreter.install()  # bf16 rounding as on the GPU (see kernels.triton.interpreter)
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

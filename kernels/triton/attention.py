@@ -93,12 +93,12 @@ import triton
 import triton.language as tl
 
 from kernels import philox, versions
-from kernels.availability import triton_interpreter_enabled
 from kernels.custom_ops import custom_op, differentiable
 from kernels.triton.aot import TARGET_ARCHS, AotSpec
 from kernels.triton.device import on_device_of
 from kernels.triton.dropout import keep_tile, key_order, row_order
 from kernels.triton.grid import cdiv, next_power_of_2
+from kernels.triton.interpreter import INTERPRETED
 
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) == exp2(x * LOG2E)
 LN2 = tl.constexpr(0.6931471805599453)    # ln(2):   log(x) == log2(x) * LN2
@@ -122,7 +122,7 @@ VERSIONS = versions.declare("triton_attention", {
 # The Triton interpreter (3.6-3.8) stores bf16 as raw uint16 bits and its tl.dot multiplies
 # those bits as integers. Under it, bf16 operands are widened to fp32 first: the same
 # products (bf16 x bf16 is exact in fp32) that the tensor cores accumulate in fp32.
-_INTERPRETED_BF16_DOT_FIX = tl.constexpr(triton_interpreter_enabled())
+_INTERPRETED_BF16_DOT_FIX = tl.constexpr(INTERPRETED)
 
 
 @triton.jit
@@ -740,7 +740,7 @@ def _launch(kernel: str, tiled_dim: str, T: int, num_heads_total: int, dtype: to
     """Run `kernel` on a grid of (B * H, T / tile[tiled_dim]) programs: autotuned on a
     GPU, with the fixed interpreter tile on the CPU (no timing to tune on there)."""
     flags = _FLAGS[kernel]
-    if triton_interpreter_enabled():
+    if INTERPRETED:
         block_m, block_n = INTERPRETER_TILES[kernel]
         grid = (num_heads_total, cdiv(T, block_m if tiled_dim == "BLOCK_M" else block_n))
         _KERNELS[kernel][grid](*args, **constexprs, **flags, BLOCK_M=block_m, BLOCK_N=block_n,
@@ -770,9 +770,9 @@ def _use_tma(version: int, *tensors: torch.Tensor) -> bool:
     if (version < 3 or not hasattr(tl, "make_tensor_descriptor")
             or tensors[0].dtype == torch.float32):
         return False
-    on_hopper = (not triton_interpreter_enabled() and tensors[0].is_cuda
+    on_hopper = (not INTERPRETED and tensors[0].is_cuda
                  and _arch(tensors[0].device) >= HOPPER_ARCH)
-    return (on_hopper or triton_interpreter_enabled()) and _tma_rules_hold(*tensors)
+    return (on_hopper or INTERPRETED) and _tma_rules_hold(*tensors)
 
 
 def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
@@ -786,7 +786,7 @@ def _ensure_scratch_allocator() -> None:
     one. In triton 3.8 the setting is per thread (a ContextVar, and autograd runs the
     backward on a thread of its own), so this runs before every TMA launch; the check
     reads triton's private module, whose shape has changed between releases."""
-    if triton_interpreter_enabled():
+    if INTERPRETED:
         return  # the interpreter emulates descriptors in host memory
     try:
         from triton.runtime._allocation import NullAllocator, _allocator

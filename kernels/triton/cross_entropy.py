@@ -76,12 +76,12 @@ import triton
 import triton.language as tl
 
 from kernels import versions
-from kernels.availability import triton_interpreter_enabled
 from kernels.custom_ops import custom_op, differentiable
 from kernels.losses import PLAIN, LossVariant, finish, reduce_losses
 from kernels.triton.aot import AotSpec
 from kernels.triton.device import on_device_of
 from kernels.triton.grid import cdiv, next_power_of_2
+from kernels.triton.interpreter import INTERPRETED
 
 VERSIONS = versions.declare("triton_cross_entropy", {
     1: "gradient computed in the forward into a second (N, V) buffer, scaled into a third "
@@ -106,7 +106,7 @@ def block_v(n_cols: int, element_size: int) -> int:
     """Logits per block of a sweep: BLOCK_BYTES on a GPU, whatever V (one compiled config
     per dtype); under the interpreter no wider than the row."""
     block = BLOCK_BYTES // element_size
-    if triton_interpreter_enabled():
+    if INTERPRETED:
         return min(block, INTERPRETER_MAX_BLOCK_V, max(16, next_power_of_2(n_cols)))
     return block
 
@@ -114,7 +114,7 @@ def block_v(n_cols: int, element_size: int) -> int:
 def bwd_block_v(n_cols: int, element_size: int) -> int:
     """Logits per program of version 3's backward; under the interpreter a quarter of the
     row, so that the CPU tests run several programs per row."""
-    if triton_interpreter_enabled():
+    if INTERPRETED:
         return max(16, next_power_of_2(n_cols) // 4)
     return BWD_BLOCK_BYTES // element_size
 

@@ -14,6 +14,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from kernels.availability import triton_interpreter_enabled
+
+# Whether this process's kernels run under the interpreter: `triton.jit` decides when it
+# decorates them, at import, so it is read once here. The launchers branch on this
+# constant rather than on the environment (a lookup of ~1 us, several per call).
+INTERPRETED = triton_interpreter_enabled()
+
 
 def _fp32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
     """bf16 bit patterns (uint16) of fp32 values, rounded to nearest even; NaN stays NaN."""

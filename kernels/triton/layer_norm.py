@@ -57,11 +57,11 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.availability import triton_interpreter_enabled
 from kernels.custom_ops import custom_op, differentiable
 from kernels.triton.aot import AotSpec, launch_configs
 from kernels.triton.device import on_device_of
 from kernels.triton.grid import cdiv, next_power_of_2
+from kernels.triton.interpreter import INTERPRETED
 
 TILE_ELEMENTS = 4096      # forward: elements per tile, BLOCK_M = TILE_ELEMENTS // BLOCK_N rows
 MAX_CHANNELS = 16384      # the forward keeps a whole row in registers; wider rows would spill
@@ -247,7 +247,7 @@ def launch_config(n_cols: int, element_size: int
 
 @functools.lru_cache(maxsize=None)
 def _bwd_max_programs(device: torch.device) -> int:
-    if triton_interpreter_enabled() or device.type != "cuda":
+    if INTERPRETED or device.type != "cuda":
         return INTERPRETER_BWD_PROGRAMS  # each program is a Python loop: keep them few
     return torch.cuda.get_device_properties(device).multi_processor_count * BWD_PROGRAMS_PER_SM
 

@@ -40,10 +40,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.availability import triton_interpreter_enabled
 from kernels.triton.aot import AotSpec
 from kernels.triton.device import on_device_of
 from kernels.triton.grid import cdiv, next_power_of_2
+from kernels.triton.interpreter import INTERPRETED
 
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 _GELU_CUBIC = tl.constexpr(0.044715)
@@ -51,7 +51,7 @@ _SQRT_HALF = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 # Whether triton.jit built interpreter objects (TRITON_INTERPRET=1 when triton was imported):
 # a compile-time constant, so the interpreter-only branch below never reaches a GPU build.
-_INTERPRETED = tl.constexpr(triton_interpreter_enabled())
+_INTERPRETED = tl.constexpr(INTERPRETED)
 
 # Autotune candidates, (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M) x (num_warps, num_stages),
 # for sm_80 and sm_90. Shared memory per program is num_stages * (BLOCK_M + BLOCK_N) *
@@ -276,14 +276,14 @@ def _launch(kernel, a, b, *outputs, stride_c, **flags):
     if m == 0 or n == 0:
         return  # an empty output: nothing to compute, and a grid of 0 programs is invalid
     args = (a, b, *outputs, m, n, k, next_power_of_2(m), *a.stride(), *b.stride(), *stride_c)
-    allow_tf32 = (a.dtype == torch.float32 and not triton_interpreter_enabled()
+    allow_tf32 = (a.dtype == torch.float32 and not INTERPRETED
                   and torch.backends.cuda.matmul.allow_tf32)
 
     def grid(meta):
         return (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)
 
     with on_device_of(a):
-        if triton_interpreter_enabled():
+        if INTERPRETED:
             cfg = INTERPRETER_CONFIG
             kernel[grid(cfg.kwargs)](*args, **flags, ALLOW_TF32=allow_tf32, **cfg.kwargs,
                                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)

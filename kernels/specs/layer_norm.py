@@ -29,8 +29,9 @@ def canonicalize(x, weight, bias=None, eps=1e-5):
     if x.dim() == 0:
         raise ValueError("x must have at least one dim (the channels), got a scalar")
     weight = _no_gain(x) if weight is None else weight
-    check_shape("weight", weight, (x.shape[-1],))
-    check_shape("bias", bias, (x.shape[-1],))
+    channels = x.shape[-1:]
+    check_shape("weight", weight, channels)
+    check_shape("bias", bias, channels)
     check_eps(eps)
     device = same_device(x=x, weight=weight, bias=bias)
     return SPEC.call((x, contiguous_param(weight), contiguous_param(bias), float(eps)), device)
@@ -41,9 +42,10 @@ def canonicalize_add(x, residual, weight, bias=None, eps=1e-5):
     if x.dim() == 0:
         raise ValueError("x must have at least one dim (the channels), got a scalar")
     weight = _no_gain(x) if weight is None else weight
-    check_shape("residual", residual, tuple(x.shape))
-    check_shape("weight", weight, (x.shape[-1],))
-    check_shape("bias", bias, (x.shape[-1],))
+    channels = x.shape[-1:]
+    check_shape("residual", residual, x.shape)
+    check_shape("weight", weight, channels)
+    check_shape("bias", bias, channels)
     check_eps(eps)
     device = same_device(x=x, residual=residual, weight=weight, bias=bias)
     return ADD_SPEC.call((x, residual, contiguous_param(weight), contiguous_param(bias),

@@ -162,10 +162,11 @@ def cross_entropy(logits, targets, ignore_index, reduction, label_smoothing=0.0,
 
 
 def _may_ignore_rows(targets, ignore_index: int) -> bool:
-    """Whether some target may be ignore_index. On the CPU, reading the answer costs no
-    device sync, and the usual call (ignore_index < 0, every target a class) is told in one
-    reduction, ~1 us, where masking the logits costs ~5 us and a copy of them; on a GPU
-    the masking is queued instead of waiting for an answer."""
+    """Whether some target may be ignore_index (targets already range-checked: each is a
+    class or ignore_index). On the CPU, reading the answer costs no device sync, and the
+    usual call (ignore_index < 0, every target a class) is told in one reduction, ~1 us,
+    where masking the logits costs ~5 us and a copy of them. On a GPU, and in a compiled
+    graph, the masking is queued instead of waiting for an answer."""
     if not targets.is_cpu or torch.compiler.is_compiling() or not targets.numel():
         return True
     return ignore_index >= 0 or targets.min().item() < 0

@@ -56,21 +56,30 @@ def mlp_gelu(x, w_fc, b_fc, w_proj, b_proj, approximate):
 def causal_attention(q, k, v, scale, dropout_p, dropout_seed=None):
     if dropout_p > 0.0 and dropout_seed is not None:
         return _attention_with_seeded_dropout(q, k, v, scale, dropout_p, dropout_seed)
-    if q.numel() == 0 or k.numel() == 0:
+    q_shape, k_shape = q.shape, k.shape  # each attribute read once: ~0.1-0.3 us a read
+    if 0 in q_shape or 0 in k_shape:
         # SDPA's cuDNN path returns an undefined tensor (None in Python) for an empty batch
         # in 16-bit (seen on an H200, torch 2.11); the reference's math is free when empty.
         return reference.causal_attention(q, k, v, scale, dropout_p)
-    if cpu_attention.applies(q, k):
+    on_cpu, low_precision = q.is_cpu, q.dtype in _LOW_PRECISION
+    if on_cpu and low_precision and cpu_attention.applies(q, k):
         return cpu_attention.causal_attention(q, k, v, scale, dropout_p)
     if scale is not None and scale <= 0.0:
         # SDPA returns NaN rows for a scale of 0 or below (its CPU kernels, torch 2.14:
         # the masked -inf times the scale); the reference's math is explicit and fp32.
         return reference.causal_attention(q, k, v, scale, dropout_p)
-    if _sdpa_in_fp32(q, k, v):
+    if on_cpu and low_precision:
+        # SDPA in fp32, for every 16-bit CPU call that reaches it: its 16-bit kernels round
+        # what FlashAttention keeps in fp32 (on scores in the tens, bf16 gradients off by
+        # more than their own size in some rows, where fp32 then rounded is exact to the
+        # bf16 result), and for short sequences their backward is 3-4x slower than the fp32
+        # one too (torch 2.14, 2-core EPYC, (12, 4, 64, 32) forward and backward: fp16 6.3
+        # vs 1.6 ms, bf16 4.3 vs 1.3 ms); from ~512 positions the two cost the same, plus
+        # the casts. Short bf16 training calls took `cpu_attention` above.
         return causal_attention(q.float(), k.float(), v.float(), scale, dropout_p).to(q.dtype)
     if q.is_cuda:
         q, k, v = _sdpa_aligned(q), _sdpa_aligned(k), _sdpa_aligned(v)
-    t_q, t_k = q.shape[-2], k.shape[-2]
+    t_q, t_k = q_shape[-2], k_shape[-2]
     if t_q == t_k:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                               dropout_p=dropout_p)
@@ -90,17 +99,6 @@ def _attention_with_seeded_dropout(q, k, v, scale, dropout_p, dropout_seed):
     keep = philox.keep_mask(dropout_seed, dropout_p, *scores.shape, device=q.device)
     dropped = torch.softmax(scores, dim=-1) * keep
     return (torch.matmul(dropped, v.to(compute)) * (1.0 / (1.0 - dropout_p))).to(q.dtype)
-
-
-def _sdpa_in_fp32(q, k, v) -> bool:
-    """Whether to run SDPA in fp32 on the CPU, for every 16-bit call that reaches it: its
-    16-bit kernels round what FlashAttention keeps in fp32 (on scores in the tens, bf16
-    gradients off by more than their own size in some rows, where fp32 then rounded is
-    exact to the bf16 result), and for short sequences their backward is 3-4x slower than
-    the fp32 one too (torch 2.14, 2-core EPYC, (12, 4, 64, 32) forward and backward: fp16
-    6.3 vs 1.6 ms, bf16 4.3 vs 1.3 ms); from ~512 positions the two cost the same, plus
-    the casts. Short bf16 training calls take `cpu_attention` first."""
-    return q.dtype in _LOW_PRECISION and q.is_cpu
 
 
 # SDPA's fused CUDA kernels load 16-byte vectors: each tensor must start on a 16-byte

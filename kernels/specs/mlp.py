@@ -23,21 +23,24 @@ APPROXIMATIONS = ("tanh", "none")
 
 
 def autocast(device: torch.device, *tensors):
-    """Cast floating tensors to the autocast dtype when autocast is on for `device`, as
-    the matmul built-ins do."""
-    if not torch.is_autocast_enabled(device.type):
+    """Cast floating tensors to the autocast dtype when autocast is on for `device` (the
+    tensors' one device, checked; the first is not None), as the matmul built-ins do."""
+    # `device.type` builds a new string on every read (~0.25 us); `is_cpu` does not.
+    device_type = "cpu" if tensors[0].is_cpu else device.type
+    if not torch.is_autocast_enabled(device_type):
         return tensors
-    dtype = torch.get_autocast_dtype(device.type)
+    dtype = torch.get_autocast_dtype(device_type)
     return tuple(None if t is None else t.to(dtype) for t in tensors)
 
 
 def canonicalize(x, w_fc, b_fc, w_proj, b_proj, approximate="tanh"):
     check_float("x", x)
     check_float("w_fc", w_fc)
-    if w_fc.dim() != 2 or x.dim() == 0 or w_fc.shape[1] != x.shape[-1]:
-        raise ValueError(f"w_fc must have shape (hidden, {x.shape[-1] if x.dim() else 'C'}), "
-                         f"got {tuple(w_fc.shape)}")
-    hidden, channels = w_fc.shape
+    x_shape, w_fc_shape = x.shape, w_fc.shape  # each attribute read once: ~0.1-0.3 us a read
+    if len(w_fc_shape) != 2 or not x_shape or w_fc_shape[1] != x_shape[-1]:
+        raise ValueError(f"w_fc must have shape (hidden, {x_shape[-1] if x_shape else 'C'}), "
+                         f"got {tuple(w_fc_shape)}")
+    hidden, channels = w_fc_shape
     check_shape("b_fc", b_fc, (hidden,))
     check_shape("w_proj", w_proj, (channels, hidden))
     check_shape("b_proj", b_proj, (channels,))

@@ -74,10 +74,9 @@ def finish(loss: torch.Tensor, lse: torch.Tensor | None, targets: torch.Tensor,
            ignore_index: int, reduction: str, variant: LossVariant, return_z_loss: bool):
     """What the op returns: the loss, or (loss, z-loss value) with return_z_loss. loss and
     lse are flat over rows; with reduction 'none' both come back in targets' shape."""
-    flat_targets = targets.reshape(-1)
     if reduction == "none":
         loss = loss.view(targets.shape)
     if not return_z_loss:
         return loss
-    value = z_loss_value(lse, flat_targets, ignore_index, reduction, variant.z_loss)
+    value = z_loss_value(lse, targets.reshape(-1), ignore_index, reduction, variant.z_loss)
     return loss, value.view(targets.shape) if reduction == "none" else value

@@ -89,6 +89,6 @@ def check_target_range(targets: torch.Tensor, vocab: int, ignore_index: int) -> 
 def contiguous_param(t):
     """A 1-D parameter (a bias, a LayerNorm gain) with a unit stride (any stride when it
     has one element). They are tiny: a strided one is copied here rather than handled by
-    every kernel, and autograd routes the gradient back to the view. (`contiguous()`
-    returns a contiguous tensor itself, for less than `stride(0)` costs to read.)"""
+    every kernel, and autograd routes the gradient back to the view. `contiguous()`
+    returns an already contiguous tensor itself, and costs less than reading stride(0)."""
     return None if t is None else t.contiguous()

@@ -272,6 +272,30 @@ def test_meta_layer_norms(dtype):
     _assert_grads_match(grads)
 
 
+@pytest.mark.parametrize("x_dtype, weight_dtype, bias_dtype", [
+    (torch.float32, torch.bfloat16, torch.bfloat16),   # bf16 parameters on fp32 activations
+    (torch.bfloat16, torch.float32, torch.bfloat16),   # the bias in another dtype than the weight
+    (torch.bfloat16, torch.bfloat16, torch.float32)])
+def test_meta_layer_norms_cast_parameters_to_a_dtype_the_kernels_take(x_dtype, weight_dtype,
+                                                                      bias_dtype):
+    """The kernels take the weight in x's dtype or fp32 and the bias in the weight's (the
+    fakes check it as csrc/ does); the backend casts what differs, and each parameter gets
+    its gradient in its own dtype back through the cast."""
+    x = torch.empty(3, 64, dtype=x_dtype)
+    w, b = torch.empty(64, dtype=weight_dtype), torch.empty(64, dtype=bias_dtype)
+    _, grads = _fake_grads(lambda *a: OPS["layer_norm"](*a, 1e-5), x, w, b)
+    _assert_grads_match(grads)
+    _, grads = _fake_grads(lambda *a: OPS["add_layer_norm"](*a, 1e-5), x, x.clone(), w, b)
+    _assert_grads_match(grads)
+    meta_x = x.to("meta")
+    with pytest.raises(RuntimeError, match="weight must have x's dtype"):
+        cuda_backend.layer_norm._layer_norm_fwd(meta_x, meta_x.new_empty(64, dtype=torch.float16),
+                                                None, 1e-5)
+    with pytest.raises(RuntimeError, match="bias must have weight's dtype"):
+        cuda_backend.layer_norm._layer_norm_fwd(meta_x, meta_x.new_empty(64),
+                                                meta_x.new_empty(64, dtype=torch.float64), 1e-5)
+
+
 def test_meta_add_layer_norm_of_an_autocast_branch_onto_the_fp32_stream():
     """Under autocast a block adds its bf16 attention output to the fp32 residual stream;
     the kernels take one activation dtype (the fake impls check what the C++ checks), so

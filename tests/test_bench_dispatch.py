@@ -37,6 +37,26 @@ def test_rounds_alternate_and_give_per_call_microseconds():
     assert rounds == "bbbooo" + "ooobbb" + "bbbooo" + "ooobbb"
 
 
+@pytest.mark.parametrize("rounds, slices, sizes", [(201, 10, [21] + [20] * 9), (6, 3, [2, 2, 2]),
+                                                  (3, 10, [1, 1, 1]), (5, 1, [5])])
+def test_rounds_are_cut_into_nearly_equal_slices(rounds, slices, sizes):
+    assert dispatch.slice_sizes(rounds, slices) == sizes
+
+
+def test_the_rows_take_turns_so_each_rows_rounds_span_the_run(monkeypatch):
+    """A slow phase of the machine falls on every row alike: the rows run a slice of their
+    rounds each in turn (each slice after its warm-up round), not all of one row's rounds
+    and then the next row's."""
+    order = []
+
+    def pairs():
+        return {op: (lambda: None, lambda op=op: order.append(op)) for op in ("a", "b")}
+    monkeypatch.setattr(dispatch, "torch_pairs", pairs)
+    rows = dispatch.measure(("torch",), modes=("inference",), rounds=6, calls=1, slices=3)
+    assert "".join(order) == "aaabbb" * 3   # per slice: a warm-up call and 2 rounds
+    assert [(r.op, r.rounds) for r in rows] == [("a", 6), ("b", 6)]
+
+
 def test_the_overhead_is_the_median_of_the_rounds_differences():
     row = dispatch.summarize("layer_norm", "torch", "training", [4.0, 4.0, 9.0, 4.0, 4.0],
                              [7.0, 8.0, 10.0, 7.5, 30.0])

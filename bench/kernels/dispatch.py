@@ -1,7 +1,7 @@
 """Dispatch overhead: what a call through `kernels.<op>` costs the host beyond the call it
 wraps, per op, measured on the CPU.
 
-    python -m bench dispatch [--rounds 101] [--calls 200] [--out-dir DIR]
+    python -m bench dispatch [--rounds 101] [--calls 200] [--slices 10] [--out-dir DIR]
 
 - `torch`: `kernels.<op>(..., backend="torch")` against the PyTorch built-ins the torch
   backend runs (F.layer_norm, F.scaled_dot_product_attention, F.cross_entropy, ...).
@@ -23,6 +23,8 @@ enabled, inputs that require grad: both calls build their autograd node) and inf
 order alternating from round to round; a round's overhead is the difference of the two
 per-call times, and the row gives the median over the rounds (and their quartiles) with
 both medians: on a shared machine only differences measured side by side carry over.
+The rows take turns, a slice of their rounds at a time, so that each row's rounds are
+spread over the whole run and a slow phase of the machine falls on every row alike.
 Times are the thread's CPU time (time.thread_time), not the wall clock: the host work a
 call costs, without the time other processes held the core.
 """
@@ -45,6 +47,7 @@ import torch.nn.functional as F
 TARGET_US = 5.0     # the issue's target: at most this much forward overhead per op
 ROUNDS = 101
 CALLS = 200
+SLICES = 10         # each row's rounds are run in this many slices, spread over the run
 
 
 @dataclass(frozen=True)
@@ -227,30 +230,43 @@ def launch_free_pairs(backend: str) -> dict[str, tuple[Callable, Callable]]:
 MODES = {"training": True, "inference": False}  # mode -> grad enabled
 
 
+def slice_sizes(rounds: int, slices: int) -> list[int]:
+    """`rounds` split into at most `slices` nearly equal slices (none empty)."""
+    slices = max(1, min(slices, rounds))
+    return [rounds // slices + (i < rounds % slices) for i in range(slices)]
+
+
 def measure(backends=("torch", "triton", "cuda"), modes=tuple(MODES), rounds: int = ROUNDS,
-            calls: int = CALLS) -> list[Overhead]:
+            calls: int = CALLS, slices: int = SLICES) -> list[Overhead]:
     """Every op's overhead row on each backend, in each mode: "training" (grad enabled,
     inputs that require grad: the autograd node is built) and "inference" (no grad). The
     triton rows need TRITON_INTERPRET=1 set before triton is imported, as
-    `python -m bench dispatch` does."""
+    `python -m bench dispatch` does.
+
+    The rows take turns, a slice of their rounds each (`slice_sizes`), so that each row's
+    rounds are spread over the whole run: a slow phase of the shared machine (they last
+    seconds to minutes) lands on every row alike, and while it is shorter than half the
+    run the medians leave it out."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    rows = []
+    pairs = {backend: torch_pairs() if backend == "torch" else launch_free_pairs(backend)
+             for backend in backends}
+    contexts = {"torch": contextlib.nullcontext, "triton": triton_launch_free,
+                "cuda": cuda_launch_free}
+    samples = {(op, backend, mode): ([], []) for backend in backends for mode in modes
+               for op in pairs[backend]}
     try:
-        for backend in backends:
-            if backend == "torch":
-                pairs, context = torch_pairs(), contextlib.nullcontext
-            else:
-                pairs = launch_free_pairs(backend)
-                context = triton_launch_free if backend == "triton" else cuda_launch_free
-            for mode in modes:
-                with context(), torch.set_grad_enabled(MODES[mode]):
-                    for op, (bare, ours) in pairs.items():
-                        samples = interleaved(bare, ours, rounds, calls)
-                        rows.append(summarize(op, backend, mode, *samples))
+        for size in slice_sizes(rounds, slices):
+            for backend in backends:
+                for mode in modes:
+                    with contexts[backend](), torch.set_grad_enabled(MODES[mode]):
+                        for op, (bare, ours) in pairs[backend].items():
+                            bare_us, ours_us = interleaved(bare, ours, size, calls)
+                            samples[op, backend, mode][0].extend(bare_us)
+                            samples[op, backend, mode][1].extend(ours_us)
     finally:
         torch.set_num_threads(threads)
-    return rows
+    return [summarize(*key, *times) for key, times in samples.items()]
 
 
 def table(rows: list[Overhead]) -> str:
@@ -269,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=ROUNDS)
     parser.add_argument("--calls", type=int, default=CALLS)
+    parser.add_argument("--slices", type=int, default=SLICES,
+                        help="run each row's rounds in this many slices, spread over the run")
     parser.add_argument("--backends", nargs="+", default=["torch", "triton", "cuda"],
                         choices=("torch", "triton", "cuda"))
     parser.add_argument("--out-dir", type=Path, help="also write dispatch.{json,md} there")
@@ -278,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
                      "TRITON_INTERPRET=1 (python -m bench dispatch does)")
     from bench.timing.machine import describe
 
-    rows = measure(tuple(args.backends), rounds=args.rounds, calls=args.calls)
+    rows = measure(tuple(args.backends), rounds=args.rounds, calls=args.calls,
+                   slices=args.slices)
     text = table(rows)
     print(text, end="")
     if args.out_dir is not None:
@@ -287,13 +306,14 @@ def main(argv: list[str] | None = None) -> int:
         meta = describe(torch.device("cpu"))
         args.out_dir.mkdir(parents=True, exist_ok=True)
         (args.out_dir / "dispatch.json").write_text(json.dumps(
-            {"meta": meta, "rounds": args.rounds, "calls": args.calls,
+            {"meta": meta, "rounds": args.rounds, "calls": args.calls, "slices": args.slices,
              "target_us": TARGET_US, "rows": [asdict(r) for r in rows]}, indent=1) + "\n")
         (args.out_dir / "dispatch.md").write_text(
             f"# Dispatch overhead per op, forward (CPU, one thread)\n\n"
             f"{meta['device']}; torch {meta['torch']}; commit `{meta['git_commit']}`; "
-            f"{args.rounds} interleaved rounds of {args.calls} calls (bench/kernels/"
-            f"dispatch.py).\n\n{text}")
+            f"{args.rounds} interleaved rounds of {args.calls} calls per row, in "
+            f"{args.slices} slices spread over the run (bench/kernels/dispatch.py).\n\n"
+            f"{text}")
     return 0
 
 

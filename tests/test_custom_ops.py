@@ -95,7 +95,8 @@ def test_opcheck_still_checks_the_op_and_its_autograd():
 @pytest.mark.skipif(not kernels.available_backends()["triton"].available,
                     reason="the triton backend is not available here")
 def test_the_triton_backend_takes_the_thin_path():
-    x = torch.randn(3, 16, requires_grad=True)
     w = torch.ones(16, requires_grad=True)
-    y = kernels.layer_norm(x, w, None, backend="triton")  # a view of the op's output
+    y = kernels.layer_norm(torch.randn(3, 16, requires_grad=True), w, None, backend="triton")
+    assert type(y.grad_fn).__name__ == "layer_norm_fwd_eagerBackward"  # 2-D: the op's output
+    y = kernels.layer_norm(torch.randn(2, 3, 16, requires_grad=True), w, None, backend="triton")
     assert type(y.grad_fn.next_functions[0][0]).__name__ == "layer_norm_fwd_eagerBackward"

@@ -51,6 +51,14 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def flat_int64_targets(targets: torch.Tensor) -> torch.Tensor:
+    """The targets flat, (N,), in int64: one class index per loss row. (N,) int64 targets,
+    the common case, come back as they are: a no-op reshape or cast is still a dispatcher
+    round trip (~0.5 us of host time each)."""
+    flat = targets if targets.dim() == 1 else targets.reshape(-1)
+    return flat if flat.dtype == torch.int64 else flat.long()
+
+
 def reduce_losses(losses: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                   reduction: str) -> torch.Tensor:
     """Per-row losses reduced as F.cross_entropy does: mean over the kept targets (NaN when

@@ -77,7 +77,7 @@ import triton.language as tl
 
 from kernels import versions
 from kernels.custom_ops import custom_op, differentiable
-from kernels.losses import PLAIN, LossVariant, finish, reduce_losses
+from kernels.losses import PLAIN, LossVariant, finish, flat_int64_targets, reduce_losses
 from kernels.triton.aot import AotSpec
 from kernels.triton.device import on_device_of
 from kernels.triton.grid import cdiv, next_power_of_2
@@ -657,11 +657,7 @@ _cross_entropy_v1 = differentiable(cross_entropy_fwd, _backward, _setup)
 def cross_entropy(logits, targets, ignore_index, reduction, label_smoothing=0.0, z_loss=0.0,
                   softcap=0.0, return_z_loss=False):
     variant = LossVariant(label_smoothing, z_loss, softcap)
-    # (N,) int64 targets, the common case, as they are: a no-op reshape or cast is still
-    # a dispatcher round trip (~0.5 us each).
-    flat_targets = targets if targets.dim() == 1 else targets.reshape(-1)
-    if flat_targets.dtype != torch.int64:
-        flat_targets = flat_targets.long()
+    flat_targets = flat_int64_targets(targets)
     rows = _rows(logits)
     version = VERSIONS.current()
     if version == 1:

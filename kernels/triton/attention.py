@@ -758,7 +758,7 @@ def _tma_rules_hold(*tensors: torch.Tensor) -> bool:
     (so the base and the batch and head strides too) and rows 16 bytes apart."""
     for t in tensors:
         size = t.element_size()
-        if t.data_ptr() % 16 or any(t.stride(i) * size % 16 for i in range(3)):
+        if t.data_ptr() % 16 or any(stride * size % 16 for stride in t.stride()[:3]):
             return False
     return True
 
@@ -809,11 +809,11 @@ def _empty_bhtd(like: torch.Tensor) -> torch.Tensor:
     """A (B, H, T, D) tensor stored as (B, T, H, D): the model's transpose(1, 2).reshape
     back to (B, T, C) after attention is then a free view, not a copy."""
     b, h, t, d = like.shape
-    return like.new_empty((b, t, h, d)).transpose(1, 2)
+    return like.new_empty(b, t, h, d).transpose(1, 2)  # int sizes: the cheapest to parse
 
 
 def _bht_strides(t: torch.Tensor) -> tuple[int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2)
+    return t.stride()[:3]  # one call, not three (~0.2 us each)
 
 
 class _Dropout(NamedTuple):
@@ -842,7 +842,7 @@ def _forward(q, k, v, scale: float, version: int, dropout_p: float = 0.0,
     b, h, t, d = q.shape
     t_k = k.shape[2]
     o = _empty_bhtd(q)
-    lse = q.new_empty((b, h, t), dtype=torch.float32)
+    lse = q.new_empty(b, h, t, dtype=torch.float32)
     if not o.numel():
         return o, lse  # no program to launch (an empty grid is not a valid launch)
     block_d = _block_d(d)

@@ -514,8 +514,9 @@ def cross_entropy_stats_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_
                             softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-row losses (n,) fp32, per-row (max, sum of exp(z - max)) (n, 2) fp32) of
     logits (n, V) (z: the logits, soft-capped with softcap > 0)."""
-    losses = logits.new_empty(logits.shape[0], dtype=torch.float32)
-    stats = logits.new_empty((logits.shape[0], 2), dtype=torch.float32)
+    n_rows = logits.shape[0]
+    losses = logits.new_empty(n_rows, dtype=torch.float32)
+    stats = logits.new_empty(n_rows, 2, dtype=torch.float32)  # int sizes: cheapest to parse
     launch_cross_entropy(logits, targets, ignore_index, losses, None, None, stats,
                          LossVariant(label_smoothing, z_loss, softcap), version)
     return losses, stats
@@ -536,7 +537,7 @@ def cross_entropy_stats_bwd(grad_losses: torch.Tensor, logits: torch.Tensor,
     """d (sum_i grad_losses[i] * loss_i) / d logits, a new (n, V) tensor in the logits'
     dtype (ignored rows zero), from the forward's stats."""
     n_rows, n_cols = logits.shape
-    dlogits = torch.empty((n_rows, n_cols), dtype=logits.dtype, device=logits.device)
+    dlogits = logits.new_empty(n_rows, n_cols)
     if not n_rows:
         return dlogits
     args = (logits, stats, targets, grad_losses, dlogits,
@@ -592,9 +593,9 @@ def cross_entropy_fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index:
     empty (0, V) tensor without compute_grad, per-row stats (n, 2)) for logits (n, V) and
     int64 targets (n,)."""
     n_rows, n_cols = logits.shape
-    losses = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
-    stats = torch.empty((n_rows, 2), dtype=torch.float32, device=logits.device)
-    grad = logits.new_empty((n_rows if compute_grad else 0, n_cols))
+    losses = logits.new_empty(n_rows, dtype=torch.float32)
+    stats = logits.new_empty(n_rows, 2, dtype=torch.float32)
+    grad = logits.new_empty(n_rows if compute_grad else 0, n_cols)
     ones = torch.ones(1, dtype=torch.float32, device=logits.device).expand(n_rows)
     launch_cross_entropy(logits, targets, ignore_index, losses,
                          grad if compute_grad else None, ones, stats,

@@ -22,8 +22,9 @@ def triton_chunk_cross_entropy(logits, targets, ignore_index, row_weight, comput
                                variant):
     """(losses, lse) per row of a chunk of logits; with compute_grad, row_weight * dloss /
     dlogits written over the logits."""
-    losses = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-    stats = torch.empty((logits.shape[0], 2), dtype=torch.float32, device=logits.device)
+    n_rows = logits.shape[0]
+    losses = logits.new_empty(n_rows, dtype=torch.float32)
+    stats = logits.new_empty(n_rows, 2, dtype=torch.float32)
     launch_cross_entropy(logits, targets, ignore_index, losses,
                          logits if compute_grad else None, row_weight, stats, variant)
     return losses, row_lse(stats)

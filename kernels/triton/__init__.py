@@ -25,7 +25,7 @@ OPS: dict = {
     "add_layer_norm": layer_norm.add_layer_norm,
     "cross_entropy": cross_entropy.cross_entropy,
     "linear_cross_entropy": linear_cross_entropy.linear_cross_entropy,
-    "causal_attention": attention.causal_attention,
+    "causal_attention": attention.canonical_causal_attention,
     "mlp_gelu": mlp.mlp_gelu,
 }
 

@@ -997,9 +997,18 @@ def attention_forward(q, k, v, scale=None, dropout_p=0.0, dropout_seed=None):
 
 
 def causal_attention(q, k, v, scale=None, dropout_p=0.0, dropout_seed=None):
-    """The backend's entry point: queries at most as many as keys (KV cache), attention
-    dropout with the mask of dropout_seed = (seed, offset), or a fresh one."""
+    """Checked causal attention, for a direct call: queries at most as many as keys (KV
+    cache), attention dropout with the mask of dropout_seed = (seed, offset), or a fresh
+    one."""
     return attention_forward(q, k, v, scale, dropout_p, dropout_seed)[0]
+
+
+def canonical_causal_attention(q, k, v, scale, dropout_p, dropout_seed=None):
+    """The backend's entry point (`OPS`): a call `kernels.specs` has checked and put in
+    canonical form (a float scale, a checked seed) and `unsupported` has accepted, so
+    nothing is checked twice (~2.5 us of host time a call)."""
+    rng = philox.seed_tensor(dropout_seed) if dropout_p > 0.0 else None
+    return _attention(q, k, v, scale, VERSIONS.current(), dropout_p, rng)[0]
 
 
 # ----------------------------------------------------------------------------- AOT specs

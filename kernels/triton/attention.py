@@ -838,7 +838,7 @@ class _Dropout(NamedTuple):
 
 def _forward(q, k, v, scale: float, version: int, dropout_p: float = 0.0,
              rng: torch.Tensor | None = None):
-    q, k, v = (_unit_stride_d(t) for t in (q, k, v))
+    q, k, v = _unit_stride_d(q), _unit_stride_d(k), _unit_stride_d(v)  # no generator: ~0.3 us
     b, h, t, d = q.shape
     t_k = k.shape[2]
     o = _empty_bhtd(q)

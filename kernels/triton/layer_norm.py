@@ -230,13 +230,13 @@ def _num_warps(block_n: int) -> int:
     return 4 if block_n <= 1024 else 8 if block_n <= 4096 else 16
 
 
-@functools.lru_cache(maxsize=None)
 def launch_config(n_cols: int, element_size: int
                   ) -> tuple[tuple[int, int, int], tuple[int, int, int, bool]]:
     """The tiles for rows of n_cols of element_size bytes (see the module docstring): the
     forward's (BLOCK_M, BLOCK_N, num_warps) and the backward's (BLOCK_M, BLOCK_N,
-    num_warps, SPLIT_ROWS). Raises ValueError past MAX_CHANNELS. Cached: a model has a
-    few widths, and a lookup costs a fifth of the arithmetic (~0.15 vs ~0.7 us a call)."""
+    num_warps, SPLIT_ROWS). Raises ValueError past MAX_CHANNELS. Not cached (a lookup
+    would save ~0.5 us a call): a cache would keep tiles chosen under the module's limits
+    after someone tuning them changes them."""
     if n_cols > MAX_CHANNELS:
         raise ValueError(f"the Triton layer_norm keeps a row in registers and supports up to "
                          f"{MAX_CHANNELS} channels, got {n_cols}; use the 'torch' backend")

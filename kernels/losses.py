@@ -54,11 +54,16 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def flat_targets(targets: torch.Tensor) -> torch.Tensor:
+    """The targets flat, (N,): one class index per loss row. (N,) targets, the common
+    case, come back as they are: a no-op reshape is still a dispatcher round trip (~0.5 us
+    of host time)."""
+    return targets if targets.dim() == 1 else targets.reshape(-1)
+
+
 def flat_int64_targets(targets: torch.Tensor) -> torch.Tensor:
-    """The targets flat, (N,), in int64: one class index per loss row. (N,) int64 targets,
-    the common case, come back as they are: a no-op reshape or cast is still a dispatcher
-    round trip (~0.5 us of host time each)."""
-    flat = targets if targets.dim() == 1 else targets.reshape(-1)
+    """`flat_targets` in int64, cast only when they are not already."""
+    flat = flat_targets(targets)
     return flat if flat.dtype == torch.int64 else flat.long()
 
 
@@ -89,5 +94,5 @@ def finish(loss: torch.Tensor, lse: torch.Tensor | None, targets: torch.Tensor,
         loss = loss.view(targets.shape)
     if not return_z_loss:
         return loss
-    value = z_loss_value(lse, targets.reshape(-1), ignore_index, reduction, variant.z_loss)
+    value = z_loss_value(lse, flat_targets(targets), ignore_index, reduction, variant.z_loss)
     return loss, value.view(targets.shape) if reduction == "none" else value

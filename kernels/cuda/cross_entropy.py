@@ -10,7 +10,7 @@ from torch import Tensor
 
 from kernels.cuda.extension import ext
 from kernels.custom_ops import custom_op, differentiable
-from kernels.losses import LossVariant, finish, reduce_losses
+from kernels.losses import LossVariant, finish, flat_targets, reduce_losses
 
 
 @custom_op("gptk::cuda_cross_entropy_fwd", mutates_args=(), device_types="cuda")
@@ -78,10 +78,10 @@ def _(logits, targets, row_weight, ignore_index, label_smoothing, z_loss, softca
 def cross_entropy(logits, targets, ignore_index, reduction, label_smoothing=0.0, z_loss=0.0,
                   softcap=0.0, return_z_loss=False):
     variant = LossVariant(label_smoothing, z_loss, softcap)
-    # (N, V) logits and (N,) targets, the common case, as they are: a no-op reshape is
-    # still a dispatcher round trip (~0.5 us).
-    flat_targets = targets if targets.dim() == 1 else targets.reshape(-1)
+    # (N, V) logits, the common case, as they are: a no-op reshape is still a dispatcher
+    # round trip (~0.5 us).
+    targets_1d = flat_targets(targets)
     rows = logits if logits.dim() == 2 else logits.reshape(-1, logits.shape[-1])
-    losses, lse = _cross_entropy(rows.contiguous(), flat_targets, ignore_index, *variant)
-    loss = reduce_losses(losses, flat_targets, ignore_index, reduction)
+    losses, lse = _cross_entropy(rows.contiguous(), targets_1d, ignore_index, *variant)
+    loss = reduce_losses(losses, targets_1d, ignore_index, reduction)
     return finish(loss, lse, targets, ignore_index, reduction, variant, return_z_loss)

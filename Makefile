@@ -42,12 +42,13 @@ inspect: install
 bench: install
 	$(PY) -m bench all $(BENCH_ARGS)
 
-# The GPU runbook for a 15-minute rental, with the machine's Python: offline install, GPT-2
-# training (beside nanoGPT's train.py with --nanogpt), the attention and LayerNorm /
+# The GPU runbook, with the machine's Python: offline install, GPT-2 training (beside
+# nanoGPT's train.py from .nanogpt/ or --nanogpt), the attention and LayerNorm /
 # cross-entropy headlines, the GPU conformance suite and tests, then the rest, within a
-# time budget, into bench/results/<gpu>-<date>/ (see bench/gpu/check.py). Arguments pass:
+# time budget (default 480 s: one command of a 15-minute rental), into
+# bench/results/<gpu>-<date>-<HHMM>/ (see bench/gpu/check.py). Arguments pass:
 #   make gpu-check GPU_CHECK_ARGS=--dry-run            # the plan and its estimates, no GPU needed
-#   make gpu-check GPU_CHECK_ARGS="--nanogpt ../nanoGPT --budget 900 --skip gpu-tests"
+#   make gpu-check GPU_CHECK_ARGS="--budget 240 --skip train attention memory"  # a second call
 gpu-check:
 	$(PYTHON) bench/gpu/check.py $(GPU_CHECK_ARGS)
 

@@ -1,6 +1,8 @@
 """The GPU runbook without a GPU: the plan and its budget, the dry run, stages that are
 logged, stopped at their slice or skipped, the record and $OUT."""
+import datetime
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -49,14 +51,23 @@ def test_select_and_measured_estimates(tmp_path):
     assert [s.name for s in gpu_check.select(plan, None, ["b"])] == ["a", "c"]
     with pytest.raises(SystemExit, match="unknown stage"):
         gpu_check.select(plan, None, ["nope"])
-    record = tmp_path / "h100-2026-01-01" / gpu_check.RECORD
-    record.parent.mkdir()
-    record.write_text(json.dumps({"outcomes": [
+    first = tmp_path / "h100-2026-01-01-0900" / gpu_check.RECORD
+    first.parent.mkdir()
+    first.write_text(json.dumps({"outcomes": [
+        {"stage": "a", "status": "passed", "seconds": 50.0},
+        {"stage": "c", "status": "passed", "seconds": 7.0}]}))
+    # A rental's second call, newer: what it ran replaces the first's figures, the rest stay.
+    second = tmp_path / "h100-2026-01-01-0909" / gpu_check.RECORD
+    second.parent.mkdir()
+    second.write_text(json.dumps({"outcomes": [
         {"stage": "a", "status": "passed", "seconds": 42.0},
-        {"stage": "b", "status": "stopped", "seconds": 999.0}]}))
+        {"stage": "b", "status": "stopped", "seconds": 999.0},
+        {"stage": "c", "status": "skipped", "seconds": 0.0}]}))
+    os.utime(first, (1_000, 1_000))
+    os.utime(second, (2_000, 2_000))
     measured = gpu_check.measured_durations(tmp_path)
-    assert measured == {"a": 42.0}
-    assert [s.estimate_s for s in gpu_check.with_estimates(plan, measured)] == [42.0, 1.0, 1.0]
+    assert measured == {"a": 42.0, "c": 7.0}
+    assert [s.estimate_s for s in gpu_check.with_estimates(plan, measured)] == [42.0, 1.0, 7.0]
     # A record never lowers a planning figure (the stage may have grown since).
     assert gpu_check.with_estimates([_stage("a", estimate=90)], measured)[0].estimate_s == 90
 
@@ -93,7 +104,8 @@ def test_training_starts_within_the_first_150_seconds_of_the_default_plan(tmp_pa
     assert names[:4] == ["install", "train", "attention", "memory"]
     install_ends = float(numbered[0].split("ends at ~")[1].split(" s")[0])
     assert install_ends <= 150
-    assert "run, ends at" in numbered[1]  # and training fits the default budget
+    # Training and the two headlines fit the default budget: one device command.
+    assert all("run, ends at" in line for line in numbered[1:4])
 
 
 def test_the_train_stage_runs_nanogpt_when_given_a_checkout(tmp_path):
@@ -139,3 +151,72 @@ def test_stages_are_logged_stopped_skipped_recorded_and_published(tmp_path, monk
 def test_no_tests_collected_is_not_a_failure(tmp_path):
     outcome = gpu_check.run_stage(_stage("empty", "raise SystemExit(5)"), tmp_path / "e.log", None)
     assert outcome.status == "passed"
+
+
+def test_the_install_stamp_names_the_sources_and_the_python(tmp_path):
+    (tmp_path / "csrc").mkdir()
+    (tmp_path / "csrc" / "kernel.cu").write_text("v1")
+    (tmp_path / "setup.py").write_text("setup()")
+    stamp = gpu_check.install_stamp(tmp_path, "/usr/bin/python3")
+    assert stamp.parent == tmp_path / "build"  # ignored by git, kept on a warm machine
+    assert gpu_check.install_stamp(tmp_path, "/usr/bin/python3") == stamp
+    assert gpu_check.install_stamp(tmp_path, "/opt/python3") != stamp
+    (tmp_path / "csrc" / "kernel.cu").write_text("v2")
+    assert gpu_check.install_stamp(tmp_path, "/usr/bin/python3") != stamp
+    install = next(s for s in gpu_check.stages(PY, tmp_path, repo=tmp_path)
+                   if s.name == "install")
+    assert install.stamp == str(gpu_check.install_stamp(tmp_path, PY))
+
+
+def test_a_stamped_stage_runs_once_on_a_machine(tmp_path):
+    """The install of a rental's first call is not repeated by its second on the same
+    machine; a failed one leaves no stamp, so the next call tries again."""
+    stamp = tmp_path / "build" / "stamp"
+    failing = Stage("install", [PY, "-c", "raise SystemExit(1)"], 1.0, "builds",
+                    stamp=str(stamp))
+    first = gpu_check.run([failing], tmp_path, budget_s=60)
+    assert first[0].status == "failed" and not stamp.exists()
+    passing = Stage("install", [PY, "-c", "print('built')"], 1.0, "builds", stamp=str(stamp))
+    assert gpu_check.run([passing], tmp_path, budget_s=60)[0].status == "passed"
+    assert stamp.exists()
+    again = gpu_check.run([passing], tmp_path, budget_s=0.5)  # skipped before the budget
+    assert again[0].status == "skipped" and "done on this machine already" in again[0].detail
+    plan = gpu_check.render_plan([passing, _stage("next", estimate=10)], budget_s=20)
+    assert "skip: done on this machine already" in plan
+    assert "run, ends at ~10 s" in plan  # the skipped stage costs the budget nothing
+
+
+def test_nanogpt_travels_with_the_repository(tmp_path):
+    assert gpu_check.default_nanogpt(tmp_path) is None
+    (tmp_path / gpu_check.NANOGPT_CHECKOUT).mkdir()
+    assert gpu_check.default_nanogpt(tmp_path) is None  # a folder without train.py
+    (tmp_path / gpu_check.NANOGPT_CHECKOUT / "train.py").write_text("")
+    assert gpu_check.default_nanogpt(tmp_path) == tmp_path / gpu_check.NANOGPT_CHECKOUT
+    ignored = subprocess.run(["git", "check-ignore", "-q", f"{gpu_check.NANOGPT_CHECKOUT}/x"],
+                             cwd=gpu_check.REPO_ROOT)
+    assert ignored.returncode == 0  # never committed
+
+
+def test_each_call_gets_its_own_record_folder(tmp_path):
+    nine = datetime.datetime(2026, 1, 2, 9, 0, tzinfo=datetime.timezone.utc)
+    folder = gpu_check.record_folder("nvidia-h100", nine, tmp_path)
+    assert folder == tmp_path / "nvidia-h100-2026-01-02-0900"
+    later = gpu_check.record_folder("nvidia-h100", nine + datetime.timedelta(minutes=9),
+                                    tmp_path)
+    assert later != folder
+
+
+def test_publish_returns_at_most_eight_files(tmp_path, monkeypatch):
+    folder = tmp_path / "nvidia-test-2026-01-01-0900"
+    folder.mkdir()
+    for name in ["gpu-check", *(f"summary-{i}" for i in range(10))]:
+        (folder / f"{name}.md").write_text(name)
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setenv("OUT", str(out))
+    gpu_check.publish(folder)
+    names = sorted(p.name for p in out.iterdir())
+    assert len(names) == 1 + gpu_check.PUBLISHED_SUMMARIES <= 8
+    assert "gpu-check.md" in names and f"{folder.name}.tar.gz" in names
+    with tarfile.open(out / f"{folder.name}.tar.gz") as tar:
+        assert f"{folder.name}/summary-9.md" in tar.getnames()  # the rest are in the tarball

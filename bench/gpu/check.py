@@ -1,10 +1,16 @@
-"""The GPU runbook: one command that turns a 15-minute GPU rental into a record, most
-valuable results first, within a time budget.
+"""The GPU runbook: one command that turns a GPU rental into a record, most valuable
+results first, within a time budget.
 
     make gpu-check                                   # = python3 bench/gpu/check.py
     make gpu-check GPU_CHECK_ARGS="--dry-run"        # the plan and its time estimates only
     make gpu-check GPU_CHECK_ARGS="--nanogpt ../nanoGPT"   # training beside nanoGPT itself
-    python3 bench/gpu/check.py --budget 900 --skip gpu-tests
+    python3 bench/gpu/check.py --budget 240 --skip train attention memory   # a second call
+
+A rental here is 15 minutes of device time, machine start included, in commands of at most
+10 minutes each: the default budget (480 s) is one command with room left for a second one
+on the same warm machine, or for a rerun after a fix. nanoGPT's train.py runs beside ours
+when a checkout sits in the repository at .nanogpt/ (ignored by git; it travels with the
+working tree where the device runner is told to carry it) or is named by --nanogpt.
 
 Stages, in order of value; each runs only if its estimate fits the budget left, and is
 stopped when it overruns its time slice (twice its estimate, at most what is left), so one
@@ -23,20 +29,22 @@ Every kernel row is GPU time from CUDA-graph replays with the host's time beside
 (bench/timing/gpu.py) and the static report's prediction (bench/static/predictions.py;
 after the kernel suite, kernels-vs-static.md).
 
-Everything goes to bench/results/<device-slug>-<date>/: each stage's log and results,
-and gpu-check.{json,md} (plan, what ran, how long, result), rewritten as each stage ends;
-with $OUT set (a remote runner that returns the files under it), the folder's tarball and
-the Markdown summaries are copied there after every stage, so a run cut short still
-returns what it did. Estimates are planning figures for an H100 (build included), replaced
-by the durations the last record in bench/results measured. The default budget leaves a
-15-minute rental ~2 minutes for the machine's start and the transfers. Run with the
-machine's Python: the project need not be installed (the install is a stage); --dry-run
-needs no GPU.
+Everything goes to bench/results/<device-slug>-<date>-<HHMM>/ (UTC; a folder per call, so
+the two calls of one rental keep separate records): each stage's log and results, and
+gpu-check.{json,md} (plan, what ran, how long, result), rewritten as each stage ends; with
+$OUT set (a remote runner that returns the files under it), the folder's tarball and up to
+seven Markdown summaries are copied there after every stage, so a run cut short still
+returns what it did. The install leaves a stamp naming the sources it built (build/,
+ignored): a later call on the same machine with the same sources skips it. Estimates are
+planning figures for an H100 (build included), raised to the durations the records in
+bench/results measured. Run with the machine's Python: the project need not be installed
+(the install is a stage); --dry-run needs no GPU.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import importlib.util
 import json
 import os
@@ -52,11 +60,17 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
-DEFAULT_BUDGET_S = 780      # a 15-minute rental less the machine's start and transfers
+# One command of the device runner may run 10 minutes, and a rental is 15 minutes with the
+# machine's start (1-2 minutes) counted in: 8 minutes leave room for a second call or a rerun.
+DEFAULT_BUDGET_S = 480
 SLICE_FACTOR = 2.0        # a stage may run this many times its estimate before it is stopped
 CONFORMANCE_TESTS = "tests/test_conformance.py"
 RECORD = "gpu-check.json"
 NO_TESTS_COLLECTED = 5    # pytest's exit status when nothing matched: not a failure here
+NANOGPT_CHECKOUT = ".nanogpt"  # where a nanoGPT checkout travels with the repository
+PUBLISHED_SUMMARIES = 7   # Markdown files copied to $OUT beside the tarball (the runner
+                          # returns at most 8 files)
+BUILD_SOURCES = ("setup.py", "pyproject.toml", "csrc")  # what the install stage builds from
 
 
 @dataclass(frozen=True)
@@ -66,6 +80,8 @@ class Stage:
     estimate_s: float     # planning figure on an H100 (see the module doc)
     what: str             # what the stage answers, for the plan and the record
     needs: str | None = None  # a file an earlier stage writes, without which this one is skipped
+    stamp: str | None = None  # a file written when the stage passes: while it exists, the
+                              # stage's work is done on this machine and it is skipped
 
 
 @dataclass
@@ -104,7 +120,8 @@ def stages(python: str, folder: Path, repo: Path = REPO_ROOT,
     plan = [
         Stage("install", [python, "-m", "pip", "install", "--no-build-isolation", "--no-deps",
                           "--no-index", "-e", "."], 90,
-              "the project and its CUDA extension build on this machine"),
+              "the project and its CUDA extension build on this machine",
+              stamp=str(install_stamp(repo, python))),
         Stage("train", gpt2 + beside + ["--backends", "auto"], 200,
               "GPT-2 124M tokens/s and MFU, ours (auto, compiled and eager) vs nanoGPT's "
               "train.py" + ("" if nanogpt else " (no --nanogpt: ours only)")),
@@ -142,17 +159,43 @@ def stages(python: str, folder: Path, repo: Path = REPO_ROOT,
     return plan
 
 
+def install_stamp(repo: Path, python: str) -> Path:
+    """The install stage's stamp: named by a digest of the sources it builds and of the
+    Python that builds them, so that changed sources, or another interpreter, build again."""
+    digest = hashlib.sha256(python.encode())
+    for name in BUILD_SOURCES:
+        root = repo / name
+        files = sorted(root.rglob("*")) if root.is_dir() else [root]
+        for path in files:
+            if path.is_file():
+                digest.update(str(path.relative_to(repo)).encode() + b"\0" + path.read_bytes())
+    return repo / "build" / f"gpu-check-install-{digest.hexdigest()[:16]}"
+
+
+def default_nanogpt(repo: Path = REPO_ROOT) -> Path | None:
+    """The nanoGPT checkout that travels with the repository (.nanogpt/), if there is one."""
+    checkout = repo / NANOGPT_CHECKOUT
+    return checkout if (checkout / "train.py").is_file() else None
+
+
+def record_folder(slug: str, now: datetime.datetime, results_dir: Path = RESULTS_DIR) -> Path:
+    """The folder of one call's record: the device, the date and the UTC time (the two
+    calls of one rental get one each)."""
+    return results_dir / f"{slug}-{now:%Y-%m-%d-%H%M}"
+
+
 def measured_durations(results_dir: Path = RESULTS_DIR) -> dict[str, float]:
-    """Stage -> seconds it took in the newest earlier record (stages that completed)."""
-    records = sorted(results_dir.glob(f"*/{RECORD}"), key=lambda path: path.stat().st_mtime)
-    if not records:
-        return {}
-    outcomes = json.loads(records[-1].read_text())["outcomes"]
-    return {o["stage"]: o["seconds"] for o in outcomes if o["status"] == "passed"}
+    """Stage -> seconds it took in the newest record in which it passed (a rental's second
+    call holds the stages its first did not)."""
+    durations = {}
+    for record in sorted(results_dir.glob(f"*/{RECORD}"), key=lambda path: path.stat().st_mtime):
+        outcomes = json.loads(record.read_text())["outcomes"]
+        durations.update({o["stage"]: o["seconds"] for o in outcomes if o["status"] == "passed"})
+    return durations
 
 
 def with_estimates(plan: list[Stage], measured: dict[str, float]) -> list[Stage]:
-    """The plan with each stage's estimate raised to what the last record measured (never
+    """The plan with each stage's estimate raised to what the records measured (never
     lowered: a stage the code has since grown would otherwise be stopped at a slice sized
     for its older self)."""
     return [replace(s, estimate_s=max(s.estimate_s, measured.get(s.name, 0.0))) for s in plan]
@@ -178,11 +221,13 @@ def render_plan(plan: list[Stage], budget_s: float) -> str:
     """The dry run: every stage with its estimate and whether it fits, in order, assuming
     each takes its estimate."""
     lines = [f"gpu-check plan, budget {budget_s:.0f} s (estimates: H100 planning figures or "
-             "the last record's measurements):", ""]
+             "the records' measurements):", ""]
     elapsed = 0.0
     for index, stage in enumerate(plan, 1):
         allowed = time_slice(stage, budget_s - elapsed)
-        if allowed is None:
+        if stage.stamp and Path(stage.stamp).exists():
+            verdict = "skip: done on this machine already"
+        elif allowed is None:
             verdict = f"skip: needs ~{stage.estimate_s:.0f} s, {budget_s - elapsed:.0f} s left"
         else:
             elapsed += stage.estimate_s
@@ -266,14 +311,17 @@ def write_record(folder: Path, plan: list[Stage], outcomes: list[Outcome],
 
 
 def publish(folder: Path) -> None:
-    """Copy the record to $OUT (a few files: the tarball and the Markdown summaries)."""
+    """Copy the record to $OUT: the folder's tarball, gpu-check.md and the first of the other
+    Markdown summaries by name, PUBLISHED_SUMMARIES in all (the runner returns 8 files)."""
     out = os.environ.get("OUT")
     if not out:
         return
     tarball = Path(out) / f"{folder.name}.tar.gz"
     with tarfile.open(tarball, "w:gz") as tar:
         tar.add(folder, arcname=folder.name)
-    for path in folder.glob("*.md"):
+    summaries = sorted(folder.glob("*.md"), key=lambda path: (path.name != "gpu-check.md",
+                                                              path.name))
+    for path in summaries[:PUBLISHED_SUMMARIES]:
         shutil.copy(path, Path(out) / path.name)
 
 
@@ -283,7 +331,10 @@ def run(plan: list[Stage], folder: Path, budget_s: float) -> list[Outcome]:
     for stage in plan:
         remaining = budget_s - (time.perf_counter() - start)
         allowed = time_slice(stage, remaining)
-        if allowed is None:
+        if stage.stamp and Path(stage.stamp).exists():
+            outcomes.append(skipped(stage, f"done on this machine already "
+                                           f"({Path(stage.stamp).name})"))
+        elif allowed is None:
             outcomes.append(skipped(stage, f"estimate {stage.estimate_s:.0f} s > "
                                            f"{max(remaining, 0):.0f} s left in the budget"))
         elif stage.needs and not Path(stage.needs).exists():
@@ -291,6 +342,9 @@ def run(plan: list[Stage], folder: Path, budget_s: float) -> list[Outcome]:
                                            "stage wrote"))
         else:
             outcomes.append(run_stage(stage, folder / f"{stage.name}.log", allowed))
+            if stage.stamp and outcomes[-1].status == "passed":
+                Path(stage.stamp).parent.mkdir(parents=True, exist_ok=True)
+                Path(stage.stamp).touch()
         write_record(folder, plan, outcomes, budget_s)
         publish(folder)
     return outcomes
@@ -301,11 +355,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S,
                         help=f"seconds for the whole run, build included (default "
-                             f"{DEFAULT_BUDGET_S}: a 15-minute rental)")
+                             f"{DEFAULT_BUDGET_S}: one device command of a 15-minute rental, "
+                             f"with room for a second)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the plan with its time estimates; run nothing")
-    parser.add_argument("--nanogpt", type=Path, metavar="PATH",
-                        help="a nanoGPT checkout: the train stage runs its train.py beside ours")
+    parser.add_argument("--nanogpt", type=Path, metavar="PATH", default=default_nanogpt(),
+                        help=f"a nanoGPT checkout: the train stage runs its train.py beside ours "
+                             f"(default: {NANOGPT_CHECKOUT}/ in the repository, where present)")
     parser.add_argument("--only", nargs="+", metavar="STAGE", help="run only these stages")
     parser.add_argument("--skip", nargs="+", metavar="STAGE", default=[],
                         help="leave these stages out")
@@ -323,14 +379,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     python = sys.executable
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    now = datetime.datetime.now(datetime.timezone.utc)
     if args.dry_run:
-        folder = RESULTS_DIR / f"<gpu>-{date}"
+        folder = RESULTS_DIR / f"<gpu>-{now:%Y-%m-%d-%H%M}"
         plan = select(with_estimates(stages(python, folder, nanogpt=args.nanogpt),
                                      measured_durations()), args.only, args.skip)
         print(render_plan(plan, args.budget), end="")
         return 0
-    folder = RESULTS_DIR / f"{_device_slug()}-{date}"
+    folder = record_folder(_device_slug(), now)
     plan = select(with_estimates(stages(python, folder, nanogpt=args.nanogpt),
                                  measured_durations()), args.only, args.skip)
     folder.mkdir(parents=True, exist_ok=True)

@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     python = sys.executable
     now = datetime.datetime.now(datetime.timezone.utc)
     if args.dry_run:
-        folder = RESULTS_DIR / f"<gpu>-{now:%Y-%m-%d-%H%M}"
+        folder = record_folder("<gpu>", now)
         plan = select(with_estimates(stages(python, folder, nanogpt=args.nanogpt),
                                      measured_durations()), args.only, args.skip)
         print(render_plan(plan, args.budget), end="")
